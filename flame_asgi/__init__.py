@@ -1,0 +1,55 @@
+"""flame_asgi: run any function of your FastAPI app in a short-lived copy of the whole app.
+
+    pool = app.add_flame_pool("thumbs", backend=ProcessBackend(), max=4)
+    result = await pool.call(make_thumbnails, video_path)
+
+The public surface is exactly ``__all__``; everything else is private.
+"""
+
+from flame_asgi._app import FastAPI, flame_pool
+from flame_asgi._child import ChildHandle
+from flame_asgi._exceptions import (
+    BootError,
+    CallTimeout,
+    FlameError,
+    PayloadTooLarge,
+    PoolClosed,
+    ProtocolError,
+    RemoteError,
+    RunnerLost,
+    SerializationError,
+    VersionSkew,
+)
+from flame_asgi._parent import ParentInfo, parent
+from flame_asgi._pool import FlamePool, PoolStats, RunnerInfo
+from flame_asgi._progress import report
+from flame_asgi._stream import RemoteStream
+from flame_asgi.backends import Backend, LocalBackend, ProcessBackend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backend",
+    "BootError",
+    "CallTimeout",
+    "ChildHandle",
+    "FastAPI",
+    "FlameError",
+    "FlamePool",
+    "LocalBackend",
+    "ParentInfo",
+    "PayloadTooLarge",
+    "PoolClosed",
+    "PoolStats",
+    "ProcessBackend",
+    "ProtocolError",
+    "RemoteError",
+    "RemoteStream",
+    "RunnerInfo",
+    "RunnerLost",
+    "SerializationError",
+    "VersionSkew",
+    "flame_pool",
+    "parent",
+    "report",
+]

@@ -1,0 +1,135 @@
+"""Message channels between a parent and a runner: in memory, or one WebSocket.
+
+A channel moves whole binary messages in order and reports its end as ChannelClosed.
+It knows nothing of signing: that is ``_codec``'s job, on top of any channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Protocol
+
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from starlette.types import Receive, Send
+
+
+class ChannelClosed(Exception):
+    """The other end went away; ``reason`` says how, when known."""
+
+    def __init__(self, reason: str = "channel closed") -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Channel(Protocol):
+    async def send(self, data: bytes) -> None: ...
+
+    async def recv(self) -> bytes: ...
+
+    async def aclose(self, reason: str = "closed") -> None: ...
+
+
+class MemoryChannel:
+    """One end of an in-process pair (LocalBackend)."""
+
+    def __init__(self) -> None:
+        self._inbox: asyncio.Queue[bytes | ChannelClosed] = asyncio.Queue()
+        self.peer: MemoryChannel | None = None
+        self._closed: ChannelClosed | None = None
+
+    @classmethod
+    def pair(cls) -> tuple[MemoryChannel, MemoryChannel]:
+        a, b = cls(), cls()
+        a.peer, b.peer = b, a
+        return a, b
+
+    async def send(self, data: bytes) -> None:
+        if self._closed is not None:
+            raise self._closed
+        assert self.peer is not None
+        if self.peer._closed is None:
+            self.peer._inbox.put_nowait(data)
+
+    async def recv(self) -> bytes:
+        if self._closed is not None:
+            raise self._closed
+        item = await self._inbox.get()
+        if isinstance(item, ChannelClosed):
+            self._closed = item
+            raise item
+        return item
+
+    async def aclose(self, reason: str = "closed") -> None:
+        self.close(reason)
+
+    def close(self, reason: str = "closed") -> None:
+        if self._closed is None:
+            self._closed = ChannelClosed(reason)
+            self._inbox.put_nowait(self._closed)
+            if self.peer is not None and self.peer._closed is None:
+                self.peer._inbox.put_nowait(ChannelClosed(f"peer closed: {reason}"))
+
+
+class WebSocketClientChannel:
+    """The parent's end: a websockets client connection to ``/_flame/ws``."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self._ws = ws
+
+    async def send(self, data: bytes) -> None:
+        try:
+            await self._ws.send(data)
+        except ConnectionClosed as exc:
+            raise ChannelClosed(f"websocket closed ({exc})") from None
+
+    async def recv(self) -> bytes:
+        try:
+            data = await self._ws.recv()
+        except ConnectionClosed as exc:
+            raise ChannelClosed(f"websocket closed ({exc})") from None
+        if isinstance(data, str):
+            raise ChannelClosed("unexpected text message")
+        return data
+
+    async def aclose(self, reason: str = "closed") -> None:
+        await self._ws.close(1000, reason[:100])
+
+
+class ASGIWebSocketChannel:
+    """The runner's end: an accepted ASGI WebSocket."""
+
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self._receive = receive
+        self._send = send
+        self._closed = False
+        self._lock = asyncio.Lock()  # ASGI servers do not promise concurrent sends are safe
+
+    async def send(self, data: bytes) -> None:
+        if self._closed:
+            raise ChannelClosed("websocket closed")
+        async with self._lock:
+            try:
+                await self._send({"type": "websocket.send", "bytes": data})
+            except (OSError, RuntimeError) as exc:  # the client is gone
+                self._closed = True
+                raise ChannelClosed(f"websocket send failed ({exc})") from None
+
+    async def recv(self) -> bytes:
+        while True:
+            message: dict[str, Any] = await self._receive()
+            if message["type"] == "websocket.disconnect":
+                self._closed = True
+                raise ChannelClosed(f"parent disconnected (code {message.get('code')})")
+            data = message.get("bytes")
+            if data is not None:
+                return bytes(data)
+
+    async def aclose(self, reason: str = "closed") -> None:
+        if not self._closed:
+            self._closed = True
+            try:
+                await self._send({"type": "websocket.close", "code": 1000, "reason": reason[:100]})
+            except (OSError, RuntimeError):
+                pass

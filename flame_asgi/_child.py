@@ -1,0 +1,118 @@
+"""``pool.place_child(...)``: a long-running task on a runner, and its handle.
+
+The child holds a slot from placement until the runner reports it ended. Progress
+events are buffered from placement on, so iterating the handle later still yields them
+all, in order. With ``link=True`` the child is cancelled when the task that placed it
+ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Generator
+from typing import TYPE_CHECKING, Any
+
+from flame_asgi._pickling import loads
+
+if TYPE_CHECKING:
+    from flame_asgi._connection import RemoteCall
+    from flame_asgi._pool import FlamePool
+
+log = logging.getLogger("flame_asgi.pool")
+EVENT_BUFFER = 1024  # events held for a handle nobody iterates yet, before back-pressure applies
+
+
+class ChildHandle:
+    """Await it for the result; ``async for`` over it for progress events; ``cancel()`` it."""
+
+    def __init__(self, pool: FlamePool, rid: str, remote: RemoteCall, fn: Any, link: bool,
+                 on_progress: Callable[[Any], Any] | None) -> None:
+        self.runner_id = rid
+        self._pool = pool
+        self._remote = remote
+        self._on_progress = on_progress
+        self._events: deque[Any] = deque()
+        self._changed = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._ended = False
+        loop = asyncio.get_running_loop()
+        self._result: asyncio.Future[Any] = loop.create_future()
+        self._result.add_done_callback(_mark_retrieved)
+        self._pump = loop.create_task(self._run())
+        caller = asyncio.current_task()
+        if link and caller is not None:
+            caller.add_done_callback(self._caller_done)
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                await self._room.wait()
+                type_, data = await self._remote.next()
+                if type_ == "event":
+                    event = loads(data)
+                    self._events.append(event)
+                    if len(self._events) >= EVENT_BUFFER:
+                        self._room.clear()
+                    self._changed.set()
+                    if self._on_progress is not None:
+                        result = self._on_progress(event)
+                        if inspect.isawaitable(result):
+                            await result
+                elif type_ == "result":
+                    self._result.set_result(loads(data))
+                    return
+                elif type_ == "cancelled":
+                    self._result.cancel()
+                    return
+                else:
+                    self._result.set_exception(self._pool._failure(self.runner_id, type_, data))
+                    return
+        except asyncio.CancelledError:
+            if not self._result.done():
+                self._result.cancel()
+            raise
+        except BaseException as exc:
+            if not self._result.done():
+                self._result.set_exception(exc)
+        finally:
+            self._ended = True
+            self._changed.set()
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return asyncio.shield(self._result).__await__()
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        while True:
+            if self._events:
+                yield self._events.popleft()
+                self._room.set()
+                continue
+            if self._ended:
+                return
+            self._changed.clear()
+            await self._changed.wait()
+
+    def cancel(self) -> None:
+        """Ask the runner to stop the child; its slot is freed once the runner has stopped it."""
+        if not self._ended:
+            self._remote.request_cancel()
+            self._room.set()
+
+    def done(self) -> bool:
+        return self._ended
+
+    def _caller_done(self, task: asyncio.Task[Any]) -> None:
+        self.cancel()
+
+    def __repr__(self) -> str:
+        state = "ended" if self._ended else "running"
+        return f"<ChildHandle runner={self.runner_id} {state} buffered={len(self._events)}>"
+
+
+def _mark_retrieved(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # a child nobody awaits must not warn "exception never retrieved"

@@ -1,0 +1,255 @@
+"""The parent's end of one runner's channel: handshake, calls in flight, heartbeat, loss.
+
+Every call placed on the runner is a ``RemoteCall`` multiplexed over the one channel.
+When the channel closes or the heartbeat stops, every call in flight fails at once with
+``RunnerLost``, with the backend's account of why (exit signal, OOM) when it has one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from flame_asgi._channel import Channel, ChannelClosed
+from flame_asgi._codec import TO_PARENT, TO_RUNNER, FrameOpener, FrameSealer, make_signer
+from flame_asgi._exceptions import BootError, FlameError, RunnerLost, VersionSkew
+
+log = logging.getLogger("flame_asgi.pool")
+
+TERMINAL = frozenset({"result", "error", "end", "cancelled"})
+
+
+class RemoteCall:
+    """The parent's view of one piece of work running on a runner."""
+
+    def __init__(self, conn: RunnerConnection, id_: int, window: int, on_finish: Callable[[], None]) -> None:
+        self._conn = conn
+        self.id = id_
+        self._window = window
+        self._on_finish = on_finish
+        self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._consumed = 0
+        self.finished = False  # the runner is done with it (or gone): the slot is free
+        self.detached = False  # nobody reads any more
+
+    async def next(self) -> tuple[str, Any]:
+        """The next ("event"|"item"|"result"|"error"|"end"|"cancelled"|"lost", data)."""
+        type_, data = await self._queue.get()
+        if type_ in ("event", "item"):
+            self._consumed += 1
+            if self._consumed >= max(1, self._window // 2):
+                self._conn.grant(self.id, self._consumed)
+                self._consumed = 0
+        return type_, data
+
+    def deliver(self, type_: str, data: Any) -> None:
+        if type_ in TERMINAL or type_ == "lost":
+            self.finish()
+        if not self.detached:
+            self._queue.put_nowait((type_, data))
+        elif type_ in ("event", "item"):
+            self._conn.grant(self.id, 1)  # nobody listens: keep the remote side unblocked
+
+    def abandon(self, link: bool, release: bool = True) -> None:
+        """The caller stops listening: cancel the remote work if linked.
+
+        The slot is freed now for a linked cancel (``release``), or when the runner
+        reports the end of the work otherwise.
+        """
+        if self.detached:
+            return
+        self.detached = True
+        while not self._queue.empty():  # drop buffered events, handing their credit back
+            type_, _ = self._queue.get_nowait()
+            if type_ in ("event", "item"):
+                self._conn.grant(self.id, 1)
+        if self.finished:
+            return
+        if link:
+            self._conn.cancel(self.id)
+            if release:
+                self.finish()
+
+    def request_cancel(self) -> None:
+        """Ask the runner to stop the work, and keep reading until it says it has."""
+        if not self.finished:
+            self._conn.cancel(self.id)
+
+    def finish(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self._on_finish()
+
+
+class RunnerConnection:
+    """One runner's channel as seen from the parent."""
+
+    def __init__(
+        self,
+        runner_id: str,
+        channel: Channel,
+        secret: bytes,
+        *,
+        max_payload: int,
+        heartbeat_interval: float,
+        heartbeat_timeout: float,
+        describe_loss: Callable[[], Awaitable[str | None]],
+        on_lost: Callable[[str], None],
+        on_recycle: Callable[[str], None],
+    ) -> None:
+        self.runner_id = runner_id
+        self._channel = channel
+        self._secret = secret
+        self._max_payload = max_payload
+        self._interval = heartbeat_interval
+        self._timeout = heartbeat_timeout
+        self._describe_loss = describe_loss
+        self._on_lost = on_lost
+        self._on_recycle = on_recycle
+        self._calls: dict[int, RemoteCall] = {}
+        self._ids = itertools.count(1)
+        self._lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
+        self._last_seen = 0.0
+        self.closed: str | None = None
+        self.ready_meta: dict[str, Any] = {}
+
+    async def handshake(self, version: str) -> None:
+        session = secrets.token_hex(16)
+        self._sealer = FrameSealer(make_signer(self._secret, self.runner_id, TO_RUNNER), session, self._max_payload)
+        self._opener = FrameOpener(make_signer(self._secret, self.runner_id, TO_PARENT), self._max_payload, session)
+        try:
+            await self._send("hello", runner=self.runner_id, v=version)
+            reply = self._opener.open(await self._channel.recv())
+        except ChannelClosed as exc:
+            raise BootError(f"runner {self.runner_id} closed the channel during the handshake: {exc.reason}",
+                            reason=exc.reason) from None
+        except FlameError as exc:
+            raise BootError(f"runner {self.runner_id} answered the handshake with an invalid message: {exc}") from None
+        if reply.type == "refused":
+            reason = str(reply.meta.get("reason", "refused"))
+            raise VersionSkew(f"runner {self.runner_id} refused: {reason}", reason=reason)
+        if reply.type != "ready":
+            raise BootError(f"runner {self.runner_id} sent {reply.type!r} instead of ready")
+        self.ready_meta = reply.meta
+        loop = asyncio.get_running_loop()
+        self._last_seen = loop.time()
+        self._tasks = [loop.create_task(self._reader()), loop.create_task(self._heartbeat())]
+
+    async def _send(self, type_: str, id_: int = 0, payload: bytes = b"", **meta: Any) -> None:
+        async with self._lock:  # seal and send under one lock: sequence numbers stay in order
+            await self._channel.send(self._sealer.seal(type_, id_, payload, **meta))
+
+    async def start(self, kind: str, payload: bytes, *, link: bool, progress: bool, window: int,
+                    on_finish: Callable[[], None]) -> RemoteCall:
+        if self.closed is not None:
+            raise RunnerLost(f"runner {self.runner_id} is gone: {self.closed}", runner_id=self.runner_id,
+                             reason=self.closed)
+        call = RemoteCall(self, next(self._ids), window, on_finish)
+        self._calls[call.id] = call
+        try:
+            await self._send("call", call.id, payload, k=kind, l=link, p=progress, w=window)
+        except ChannelClosed as exc:
+            self._calls.pop(call.id, None)
+            call.finish()
+            raise RunnerLost(f"runner {self.runner_id} went away while the call was sent: {exc.reason}",
+                             runner_id=self.runner_id, reason=exc.reason) from None
+        except BaseException:
+            self._calls.pop(call.id, None)
+            call.finish()
+            raise
+        return call
+
+    def grant(self, id_: int, n: int) -> None:
+        self._spawn(self._send_quietly("credit", id_, c=n))
+
+    def cancel(self, id_: int) -> None:
+        self._spawn(self._send_quietly("cancel", id_))
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        if self.closed is None:
+            task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _send_quietly(self, type_: str, id_: int = 0, **meta: Any) -> None:
+        try:
+            await self._send(type_, id_, **meta)
+        except (ChannelClosed, FlameError):
+            pass
+
+    async def _reader(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                frame = self._opener.open(await self._channel.recv())
+                self._last_seen = loop.time()
+                call = self._calls.get(frame.id) if frame.id else None
+                if call is not None:
+                    if frame.type in TERMINAL:
+                        del self._calls[frame.id]
+                    call.deliver(frame.type, frame.payload)
+                elif frame.type == "recycle":
+                    self._on_recycle(str(frame.meta.get("reason", "")))
+        except ChannelClosed as exc:
+            await self._lose(exc.reason)
+        except FlameError as exc:
+            await self._lose(f"the runner sent an invalid message ({exc})")
+
+    async def _heartbeat(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self._interval)
+            if loop.time() - self._last_seen > self._timeout:
+                await self._lose(f"no heartbeat for {self._timeout:g} s (network partition or hung runner)")
+                return
+            await self._send_quietly("ping")
+
+    async def _lose(self, reason: str) -> None:
+        if self.closed is not None:
+            return
+        self.closed = reason
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()
+        try:
+            detail = await asyncio.wait_for(self._describe_loss(), 0.5)
+        except (asyncio.TimeoutError, Exception):
+            detail = None
+        why = f"{reason}; {detail}" if detail else reason
+        error = RunnerLost(f"runner {self.runner_id} was lost: {why}", runner_id=self.runner_id, reason=why)
+        calls, self._calls = self._calls, {}
+        for call in calls.values():
+            call.deliver("lost", error)
+        self._on_lost(why)
+        try:
+            await self._channel.aclose("lost")
+        except Exception:
+            pass
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._calls)
+
+    async def aclose(self, reason: str) -> None:
+        """Tell the runner to stop and close the channel; calls still in flight are lost."""
+        if self.closed is not None:
+            return
+        await self._send_quietly("stop")
+        self.closed = reason
+        for task in self._tasks:
+            task.cancel()
+        error = RunnerLost(f"runner {self.runner_id} was stopped ({reason})", runner_id=self.runner_id, reason=reason)
+        calls, self._calls = self._calls, {}
+        for call in calls.values():
+            call.deliver("lost", error)
+        try:
+            await self._channel.aclose(reason)
+        except Exception:
+            pass

@@ -1,0 +1,123 @@
+"""Pickling of calls, results and exceptions, with errors that name the offending object.
+
+Only ``loads`` unpickles, and it is only ever given payloads that ``FrameOpener`` verified.
+"""
+
+from __future__ import annotations
+
+import pickle
+import traceback
+import types
+from typing import Any
+
+import cloudpickle
+
+from flame_asgi._exceptions import RemoteError, SerializationError
+
+
+def dumps(obj: Any, what: str) -> bytes:
+    """Pickle ``obj``; on failure, raise SerializationError naming the object that failed."""
+    try:
+        return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:  # pickling raises TypeError, PicklingError, AttributeError...
+        culprit = _find_culprit(obj, what, depth=0, seen=set())
+        path, bad, reason = culprit if culprit else (what, obj, exc)
+        raise SerializationError(
+            f"cannot send {what}: {path} ({type(bad).__module__}.{type(bad).__qualname__}) "
+            f"cannot be pickled: {reason}. Create it inside the function on the runner, or "
+            "pass the plain data needed to rebuild it."
+        ) from exc
+
+
+def loads(data: bytes | memoryview) -> Any:
+    return pickle.loads(data)
+
+
+def _find_culprit(obj: Any, path: str, depth: int, seen: set[int]) -> tuple[str, Any, Exception] | None:
+    """Depth-first search for the innermost part of ``obj`` that does not pickle."""
+    if id(obj) in seen or depth > 8:
+        return None
+    seen.add(id(obj))
+    try:
+        cloudpickle.dumps(obj)
+        return None
+    except Exception as exc:
+        for child_path, child in _children(obj, path):
+            found = _find_culprit(child, child_path, depth + 1, seen)
+            if found is not None:
+                return found
+        return path, obj, exc
+
+
+def _children(obj: Any, path: str) -> list[tuple[str, Any]]:
+    if isinstance(obj, types.FunctionType):
+        name = obj.__qualname__
+        out: list[tuple[str, Any]] = []
+        for var, cell in zip(obj.__code__.co_freevars, obj.__closure__ or ()):
+            try:
+                out.append((f"closure variable {var!r} of {name}()", cell.cell_contents))
+            except ValueError:  # an empty cell
+                continue
+        for var in _global_names(obj.__code__):
+            if var in obj.__globals__:
+                out.append((f"global {var!r} used by {name}()", obj.__globals__[var]))
+        for i, default in enumerate(obj.__defaults__ or ()):
+            out.append((f"default argument {i} of {name}()", default))
+        return out
+    if isinstance(obj, types.MethodType):
+        return [(f"{path}.__self__", obj.__self__), (f"{path}.__func__", obj.__func__)]
+    if hasattr(obj, "func") and hasattr(obj, "args") and hasattr(obj, "keywords"):  # partial
+        return [(f"{path}.func", obj.func)] + [
+            (f"{path} argument {i}", a) for i, a in enumerate(obj.args)
+        ] + [(f"{path} keyword {k!r}", v) for k, v in obj.keywords.items()]
+    if isinstance(obj, (tuple, list)):
+        return [(_item_path(path, i), item) for i, item in enumerate(obj)]
+    if isinstance(obj, dict):
+        return [(f"{path}[{k!r}]", v) for k, v in obj.items()]
+    state = getattr(obj, "__dict__", None)
+    if isinstance(state, dict):
+        return [(f"{path}.{k}", v) for k, v in state.items()]
+    return []
+
+
+def _item_path(path: str, i: int) -> str:
+    # The top-level call is pickled as (fn, args): name those parts as a user sees them.
+    if path.startswith("the call to "):
+        return path if i == 0 else f"argument list of {path}"
+    if path.startswith("argument list of "):
+        return f"argument {i} of {path.removeprefix('argument list of ')}"
+    return f"{path}[{i}]"
+
+
+def _global_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return names
+
+
+def pack_exception(exc: BaseException) -> bytes:
+    """Pickle a remote exception with its traceback text; fall back to type name + text."""
+    text = "".join(traceback.format_exception(exc))
+    qualname = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    try:
+        pickled: bytes | None = cloudpickle.dumps(exc.with_traceback(None))
+        pickle.loads(pickled)  # some exceptions pickle but cannot be rebuilt: test it here
+    except Exception:
+        pickled = None
+    return cloudpickle.dumps({"type": qualname, "message": str(exc), "traceback": text, "pickled": pickled})
+
+
+def unpack_exception(data: bytes | memoryview, runner_id: str) -> BaseException:
+    info = loads(data)
+    note = f"Remote traceback (runner {runner_id}):\n{info['traceback']}"
+    if info["pickled"] is not None:
+        try:
+            exc = loads(info["pickled"])
+        except Exception:
+            exc = None
+        if isinstance(exc, BaseException):
+            exc.add_note(note)
+            return exc
+    return RemoteError(info["message"], remote_type=info["type"], remote_traceback=info["traceback"])

@@ -1,0 +1,484 @@
+"""FlamePool: elastic runners between ``min`` and ``max``, and the calls placed on them.
+
+Scaling decisions come from ``PoolState`` (plain synchronous code); this module does the
+I/O they ask for: boots in the background, wakes queued callers, stops idle runners,
+and runs each call over its runner's signed channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import inspect
+import itertools
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar
+
+from flame_asgi._child import ChildHandle
+from flame_asgi._codec import max_payload_from_env
+from flame_asgi._connection import RemoteCall, RunnerConnection
+from flame_asgi._exceptions import BootError, CallTimeout, FlameError, PoolClosed, RunnerLost
+from flame_asgi._parent import ParentInfo, code_version, parent_address, runner_mode
+from flame_asgi._pickling import dumps, loads, unpack_exception
+from flame_asgi._pool_state import Decision, PoolState
+from flame_asgi._secret import channel_secret
+from flame_asgi._stream import RemoteStream
+from flame_asgi.backends import Backend, RunnerHandle, RunnerSpec, backend_from_env
+
+log = logging.getLogger("flame_asgi.pool")
+P = ParamSpec("P")
+T = TypeVar("T")
+Hook = Callable[..., Any]
+WINDOW = 32  # progress events / stream items in flight per call (back-pressure)
+BOOT_RETRY_INTERVAL = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RunnerInfo:
+    """A booted runner: ``url`` is its base URL (``None`` for the local backend)."""
+
+    id: str
+    url: str | None
+    active: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolStats:
+    runners: list[RunnerInfo]
+    booting: int
+    waiting: int
+
+
+@dataclasses.dataclass
+class _Runner:
+    id: str
+    handle: RunnerHandle
+    conn: RunnerConnection
+
+
+class FlamePool:
+    """A pool of runners: copies of this app, booted on demand through a backend.
+
+    Use it as ``async with FlamePool("name", ...) as pool`` or register it on an app with
+    ``app.add_flame_pool("name", ...)``. Times are seconds; ``None`` means never.
+
+    - ``backend``: where runners boot; ``None`` picks ``FLAME_BACKEND`` (default local).
+    - ``min`` / ``max``: runners kept warm / never exceeded (booting ones count).
+    - ``max_concurrency``: calls, streams and children one runner takes at once.
+    - ``idle_shutdown_after``: a runner with no work this long stops; the ``min``
+      runners use ``min_idle_shutdown_after`` (default: never).
+    - ``boot_timeout``: how long a boot may take, and a queued caller's default wait.
+    - ``timeout``: default run time of a call. ``shutdown_timeout``: how long closing
+      waits for ``link=False`` work.
+    - ``single_use``: each runner serves one call, then stops.
+    - ``on_grow_start(meta)``, ``on_grow_end(error_or_None, meta)``, ``on_shrink(meta)``:
+      hooks (sync or async) with ``meta`` = ``{"name", "count", "runner_id"[, "reason"]}``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        backend: Backend | None = None,
+        min: int = 0,
+        max: int = 1,
+        max_concurrency: int = 100,
+        idle_shutdown_after: float | None = 30.0,
+        min_idle_shutdown_after: float | None = None,
+        boot_timeout: float | None = 30.0,
+        timeout: float | None = 30.0,
+        shutdown_timeout: float | None = 30.0,
+        single_use: bool = False,
+        on_grow_start: Hook | None = None,
+        on_grow_end: Hook | None = None,
+        on_shrink: Hook | None = None,
+    ) -> None:
+        if max < 1:
+            raise ValueError(f"FlamePool {name!r}: max must be at least 1 (got {max})")
+        if not 0 <= min <= max:
+            raise ValueError(f"FlamePool {name!r}: min must be between 0 and max={max} (got {min})")
+        if max_concurrency < 1:
+            raise ValueError(f"FlamePool {name!r}: max_concurrency must be at least 1 (got {max_concurrency})")
+        self.name = name
+        self.backend = backend if backend is not None else backend_from_env()
+        self.min = min
+        self.max = max
+        self.max_concurrency = max_concurrency
+        self.idle_shutdown_after = idle_shutdown_after
+        self.min_idle_shutdown_after = min_idle_shutdown_after
+        self.boot_timeout = boot_timeout
+        self.timeout = timeout
+        self.shutdown_timeout = shutdown_timeout
+        self.single_use = single_use
+        self.on_grow_start = on_grow_start
+        self.on_grow_end = on_grow_end
+        self.on_shrink = on_shrink
+        self.app: Any | None = None
+        self._state: PoolState[asyncio.Future[str | None]] = PoolState(
+            min=min, max=max, max_concurrency=max_concurrency, single_use=single_use)
+        self._runners: dict[str, _Runner] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._casts: dict[asyncio.Task[None], bool] = {}  # task -> link
+        self._unlinked: set[RemoteCall] = set()
+        self._ids = itertools.count(1)
+        self._last_attempt = -BOOT_RETRY_INTERVAL
+        self._running = False
+        self._closed = False
+        self._reaper: asyncio.Task[None] | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        """Boot the ``min`` runners (in parallel); fail if any of them cannot boot."""
+        if self._running:
+            return
+        if self._closed:
+            raise PoolClosed(f"pool {self.name!r} was closed; create a new one")
+        self.loop = asyncio.get_running_loop()
+        self.backend.bind(self.name, self.app)
+        self._app_import = self.backend.app_import()
+        self._version = code_version(self._app_import or "")
+        self._secret = channel_secret()
+        self._max_payload = max_payload_from_env()
+        if runner_mode():
+            self._state.min = 0  # a runner's own pools start empty: no chains of warm runners
+        self._running = True
+        self._reaper = self.loop.create_task(self._reap_idle())
+        count = self._state.min
+        for _ in range(count):
+            self._state.boot_started()
+        results = await asyncio.gather(*(self._boot_runner() for _ in range(count)))
+        failures = [r for r in results if r is not None]
+        if failures:
+            await self.aclose()
+            first = failures[0]
+            raise BootError(f"pool {self.name!r} could not boot its {count} min runner(s): {first}",
+                            reason=getattr(first, "reason", str(first))) from first
+
+    async def __aenter__(self) -> FlamePool:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop taking work, let ``link=False`` work finish (``shutdown_timeout``), stop runners."""
+        if self._closed:
+            return
+        self._closed = True
+        self._running = False
+        if self._reaper is not None:
+            self._reaper.cancel()
+        for fut in list(self._state.waiters):
+            if not fut.done():
+                fut.set_result(None)  # woken with no runner: the caller raises PoolClosed
+        self._state.waiters.clear()
+        for task, link in list(self._casts.items()):
+            if link:
+                task.cancel()
+        await self._drain_unlinked()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*(self._stop_runner(rid, "shutdown") for rid in list(self._runners)),
+                             return_exceptions=True)
+        await self.backend.aclose()
+
+    async def _drain_unlinked(self) -> None:
+        deadline = None if self.shutdown_timeout is None else self.loop.time() + self.shutdown_timeout
+        while (self._unlinked or any(not t.done() for t in self._casts)) and (
+                deadline is None or self.loop.time() < deadline):
+            await asyncio.sleep(0.05)
+
+    def stats(self) -> PoolStats:
+        runners = [RunnerInfo(r.id, r.handle.url, self._state.runners[r.id].active)
+                   for r in self._runners.values() if r.id in self._state.runners]
+        return PoolStats(runners=runners, booting=self._state.booting, waiting=len(self._state.waiters))
+
+    def __repr__(self) -> str:
+        s = self.stats() if self._running else None
+        live = f" runners={len(s.runners)} booting={s.booting} waiting={s.waiting}" if s else ""
+        state = "running" if self._running else ("closed" if self._closed else "new")
+        return f"<FlamePool {self.name!r} {state} min={self.min} max={self.max}{live}>"
+
+    # -- the public calls ---------------------------------------------------------------
+    async def call(self, fn: Callable[P, T] | Callable[P, Awaitable[T]], *args: P.args,
+                   timeout: float | None = None, link: bool = True,
+                   on_progress: Callable[[Any], Any] | None = None) -> T:
+        """Run ``fn(*args)`` on a runner and return its result (see the module docs)."""
+        payload = dumps((fn, args), f"the call to {_name(fn)}")
+        rid = await self._checkout(self.boot_timeout if timeout is None else timeout)
+        run = self.timeout if timeout is None else timeout
+        remote = await self._start(rid, "call", payload, link=link, progress=on_progress is not None)
+        try:
+            async with asyncio.timeout(run) as scope:
+                while True:
+                    type_, data = await remote.next()
+                    if type_ == "event":
+                        assert on_progress is not None
+                        result = on_progress(loads(data))
+                        if inspect.isawaitable(result):
+                            await result
+                    elif type_ == "result":
+                        return loads(data)  # type: ignore[no-any-return]
+                    else:
+                        raise self._failure(rid, type_, data)
+        except TimeoutError:
+            if scope.expired():
+                raise CallTimeout(_overran(fn, run, link)) from None
+            raise
+        finally:
+            self._abandon(remote, link)
+
+    def cast(self, fn: Callable[P, Any], *args: P.args, link: bool = True) -> None:
+        """Schedule ``fn(*args)`` on a runner and return at once; failures are logged."""
+        payload = dumps((fn, args), f"the cast of {_name(fn)}")
+        self._ensure_running()
+        task = self.loop.create_task(self._cast(fn, payload, link))
+        self._casts[task] = link
+        task.add_done_callback(self._casts.pop)
+
+    async def _cast(self, fn: Any, payload: bytes, link: bool) -> None:
+        try:
+            rid = await self._checkout(self.boot_timeout)
+            remote = await self._start(rid, "cast", payload, link=link, progress=False)
+            try:
+                async with asyncio.timeout(self.timeout):
+                    type_, data = await remote.next()
+                    if type_ != "result":
+                        raise self._failure(rid, type_, data)
+            finally:
+                self._abandon(remote, link)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("pool %r: cast of %s failed: %s", self.name, _name(fn), exc,
+                      exc_info=exc if not isinstance(exc, FlameError) else None)
+
+    def stream(self, fn: Callable[P, Any], *args: P.args, timeout: float | None = None,
+               link: bool = True) -> RemoteStream:
+        """Iterate (``async for``) over what generator ``fn(*args)`` yields on a runner."""
+        payload = dumps((fn, args), f"the stream of {_name(fn)}")
+        return RemoteStream(self, fn, payload, timeout, link)
+
+    async def place_child(self, fn: Callable[P, Any], *args: P.args, link: bool = True,
+                          on_progress: Callable[[Any], Any] | None = None) -> ChildHandle:
+        """Start long-running ``fn(*args)`` on a runner; it holds a slot until it ends."""
+        payload = dumps((fn, args), f"the child {_name(fn)}")
+        rid = await self._checkout(self.boot_timeout)
+        remote = await self._start(rid, "child", payload, link=link, progress=True)
+        return ChildHandle(self, rid, remote, fn, link, on_progress)
+
+    # -- slots --------------------------------------------------------------------------
+    def _ensure_running(self) -> None:
+        if not self._running:
+            state = "closed" if self._closed else "not started"
+            raise PoolClosed(f"pool {self.name!r} is {state}: use `async with pool` or register it "
+                             "with app.add_flame_pool() and run the app's lifespan")
+
+    async def _checkout(self, wait: float | None) -> str:
+        self._ensure_running()
+        fut: asyncio.Future[str | None] = self.loop.create_future()
+        rid, decision = self._state.acquire(fut, self.loop.time())
+        self._apply(decision)
+        if rid is not None:
+            return rid
+        try:
+            await asyncio.wait({fut}, timeout=wait)
+        except asyncio.CancelledError:
+            self._state.forget_waiter(fut)
+            if fut.done() and fut.result() is not None:
+                self._release(fut.result())  # type: ignore[arg-type]
+            fut.cancel()
+            raise
+        if fut.done():
+            granted = fut.result()
+            if granted is None:
+                raise PoolClosed(f"pool {self.name!r} closed while the call was waiting for a runner")
+            return granted
+        self._state.forget_waiter(fut)
+        fut.cancel()
+        error = self._state.last_boot_error
+        if error is not None:
+            raise BootError(f"pool {self.name!r}: no runner within {wait:g} s because booting failed: "
+                            f"{error}", reason=getattr(error, "reason", str(error))) from error
+        s = self.stats()
+        raise CallTimeout(
+            f"pool {self.name!r}: no free runner slot within {wait:g} s ({len(s.runners)} runners "
+            f"busy, {s.booting} booting, max={self.max}, max_concurrency={self.max_concurrency}); "
+            "raise the timeout, max or max_concurrency")
+
+    async def _start(self, rid: str, kind: str, payload: bytes, *, link: bool, progress: bool) -> RemoteCall:
+        runner = self._runners.get(rid)
+        if runner is None:
+            self._release(rid)
+            raise RunnerLost(f"runner {rid} went away before the call started", runner_id=rid)
+        remote = await runner.conn.start(kind, payload, link=link, progress=progress, window=WINDOW,
+                                         on_finish=functools.partial(self._finished, rid))
+        if not link:
+            self._unlinked.add(remote)
+        return remote
+
+    def _finished(self, rid: str) -> None:
+        self._unlinked = {c for c in self._unlinked if not c.finished}
+        self._release(rid)
+
+    def _abandon(self, remote: RemoteCall, link: bool) -> None:
+        remote.abandon(link)
+
+    def _release(self, rid: str) -> None:
+        self._apply(self._state.release(rid, self.loop.time()))
+
+    def _failure(self, rid: str, type_: str, data: Any) -> BaseException:
+        if type_ == "error":
+            return unpack_exception(data, rid)
+        if type_ == "lost":
+            assert isinstance(data, BaseException)
+            return data
+        return RunnerLost(f"runner {rid} cancelled the work (it is shutting down)", runner_id=rid)
+
+    # -- scaling ------------------------------------------------------------------------
+    def _apply(self, decision: Decision[asyncio.Future[str | None]]) -> None:
+        for _ in range(decision.boot):
+            self._state.boot_started()
+            self._spawn(self._boot_runner())
+        for fut, rid in decision.grants:
+            if fut.done():  # that caller gave up meanwhile: pass the slot on
+                self._release(rid)
+            else:
+                fut.set_result(rid)
+        for rid in decision.stop:
+            self._spawn(self._stop_runner(rid, "single_use" if self.single_use else "recycled"))
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = self.loop.create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _boot_runner(self) -> BootError | None:
+        delay = self._last_attempt + BOOT_RETRY_INTERVAL - self.loop.time()
+        if self._state.last_boot_error is not None and delay > 0:
+            await asyncio.sleep(delay)  # failed boots are retried at most once a second
+        self._last_attempt = self.loop.time()
+        rid = f"{self.name}-{next(self._ids)}-{secrets.token_hex(3)}"
+        meta = {"name": self.name, "count": len(self._runners) + self._state.booting, "runner_id": rid}
+        try:
+            await _call_hook(self.on_grow_start, meta)
+            async with asyncio.timeout(self.boot_timeout) as scope:
+                runner = await self._start_runner(rid)
+        except BaseException as exc:
+            error = exc
+            if isinstance(exc, TimeoutError) and scope.expired():
+                error = BootError(f"runner {rid} did not come up within boot_timeout={self.boot_timeout:g} s",
+                                  reason="boot timeout")
+            elif not isinstance(exc, (BootError, asyncio.CancelledError)):
+                error = BootError(f"booting runner {rid} failed: {exc!r}", reason=repr(exc))
+            decision = self._state.boot_failed(error)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            log.warning("pool %r: %s", self.name, error)
+            meta = {**meta, "count": len(self._runners) + self._state.booting}
+            await _call_hook(self.on_grow_end, error, meta, swallow=True)
+            if self._running:
+                self._apply(decision)
+            return error if isinstance(error, BootError) else BootError(str(error))
+        self._runners[rid] = runner
+        decision = self._state.boot_succeeded(rid, self.loop.time())
+        self._apply(decision)
+        await _call_hook(self.on_grow_end, None, {**meta, "count": len(self._runners) + self._state.booting},
+                         swallow=True)
+        return None
+
+    async def _start_runner(self, rid: str) -> _Runner:
+        info = ParentInfo(
+            pool=self.name, runner_id=rid, parent_address=parent_address(), backend=self.backend.name,
+            code_version=self._version, app=self._app_import or "",
+            failsafe_timeout=(self.boot_timeout or 60.0) + 10.0,
+            heartbeat_interval=self.backend.heartbeat_interval,
+            heartbeat_timeout=self.backend.heartbeat_timeout,
+            shutdown_timeout=self.shutdown_timeout, max_payload=self._max_payload,
+        )
+        spec = RunnerSpec(pool=self.name, runner_id=rid, info=info, app=self._app_import,
+                          boot_timeout=self.boot_timeout, secret=self._secret)
+        handle = await self.backend.boot(spec)
+        try:
+            channel = await handle.connect(self.boot_timeout)
+            conn = RunnerConnection(
+                rid, channel, self._secret.encode(), max_payload=self._max_payload,
+                heartbeat_interval=self.backend.heartbeat_interval,
+                heartbeat_timeout=self.backend.heartbeat_timeout,
+                describe_loss=handle.exit_reason,
+                on_lost=functools.partial(self._runner_lost, rid),
+                on_recycle=functools.partial(self._recycle, rid),
+            )
+            await conn.handshake(self._version)
+        except BaseException:
+            await asyncio.shield(handle.stop(1.0))
+            raise
+        return _Runner(rid, handle, conn)
+
+    def _runner_lost(self, rid: str, reason: str) -> None:
+        runner = self._runners.pop(rid, None)
+        if runner is None:
+            return
+        log.warning("pool %r: runner %s lost: %s", self.name, rid, reason)
+        self._apply(self._state.remove(rid))
+        self._spawn(runner.handle.stop(1.0))
+        self._spawn(_call_hook(self.on_shrink, {"name": self.name, "count": len(self._runners),
+                                                "runner_id": rid, "reason": f"lost: {reason}"}, swallow=True))
+
+    def _recycle(self, rid: str, reason: str) -> None:
+        log.warning("pool %r: recycling runner %s: %s", self.name, rid, reason)
+        self._apply(self._state.retire(rid))
+
+    async def _stop_runner(self, rid: str, reason: str) -> None:
+        runner = self._runners.get(rid)
+        if runner is None:
+            return
+        try:
+            await runner.conn.aclose(reason)
+            await runner.handle.stop(5.0)
+        finally:
+            # Removed only once stopped: a runner on its way out still counts against max.
+            self._runners.pop(rid, None)
+            decision = self._state.remove(rid)
+            if self._running:
+                self._apply(decision)
+            await _call_hook(self.on_shrink, {"name": self.name, "count": len(self._runners),
+                                              "runner_id": rid, "reason": reason}, swallow=True)
+
+    async def _reap_idle(self) -> None:
+        thresholds = [t for t in (self.idle_shutdown_after, self.min_idle_shutdown_after) if t is not None]
+        tick = max(0.02, min(1.0, min(thresholds) / 5)) if thresholds else 1.0
+        while True:
+            await asyncio.sleep(tick)
+            for rid in self._state.idle_runners(self.loop.time(), self.idle_shutdown_after,
+                                                self.min_idle_shutdown_after):
+                self._spawn(self._stop_runner(rid, "idle"))
+
+
+async def _call_hook(hook: Hook | None, *args: Any, swallow: bool = False) -> None:
+    if hook is None:
+        return
+    try:
+        result = hook(*args)
+        if inspect.isawaitable(result):
+            await result
+    except Exception:
+        if not swallow:
+            raise
+        log.exception("flame_asgi hook %r raised", hook)
+
+
+def _name(fn: Any) -> str:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return f"{getattr(fn, '__qualname__', type(fn).__qualname__)}()"
+
+
+def _overran(fn: Any, run: float | None, link: bool) -> str:
+    fate = "the remote work was cancelled" if link else "it keeps running on the runner (link=False)"
+    return f"{_name(fn)} did not finish within {run:g} s; {fate}"
+

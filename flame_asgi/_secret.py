@@ -1,0 +1,24 @@
+"""The channel key: ``FLAME_SECRET`` when set, else one random key per parent process.
+
+Runners receive it from their backend (as ``FLAME_SECRET`` in their environment). It is
+never logged, shown in a repr, or put in an error message.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+from flame_asgi._parent import ENV_SECRET
+
+_generated: str | None = None
+
+
+def channel_secret() -> str:
+    global _generated
+    configured = os.environ.get(ENV_SECRET)
+    if configured:
+        return configured
+    if _generated is None:
+        _generated = secrets.token_urlsafe(32)
+    return _generated

@@ -1,0 +1,88 @@
+"""``pool.stream(...)``: an async iterator over what a generator yields on a runner.
+
+The slot is taken on the first ``__anext__`` and freed when the generator ends, the
+consumer stops (``aclose``, ``break`` out of ``async with``, garbage collection) or the
+runner is lost. Items flow within a credit window, so a fast generator waits for a slow
+consumer instead of filling the parent's memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from flame_asgi._exceptions import CallTimeout
+from flame_asgi._pickling import loads
+
+if TYPE_CHECKING:
+    from flame_asgi._connection import RemoteCall
+    from flame_asgi._pool import FlamePool
+
+
+class RemoteStream:
+    """Iterate with ``async for``; ``timeout`` bounds the wait for each next item."""
+
+    def __init__(self, pool: FlamePool, fn: Any, payload: bytes, timeout: float | None, link: bool) -> None:
+        self._pool = pool
+        self._fn = fn
+        self._payload: bytes | None = payload
+        self._timeout = timeout
+        self._link = link
+        self._remote: RemoteCall | None = None
+        self._rid = ""
+        self._done = False
+
+    def __aiter__(self) -> RemoteStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._done:
+            raise StopAsyncIteration
+        pool = self._pool
+        try:
+            if self._remote is None:
+                wait = pool.boot_timeout if self._timeout is None else self._timeout
+                self._rid = await pool._checkout(wait)
+                assert self._payload is not None
+                self._remote = await pool._start(self._rid, "stream", self._payload, link=self._link,
+                                                 progress=False)
+                self._payload = None
+            per_item = pool.timeout if self._timeout is None else self._timeout
+            async with asyncio.timeout(per_item) as scope:
+                type_, data = await self._remote.next()
+        except TimeoutError:
+            self._close()
+            if scope.expired():
+                raise CallTimeout(f"stream did not yield its next item within {per_item:g} s") from None
+            raise
+        except BaseException:
+            self._close()
+            raise
+        if type_ == "item":
+            return loads(data)
+        self._close()
+        if type_ == "end":
+            raise StopAsyncIteration
+        raise pool._failure(self._rid, type_, data)
+
+    def _close(self) -> None:
+        self._done = True
+        if self._remote is not None:
+            self._remote.abandon(self._link)
+
+    async def aclose(self) -> None:
+        """Stop consuming: the remote generator is cancelled if linked, and the slot freed."""
+        self._close()
+
+    async def __aenter__(self) -> RemoteStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._close()
+
+    def __del__(self) -> None:
+        if not self._done and self._remote is not None:
+            try:
+                self._close()
+            except RuntimeError:  # no running loop any more: the pool is gone too
+                pass

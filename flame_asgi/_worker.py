@@ -1,0 +1,373 @@
+"""Runner side of one parent session: verify each frame, run the work, send results back.
+
+One ``RunnerSession`` serves one parent over one channel, whatever the backend: the
+runner-mode endpoint wraps the WebSocket, the local backend an in-memory pair. Work runs
+as asyncio tasks; sync code runs in worker threads. The session ends when the parent
+says stop, its channel closes, or its heartbeat stops; linked work is then cancelled and
+unlinked work gets ``shutdown_timeout`` to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import ctypes
+import functools
+import inspect
+import logging
+import os
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from flame_asgi._channel import Channel, ChannelClosed
+from flame_asgi._codec import TO_PARENT, TO_RUNNER, Frame, FrameOpener, FrameSealer, make_signer
+from flame_asgi._exceptions import FlameError, ProtocolError
+from flame_asgi._parent import ParentInfo, _local_parent, code_version
+from flame_asgi._pickling import dumps, loads, pack_exception
+from flame_asgi._progress import Sent, current_reporter
+
+log = logging.getLogger("flame_asgi.runner")
+
+# A thread that ignores cancellation this long after it was asked to stop is "stuck":
+# its slot is already free, so the runner asks to be recycled rather than leak threads.
+STUCK_THREAD_GRACE = 2.0
+_END = object()
+
+
+class WorkCancelled(BaseException):
+    """Raised inside a worker thread whose call was cancelled (a BaseException so that
+    ``except Exception`` in user code does not swallow it)."""
+
+
+def _async_raise(thread_ident: int) -> None:
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_ident), ctypes.py_object(WorkCancelled))
+
+
+def _unwrap(fn: Any) -> Any:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return fn
+
+
+class _Work:
+    """One call, cast, stream or child placed on this runner."""
+
+    def __init__(self, session: RunnerSession, id_: int, frame: Frame) -> None:
+        self.session = session
+        self.id = id_
+        self.kind: str = frame.meta.get("k", "call")
+        self.link: bool = frame.meta.get("l", True)
+        self.wants_progress: bool = frame.meta.get("p", False)
+        self.credit: int = frame.meta.get("w", 32)
+        self.task: asyncio.Task[None] | None = None
+        self.cancelled = False
+        self.thread_ident: int | None = None
+        self._thread_lock = threading.Lock()
+        self._credit_event = asyncio.Event()
+        self._outq: deque[tuple[str, bytes, asyncio.Future[None]]] = deque()
+        self._sender: asyncio.Task[None] | None = None
+
+    # -- progress and items, in order, within the caller's credit ---------------------
+    def report(self, event: Any) -> Sent:
+        if not self.wants_progress or self.cancelled:
+            return Sent()
+        data = dumps(event, "a progress event")
+        loop = self.session.loop
+        if threading.get_ident() == self.session.loop_thread:
+            return Sent(self.enqueue("event", data))
+        # From a worker thread: block it until the event is sent (back-pressure).
+        asyncio.run_coroutine_threadsafe(self._enqueue_and_wait("event", data), loop).result()
+        return Sent()
+
+    async def _enqueue_and_wait(self, type_: str, data: bytes) -> None:
+        await self.enqueue(type_, data)
+
+    def enqueue(self, type_: str, data: bytes) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = self.session.loop.create_future()
+        self._outq.append((type_, data, fut))
+        if self._sender is None or self._sender.done():
+            self._sender = self.session.loop.create_task(self._drain())
+        return fut
+
+    def add_credit(self, n: int) -> None:
+        self.credit += n
+        self._credit_event.set()
+
+    async def _drain(self) -> None:
+        while self._outq:
+            type_, data, fut = self._outq[0]
+            if type_ in ("event", "item"):
+                while self.credit <= 0:
+                    self._credit_event.clear()
+                    await self._credit_event.wait()
+                self.credit -= 1
+            await self.session.send(type_, self.id, data)
+            self._outq.popleft()
+            if not fut.done():
+                fut.set_result(None)
+
+    async def emit(self, type_: str, data: bytes = b"") -> None:
+        """Send a final frame after every event already queued."""
+        if self._outq:
+            await self.enqueue(type_, data)
+        else:
+            await self.session.send(type_, self.id, data)
+
+    # -- threads -----------------------------------------------------------------------
+    def thread_call(self, ctx: contextvars.Context, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        with self._thread_lock:
+            self.thread_ident = threading.get_ident()
+        try:
+            return ctx.run(fn, *args)
+        finally:
+            with self._thread_lock:
+                self.thread_ident = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.task is not None:
+            self.task.cancel()
+        if self._sender is not None:
+            self._sender.cancel()
+        for _, _, fut in self._outq:
+            fut.cancel()
+        with self._thread_lock:
+            ident = self.thread_ident
+            if ident is not None:
+                _async_raise(ident)
+        if ident is not None:
+            self.session.loop.call_later(STUCK_THREAD_GRACE, self.session.check_stuck, self, ident)
+
+
+class RunnerSession:
+    """The runner's side of one parent session over one channel."""
+
+    def __init__(self, info: ParentInfo, secret: bytes, *, local: bool = False, max_threads: int = 512,
+                 on_ready: Callable[[], None] | None = None) -> None:
+        self.info = info
+        self._on_ready = on_ready
+        self.local = local
+        self._opener = FrameOpener(make_signer(secret, info.runner_id, TO_RUNNER), info.max_payload)
+        self._signer_out = make_signer(secret, info.runner_id, TO_PARENT)
+        self._sealer: FrameSealer | None = None
+        self._work: dict[int, _Work] = {}
+        self._executor = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="flame-work")
+        self._send_lock = asyncio.Lock()
+        self._channel: Channel | None = None
+        self._last_seen = 0.0
+        self._recycle_asked = False
+        self.loop: asyncio.AbstractEventLoop
+        self.loop_thread = 0
+        self.end_reason: str | None = None
+
+    @property
+    def active(self) -> int:
+        return len(self._work)
+
+    async def send(self, type_: str, id_: int = 0, payload: bytes = b"", **meta: Any) -> None:
+        assert self._sealer is not None and self._channel is not None
+        async with self._send_lock:  # seal and send under one lock: sequence numbers stay in order
+            await self._channel.send(self._sealer.seal(type_, id_, payload, **meta))
+
+    async def serve(self, channel: Channel) -> str:
+        """Run the session to its end; return why it ended."""
+        self._channel = channel
+        self.loop = asyncio.get_running_loop()
+        self.loop_thread = threading.get_ident()
+        if self.local:
+            _local_parent.set(self.info)
+        try:
+            await self._handshake(channel)
+        except (ProtocolError, ChannelClosed) as exc:
+            reason = f"handshake failed: {exc}"
+            await channel.aclose(reason)
+            self._executor.shutdown(wait=False)
+            return reason
+        self._last_seen = self.loop.time()
+        reader = self.loop.create_task(self._read_loop(channel))
+        watchdog = self.loop.create_task(self._heartbeat())
+        try:
+            await asyncio.wait({reader, watchdog}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            reader.cancel()
+            watchdog.cancel()
+            reason = self.end_reason or "session ended"
+            await self._wind_down(reason)
+        return reason
+
+    async def _handshake(self, channel: Channel) -> None:
+        hello = self._opener.open(await asyncio.wait_for(channel.recv(), self.info.failsafe_timeout))
+        assert self._opener.session is not None
+        self._sealer = FrameSealer(self._signer_out, self._opener.session, self.info.max_payload)
+        if hello.meta.get("runner") != self.info.runner_id:
+            raise ProtocolError("hello for another runner refused")
+        mine = self.info.code_version if self.local else code_version(self.info.app)
+        theirs = hello.meta.get("v")
+        if theirs != mine:
+            await self.send("refused", reason=(
+                f"version skew: the runner runs code version {mine} but its parent runs {theirs}; "
+                "deploy the same code (or image) to both"))
+            raise ProtocolError("version skew")
+        await self.send("ready", pid=os.getpid(), v=mine)
+        if self._on_ready is not None:
+            self._on_ready()
+
+    async def _read_loop(self, channel: Channel) -> None:
+        try:
+            while True:
+                data = await channel.recv()
+                self._last_seen = self.loop.time()
+                try:
+                    frame = self._opener.open(data)
+                except FlameError as exc:
+                    # A forged or replayed frame on an authenticated channel: stop trusting it.
+                    log.warning("runner %s refused a message: %s", self.info.runner_id, exc)
+                    self.end_reason = f"refused a message: {exc}"
+                    return
+                if frame.type == "stop":
+                    self.end_reason = "stopped by parent"
+                    return
+                self._dispatch(frame)
+        except ChannelClosed as exc:
+            self.end_reason = f"parent gone: {exc.reason}"
+
+    def _dispatch(self, frame: Frame) -> None:
+        if frame.type == "call":
+            work = _Work(self, frame.id, frame)
+            self._work[frame.id] = work
+            work.task = self.loop.create_task(self._run(work, frame.payload))
+        elif frame.type == "cancel":
+            target = self._work.get(frame.id)
+            if target is not None:
+                target.cancel()
+        elif frame.type == "credit":
+            target = self._work.get(frame.id)
+            if target is not None:
+                target.add_credit(int(frame.meta.get("c", 0)))
+        # "ping" needs nothing: every frame already refreshed _last_seen.
+
+    async def _heartbeat(self) -> None:
+        interval, timeout = self.info.heartbeat_interval, self.info.heartbeat_timeout
+        while True:
+            await asyncio.sleep(interval)
+            if self.loop.time() - self._last_seen > timeout:
+                self.end_reason = f"parent unreachable: no message for {timeout:g} s"
+                return
+            try:
+                await self.send("ping")
+            except ChannelClosed:
+                self.end_reason = "parent gone"
+                return
+
+    def check_stuck(self, work: _Work, ident: int) -> None:
+        if work.thread_ident == ident and not self._recycle_asked:
+            self._recycle_asked = True
+            log.warning("runner %s: a cancelled sync call did not stop; asking to be recycled",
+                        self.info.runner_id)
+            self.loop.create_task(self._send_quietly("recycle", reason="a cancelled sync call is still running"))
+
+    async def _send_quietly(self, type_: str, **meta: Any) -> None:
+        try:
+            await self.send(type_, **meta)
+        except ChannelClosed:
+            pass
+
+    async def _run(self, work: _Work, payload: memoryview) -> None:
+        current_reporter.set(work)
+        try:
+            fn, args = loads(payload)
+            del payload
+            if work.kind == "stream":
+                await self._run_stream(work, fn, args)
+                await work.emit("end")
+            else:
+                result = await self._invoke(work, fn, args)
+                await work.emit("result", dumps(result, f"the result of {_name(fn)}"))
+        except asyncio.CancelledError:
+            if not work.cancelled:
+                raise
+            await self._quiet(work, "cancelled")
+        except ChannelClosed:
+            pass
+        except BaseException as exc:  # everything the user's code raises goes back to the caller
+            await self._quiet(work, "error", pack_exception(exc))
+        finally:
+            self._work.pop(work.id, None)
+
+    async def _quiet(self, work: _Work, type_: str, data: bytes = b"") -> None:
+        try:
+            await self.send(type_, work.id, data)
+        except ChannelClosed:
+            pass
+
+    async def _invoke(self, work: _Work, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        if inspect.iscoroutinefunction(_unwrap(fn)):
+            return await fn(*args)
+        result = await self._in_thread(work, fn, *args)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    async def _in_thread(self, work: _Work, fn: Callable[..., Any], *args: Any) -> Any:
+        ctx = contextvars.copy_context()
+        return await self.loop.run_in_executor(self._executor, work.thread_call, ctx, fn, args)
+
+    async def _run_stream(self, work: _Work, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        target = _unwrap(fn)
+        if inspect.isasyncgenfunction(target) or inspect.isgeneratorfunction(target):
+            source = fn(*args)  # creating a generator runs none of its code
+        else:
+            source = await self._invoke(work, fn, args)
+        if hasattr(source, "__aiter__"):
+            iterator = source.__aiter__()
+            try:
+                async for item in iterator:
+                    await work.enqueue("item", dumps(item, f"an item of {_name(fn)}"))
+            finally:
+                if hasattr(iterator, "aclose"):
+                    await iterator.aclose()
+            return
+        sync_iter = iter(source)
+        try:
+            while True:
+                item = await self._in_thread(work, next, sync_iter, _END)
+                if item is _END:
+                    return
+                await work.enqueue("item", dumps(item, f"an item of {_name(fn)}"))
+        finally:
+            close = getattr(sync_iter, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except ValueError:  # still executing in an abandoned thread
+                    pass
+
+    async def _wind_down(self, reason: str) -> None:
+        unlinked = []
+        for work in list(self._work.values()):
+            if work.link or work.task is None:
+                work.cancel()
+            else:
+                unlinked.append(work.task)
+        if unlinked:
+            timeout = self.info.shutdown_timeout
+            await asyncio.wait(unlinked, timeout=timeout)
+            for work in list(self._work.values()):
+                work.cancel()
+        if self._channel is not None:
+            await self._channel.aclose(reason)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def abort(self, reason: str) -> None:
+        """Stop everything at once (the local backend's stand-in for a killed process)."""
+        self.end_reason = reason
+        for work in list(self._work.values()):
+            work.cancel()
+
+
+def _name(fn: Any) -> str:
+    target = _unwrap(fn)
+    return f"{getattr(target, '__qualname__', type(target).__qualname__)}()"

@@ -1,0 +1,23 @@
+"""Backends: where runners boot. ``FLAME_BACKEND`` picks one when a pool names none."""
+
+from __future__ import annotations
+
+import os
+
+from flame_asgi.backends._base import Backend, RunnerHandle, RunnerSpec
+from flame_asgi.backends.local import LocalBackend
+from flame_asgi.backends.process import ProcessBackend
+
+__all__ = ["Backend", "LocalBackend", "ProcessBackend", "RunnerHandle", "RunnerSpec", "backend_from_env"]
+
+
+def backend_from_env() -> Backend:
+    """The backend named by ``FLAME_BACKEND`` (``local`` when unset), configured from env."""
+    name = os.environ.get("FLAME_BACKEND", "local").strip().lower() or "local"
+    if name == "local":
+        return LocalBackend()
+    if name == "process":
+        return ProcessBackend(app=os.environ.get("FLAME_PROCESS_APP") or None)
+    raise ValueError(
+        f"FLAME_BACKEND={name!r} is not a backend this version provides; use one of: local, process"
+    )

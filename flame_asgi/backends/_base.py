@@ -1,0 +1,103 @@
+"""The backend contract: boot a copy of the app as a runner, reach it, stop it.
+
+A backend is one small class; each implementation lives in its own module beside this
+one. The pool owns scaling and the channel protocol; a backend only starts processes
+(or containers, Pods, machines) and hands back a ``RunnerHandle`` that can open the
+channel, describe how the runner ended, and stop it.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import dataclasses
+from typing import Any, ClassVar
+
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidHandshake, InvalidStatus
+
+from flame_asgi._channel import Channel, WebSocketClientChannel
+from flame_asgi._exceptions import BootError
+from flame_asgi._parent import ParentInfo
+
+
+@dataclasses.dataclass(frozen=True)
+class RunnerSpec:
+    """Everything a backend needs to boot one runner."""
+
+    pool: str
+    runner_id: str
+    info: ParentInfo
+    app: str | None  # import string of the app ("pkg.module:app"), when known
+    boot_timeout: float | None
+    secret: str = dataclasses.field(repr=False)  # never logged or shown
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The variables every runner gets: its parent's information and the channel key."""
+        return {"FLAME_PARENT": self.info.encode(), "FLAME_SECRET": self.secret}
+
+
+class RunnerHandle(abc.ABC):
+    """A booted (or booting) runner as its backend sees it."""
+
+    url: str | None = None
+
+    @abc.abstractmethod
+    async def connect(self, timeout: float | None) -> Channel:
+        """Open the channel to the runner, waiting for it to come up within ``timeout``."""
+
+    @abc.abstractmethod
+    async def stop(self, timeout: float) -> None:
+        """Stop the runner (gracefully, then by force after ``timeout``) and release it."""
+
+    async def exit_reason(self) -> str | None:
+        """How the runner ended (exit code, signal, OOM), when the backend can tell."""
+        return None
+
+
+class Backend(abc.ABC):
+    """Base class of every backend. Subclasses set ``name`` and implement ``boot``."""
+
+    name: ClassVar[str]
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 10.0
+
+    def bind(self, pool: str, app: Any | None) -> None:
+        """Called once by the pool that owns this backend, with the app it serves (if any)."""
+
+    def app_import(self) -> str | None:
+        """The import string runners boot ("pkg.module:app"), when this backend has one."""
+        return None
+
+    @abc.abstractmethod
+    async def boot(self, spec: RunnerSpec) -> RunnerHandle:
+        """Start one runner. Raise BootError with the reason when the backend refuses."""
+
+    async def aclose(self) -> None:
+        """Release what the backend holds (clients, sockets). Runners are stopped first."""
+
+
+async def connect_websocket(url: str, timeout: float | None, max_payload: int) -> Channel:
+    """Open the channel to a runner's ``/_flame/ws`` endpoint (shared by URL-based backends)."""
+    ws_url = url.replace("http://", "ws://", 1).replace("https://", "wss://", 1) + "/_flame/ws"
+    try:
+        ws = await connect(
+            ws_url,
+            max_size=max_payload + 64 * 1024,
+            compression=None,  # payloads are pickles: rarely worth deflating, always costly
+            ping_interval=None,  # the channel has its own signed heartbeat
+            open_timeout=timeout,
+            max_queue=64,
+            write_limit=2**20,
+        )
+    except InvalidStatus as exc:
+        status = exc.response.status_code
+        raise BootError(
+            f"the runner at {url} answered HTTP {status} on /_flame/ws: is it a flame_asgi.FastAPI "
+            "app started with FLAME_PARENT set?",
+            reason=f"HTTP {status}",
+        ) from None
+    except (OSError, InvalidHandshake, asyncio.TimeoutError, TimeoutError) as exc:
+        raise BootError(f"could not reach the runner at {url}: {exc!r}", reason=repr(exc)) from None
+    return WebSocketClientChannel(ws)

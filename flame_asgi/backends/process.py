@@ -1,0 +1,201 @@
+"""ProcessBackend: each runner is a real copy of the app under uvicorn on this machine.
+
+The parent binds a listening socket on 127.0.0.1 and hands it to
+``python -m uvicorn <module:app> --fd N``, so the port is known before the child starts
+and the first connection simply waits in the backlog until the app is up: no port race
+and no polling. The child gets the parent's working directory and environment plus
+``FLAME_PARENT`` and the channel key, runs in its own process group (so Ctrl-C reaches
+the parent, which shuts runners down in order), and is reaped when stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from flame_asgi._channel import Channel
+from flame_asgi._exceptions import BootError
+from flame_asgi.backends._base import Backend, RunnerHandle, RunnerSpec, connect_websocket
+
+log = logging.getLogger("flame_asgi.runner")
+BARE_APP = "flame_asgi._bare:app"
+
+
+class ProcessBackend(Backend):
+    """Boot runners as local ``uvicorn`` processes serving the same app in runner mode."""
+
+    name = "process"
+
+    def __init__(
+        self,
+        app: str | None = None,
+        *,
+        host: str = "127.0.0.1",
+        env: Mapping[str, str] | None = None,
+        log_level: str = "warning",
+        stop_timeout: float = 5.0,
+        heartbeat_interval: float = 1.0,
+        heartbeat_timeout: float = 10.0,
+    ) -> None:
+        self._app = app
+        self.host = host
+        self.env = dict(env or {})
+        self.log_level = log_level
+        self.stop_timeout = stop_timeout
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+
+    def bind(self, pool: str, app: Any | None) -> None:
+        if self._app is None and app is not None:
+            self._app = find_import_string(app)
+
+    def app_import(self) -> str:
+        return self._app or BARE_APP
+
+    async def boot(self, spec: RunnerSpec) -> ProcessRunnerHandle:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.bind((self.host, 0))
+            sock.listen(256)
+            port = sock.getsockname()[1]
+            env = {**os.environ, **self.env, **spec.env, "PYTHONPATH": _pythonpath()}
+            cmd = [
+                sys.executable, "-m", "uvicorn", self.app_import(),
+                "--fd", str(sock.fileno()),
+                "--lifespan", "on",
+                "--log-level", self.log_level,
+                "--no-access-log",
+                "--ws-max-size", str(spec.info.max_payload + 64 * 1024),
+                "--ws-per-message-deflate", "false",
+                "--timeout-graceful-shutdown", str(int(self.stop_timeout) or 1),
+            ]
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *cmd, cwd=os.getcwd(), env=env, pass_fds=(sock.fileno(),),
+                    stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise BootError(f"could not start {sys.executable}: {exc}", reason=str(exc)) from None
+        finally:
+            sock.close()  # the child holds its own copy now
+        return ProcessRunnerHandle(proc, f"http://{self.host}:{port}", spec, self.stop_timeout)
+
+    def __repr__(self) -> str:
+        return f"ProcessBackend(app={self.app_import()!r}, host={self.host!r})"
+
+
+class ProcessRunnerHandle(RunnerHandle):
+    def __init__(self, proc: asyncio.subprocess.Process, url: str, spec: RunnerSpec, stop_timeout: float) -> None:
+        self.proc = proc
+        self.url = url
+        self.spec = spec
+        self._stop_timeout = stop_timeout
+        self._tail: collections.deque[str] = collections.deque(maxlen=40)
+        self._stderr = asyncio.get_running_loop().create_task(self._pump_stderr())
+
+    async def _pump_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        prefix = f"[{self.spec.pool}/{self.spec.runner_id}] "
+        async for raw in self.proc.stderr:
+            line = raw.decode(errors="replace").rstrip()
+            self._tail.append(line)
+            log.warning("%s%s", prefix, line)
+
+    def output_tail(self, lines: int = 15) -> str:
+        return "\n".join(list(self._tail)[-lines:])
+
+    async def connect(self, timeout: float | None) -> Channel:
+        connecting = asyncio.ensure_future(connect_websocket(self.url, timeout, self.spec.info.max_payload))
+        exited = asyncio.ensure_future(self.proc.wait())
+        try:
+            await asyncio.wait({connecting, exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+        if connecting.done() and connecting.exception() is None:
+            return connecting.result()
+        if not connecting.done():
+            connecting.cancel()
+        await asyncio.sleep(0.05)  # let the stderr pump read the last lines
+        tail = self.output_tail()
+        if self.proc.returncode is not None:
+            raise BootError(
+                f"runner process exited during boot ({describe_exit(self.proc.returncode)}); "
+                f"its last output:\n{tail or '(nothing)'}",
+                reason=describe_exit(self.proc.returncode),
+            )
+        error = connecting.exception()
+        assert isinstance(error, BaseException)
+        if isinstance(error, BootError):
+            raise BootError(f"{error}\nrunner output so far:\n{tail or '(nothing)'}", reason=error.reason)
+        raise error
+
+    async def stop(self, timeout: float | None = None) -> None:
+        grace = self._stop_timeout if timeout is None else timeout
+        if self.proc.returncode is None:
+            _signal_group(self.proc.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), grace)
+            except asyncio.TimeoutError:
+                _signal_group(self.proc.pid, signal.SIGKILL)
+        await self.proc.wait()  # reap: no zombies
+        _signal_group(self.proc.pid, signal.SIGKILL)  # anything the runner left behind in its group
+        try:
+            await asyncio.wait_for(self._stderr, 1.0)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            self._stderr.cancel()
+
+    async def exit_reason(self) -> str | None:
+        code = await self.proc.wait()
+        return describe_exit(code)
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        name = signal.Signals(-code).name
+        hint = " (killed: out of memory, or by an operator)" if -code == signal.SIGKILL else ""
+        return f"runner process killed by {name}{hint}"
+    return f"runner process exited with code {code}"
+
+
+def _pythonpath() -> str:
+    """The parent's import path minus the interpreter's own: the runner imports the same code."""
+    prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix}
+    extra = [p for p in sys.path if p and not any(p.startswith(x) for x in prefixes)]
+    current = os.environ.get("PYTHONPATH")
+    return os.pathsep.join([os.getcwd(), *extra, *([current] if current else [])])
+
+
+def find_import_string(app: Any) -> str | None:
+    """Find ``module:attribute`` that names ``app`` among the imported modules."""
+    fallback = None
+    for name, module in list(sys.modules.items()):
+        if module is None or name.startswith("flame_asgi"):
+            continue
+        try:
+            namespace = vars(module)
+        except TypeError:
+            continue
+        for attr, value in list(namespace.items()):
+            if value is app and not attr.startswith("_"):
+                if name == "__main__":
+                    spec = getattr(module, "__spec__", None)
+                    if spec is not None and spec.name and not spec.name.endswith("__main__"):
+                        fallback = f"{spec.name}:{attr}"
+                    continue
+                return f"{name}:{attr}"
+    return fallback
