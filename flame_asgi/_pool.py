@@ -147,9 +147,11 @@ class FlamePool:
         self._running = True
         self._reaper = self.loop.create_task(self._reap_idle())
         count = self._state.min
+        counts = []
         for _ in range(count):
             self._state.boot_started()
-        results = await asyncio.gather(*(self._boot_runner() for _ in range(count)))
+            counts.append(self._state.booting)
+        results = await asyncio.gather(*(self._boot_runner(n) for n in counts))
         failures = [r for r in results if r is not None]
         if failures:
             await self.aclose()
@@ -343,7 +345,7 @@ class FlamePool:
     def _apply(self, decision: Decision[asyncio.Future[str | None]]) -> None:
         for _ in range(decision.boot):
             self._state.boot_started()
-            self._spawn(self._boot_runner())
+            self._spawn(self._boot_runner(len(self._runners) + self._state.booting))
         for fut, rid in decision.grants:
             if fut.done():  # that caller gave up meanwhile: pass the slot on
                 self._release(rid)
@@ -357,13 +359,14 @@ class FlamePool:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _boot_runner(self) -> BootError | None:
+    async def _boot_runner(self, count: int) -> BootError | None:
+        """Boot one runner; ``count`` is the pool's size including it, for the hooks."""
         delay = self._last_attempt + BOOT_RETRY_INTERVAL - self.loop.time()
         if self._state.last_boot_error is not None and delay > 0:
             await asyncio.sleep(delay)  # failed boots are retried at most once a second
         self._last_attempt = self.loop.time()
         rid = f"{self.name}-{next(self._ids)}-{secrets.token_hex(3)}"
-        meta = {"name": self.name, "count": len(self._runners) + self._state.booting, "runner_id": rid}
+        meta = {"name": self.name, "count": count, "runner_id": rid}
         try:
             await _call_hook(self.on_grow_start, meta)
             async with asyncio.timeout(self.boot_timeout) as scope:

@@ -1,0 +1,120 @@
+"""Functions the tests run on runners. They live in an importable module so that a
+ProcessBackend runner (a separate interpreter) unpickles them by reference."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+
+from flame_asgi import LocalBackend, parent, report
+
+
+def works() -> str:
+    return "works"
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+async def hold(gate: str, started: str | None = None) -> str:
+    """Mark that the work started, then wait (cancellably) until ``gate`` exists."""
+    if started:
+        pathlib.Path(started).touch()
+    while not os.path.exists(gate):
+        await asyncio.sleep(0.01)
+    return "held"
+
+
+async def sleep_then_touch(seconds: float, path: str) -> str:
+    await asyncio.sleep(seconds)
+    pathlib.Path(path).touch()
+    return "slept"
+
+
+def touch(path: str) -> str:
+    pathlib.Path(path).touch()
+    return "touched"
+
+
+def touch_then_raise(path: str) -> None:
+    pathlib.Path(path).touch()
+    raise ValueError("boom")
+
+
+def raise_value_error() -> None:
+    raise ValueError("remote boom")
+
+
+def die() -> None:
+    """End this runner abruptly, as a crash or an OOM kill would."""
+    info = parent()
+    assert info is not None
+    if info.backend == "local":
+        LocalBackend.kill_current("killed by test")
+        time.sleep(0.2)
+    else:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def runner_id() -> str:
+    info = parent()
+    assert info is not None
+    return info.runner_id
+
+
+def count_up(n: int) -> Iterator[int]:
+    yield from range(n)
+
+
+async def acount_up(n: int) -> AsyncIterator[int]:
+    for i in range(n):
+        await asyncio.sleep(0)
+        yield i
+
+
+def produce_logged(n: int, log: str) -> Iterator[int]:
+    """Yield n items, recording how many were produced so far (for back-pressure tests)."""
+    for i in range(n):
+        pathlib.Path(log).write_text(str(i + 1))
+        yield i
+
+
+def report_steps(n: int) -> str:
+    for i in range(n):
+        report({"step": i})
+    return "reported"
+
+
+async def areport_steps(n: int) -> str:
+    for i in range(n):
+        await report({"step": i})
+    return "reported"
+
+
+def report_logged(n: int, log: str) -> str:
+    for i in range(n):
+        report(i)
+        pathlib.Path(log).write_text(str(i + 1))
+    return "reported"
+
+
+def sync_spin(seconds: float, path: str) -> str:
+    """Pure-Python busy loop (interruptible between bytecodes), then touch ``path``."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+    pathlib.Path(path).touch()
+    return "spun"
+
+
+def env_var(name: str) -> str | None:
+    return os.environ.get(name)
+
+
+def pid() -> int:
+    return os.getpid()

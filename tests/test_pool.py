@@ -1,0 +1,187 @@
+"""The Elixir library's pool scenarios (test/flame_test.exs), on LocalBackend and ProcessBackend."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pathlib
+import time
+from typing import Any
+
+import pytest
+
+from flame_asgi import BootError, CallTimeout, FlamePool, RunnerLost
+from tests import remote
+from tests.conftest import BackendFactory, until
+
+
+def active(pool: FlamePool) -> int:
+    return sum(r.active for r in pool.stats().runners)
+
+
+async def test_boots_min_grows_to_max_and_times_out_queued_callers(backend: BackendFactory, tmp_path: pathlib.Path) -> None:
+    gate = str(tmp_path / "gate")
+    async with FlamePool("grow", backend=backend(), min=1, max=2, max_concurrency=2) as pool:
+        assert len(pool.stats().runners) == 1
+        assert await pool.call(remote.works) == "works"
+        held = [asyncio.create_task(pool.call(remote.hold, gate))]
+        await until(lambda: active(pool) == 1)
+        assert await pool.call(remote.works) == "works"
+        assert len(pool.stats().runners) == 1  # one busy slot of two: no growth yet
+        held.append(asyncio.create_task(pool.call(remote.hold, gate)))
+        await until(lambda: active(pool) == 2)
+        assert await pool.call(remote.works) == "works"  # both slots busy: a second runner boots
+        assert len(pool.stats().runners) == 2
+        held += [asyncio.create_task(pool.call(remote.hold, gate)) for _ in range(2)]
+        await until(lambda: active(pool) == 4)
+        with pytest.raises(CallTimeout, match="no free runner slot"):
+            await pool.call(remote.works, timeout=0.1)
+        assert pool.stats().waiting == 0  # the timed-out caller left the queue
+        pathlib.Path(gate).touch()
+        assert await asyncio.gather(*held) == ["held"] * 4
+        assert await pool.call(remote.works) == "works"
+        assert len(pool.stats().runners) == 2
+
+
+async def test_concurrent_calls_while_the_only_runner_boots(backend: BackendFactory, tmp_path: pathlib.Path) -> None:
+    gate = str(tmp_path / "gate")
+    async with FlamePool("pending", backend=backend(), min=0, max=1, max_concurrency=2) as pool:
+        calls = [asyncio.create_task(pool.call(remote.hold, gate, str(tmp_path / f"s{i}"))) for i in range(2)]
+        await until(lambda: (tmp_path / "s0").exists() and (tmp_path / "s1").exists(), what="both calls running")
+        assert len(pool.stats().runners) == 1
+        pathlib.Path(gate).touch()
+        assert await asyncio.gather(*calls) == ["held", "held"]
+
+
+async def test_failed_boot_is_reported_and_retried(backend: BackendFactory, tmp_path: pathlib.Path) -> None:
+    events: list[tuple[Any, ...]] = []
+    starts: list[float] = []
+
+    def grow_start(meta: dict[str, Any]) -> None:
+        starts.append(time.monotonic())
+        events.append(("start", meta["count"]))
+        if len(starts) == 2:
+            raise RuntimeError("boom")
+
+    def grow_end(error: BaseException | None, meta: dict[str, Any]) -> None:
+        events.append(("end", error is None, meta["count"]))
+
+    gate = str(tmp_path / "gate")
+    async with FlamePool("retry", backend=backend(), min=1, max=2, max_concurrency=1,
+                         on_grow_start=grow_start, on_grow_end=grow_end) as pool:
+        busy = asyncio.create_task(pool.call(remote.hold, gate))
+        await until(lambda: active(pool) == 1)
+        pool.cast(remote.touch, str(tmp_path / "fulfilled"))
+        await until(lambda: (tmp_path / "fulfilled").exists(), what="the queued cast to be served")
+        assert events == [("start", 1), ("end", True, 1), ("start", 2), ("end", False, 1),
+                          ("start", 2), ("end", True, 2)]
+        assert starts[2] - starts[1] >= 0.9  # retried, but not more than once a second
+        assert await pool.call(remote.works) == "works"
+        assert len(pool.stats().runners) == 2
+        pathlib.Path(gate).touch()
+        await busy
+
+
+async def test_idle_runner_stops_and_min_runner_stays(backend: BackendFactory, tmp_path: pathlib.Path) -> None:
+    shrinks: list[str] = []
+    gate = str(tmp_path / "gate")
+    async with FlamePool("idle", backend=backend(), min=1, max=2, max_concurrency=2, idle_shutdown_after=0.5,
+                         on_shrink=lambda meta: shrinks.append(meta["reason"])) as pool:
+        calls = [asyncio.create_task(pool.call(remote.hold, gate)) for _ in range(3)]
+        await until(lambda: active(pool) == 3)
+        assert len(pool.stats().runners) == 2
+        pathlib.Path(gate).touch()
+        await asyncio.gather(*calls)
+        await until(lambda: len(pool.stats().runners) == 1, what="the extra runner to idle down")
+        assert shrinks == ["idle"]
+        await asyncio.sleep(1.0)
+        assert len(pool.stats().runners) == 1 and shrinks == ["idle"]
+
+
+async def test_runner_death_fails_every_call_on_it_at_once(backend: BackendFactory, tmp_path: pathlib.Path) -> None:
+    gate = str(tmp_path / "gate")
+    async with FlamePool("death", backend=backend(), min=1, max=1, max_concurrency=2, timeout=60) as pool:
+        victim = asyncio.create_task(pool.call(remote.hold, gate))
+        await until(lambda: active(pool) == 1)
+        started = time.monotonic()
+        with pytest.raises(RunnerLost):
+            await pool.call(remote.die)
+        with pytest.raises(RunnerLost) as lost:
+            await victim
+        assert time.monotonic() - started < 5  # at once, not after the 60 s timeout
+        assert "lost" in str(lost.value)
+        assert await pool.call(remote.works) == "works"  # the pool boots a replacement
+
+
+async def test_process_runner_death_says_how_it_died(tmp_path: pathlib.Path) -> None:
+    from flame_asgi import ProcessBackend
+
+    async with FlamePool("signal", backend=ProcessBackend()) as pool:
+        with pytest.raises(RunnerLost, match="SIGKILL"):
+            await pool.call(remote.die)
+
+
+async def test_linked_and_unlinked_failures_reach_the_caller(backend: BackendFactory) -> None:
+    async with FlamePool("links", backend=backend(), max=1, max_concurrency=2, idle_shutdown_after=0.2) as pool:
+        with pytest.raises(RunnerLost):
+            await pool.call(remote.die)
+        await until(lambda: not pool.stats().runners and not pool.stats().booting, what="runner gone")
+        with pytest.raises(ValueError, match="remote boom"):
+            await pool.call(remote.raise_value_error, link=False)
+        await until(lambda: not pool.stats().runners, what="the runner to idle down")
+
+
+async def test_unlinked_cast_that_raises_lets_the_runner_idle_down(backend: BackendFactory, tmp_path: pathlib.Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    async with FlamePool("castfail", backend=backend(), idle_shutdown_after=0.2) as pool:
+        with caplog.at_level(logging.ERROR, logger="flame_asgi.pool"):
+            assert pool.cast(remote.touch_then_raise, str(tmp_path / "ran"), link=False) is None
+            await until(lambda: (tmp_path / "ran").exists())
+            await until(lambda: "cast of touch_then_raise() failed" in caplog.text, what="the failure logged")
+        await until(lambda: not pool.stats().runners, what="the runner to idle down")
+
+
+async def test_cast_returns_at_once_and_runs_to_the_end(backend: BackendFactory, tmp_path: pathlib.Path) -> None:
+    done = tmp_path / "done"
+    async with FlamePool("cast", backend=backend(), min=1) as pool:
+        started = time.monotonic()
+        assert pool.cast(remote.sleep_then_touch, 0.3, str(done)) is None
+        assert time.monotonic() - started < 0.1
+        assert not done.exists()
+        await until(lambda: done.exists(), what="the cast to finish")
+
+
+async def test_casts_grow_the_pool_to_max_and_no_further(backend: BackendFactory, tmp_path: pathlib.Path) -> None:
+    counts: list[int] = []
+    async with FlamePool("castgrow", backend=backend(), min=0, max=2, max_concurrency=1,
+                         on_grow_start=lambda meta: counts.append(meta["count"])) as pool:
+        for i in range(3):
+            pool.cast(remote.sleep_then_touch, 0.5, str(tmp_path / f"c{i}"))
+        await until(lambda: all((tmp_path / f"c{i}").exists() for i in range(3)), what="all casts")
+        await asyncio.sleep(0.5)
+        assert counts == [1, 2]
+
+
+async def test_linked_cast_failure_is_reported_on_the_caller_side(backend: BackendFactory,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    async with FlamePool("castlink", backend=backend()) as pool:
+        with caplog.at_level(logging.ERROR, logger="flame_asgi.pool"):
+            pool.cast(remote.raise_value_error)
+            await until(lambda: "cast of raise_value_error() failed: remote boom" in caplog.text)
+
+
+async def test_boot_error_reaches_the_caller_with_its_reason(tmp_path: pathlib.Path) -> None:
+    from flame_asgi import ProcessBackend
+
+    backend = ProcessBackend(app="no_such_module_anywhere:app")
+    async with FlamePool("badapp", backend=backend, boot_timeout=20) as pool:
+        with pytest.raises(BootError, match="no_such_module_anywhere"):
+            await pool.call(remote.works, timeout=5)
+
+
+async def test_pool_fails_to_start_when_min_runners_cannot_boot() -> None:
+    from flame_asgi import ProcessBackend
+
+    pool = FlamePool("badmin", backend=ProcessBackend(app="no_such_module_anywhere:app"), min=1)
+    with pytest.raises(BootError, match="could not boot its 1 min runner"):
+        await pool.start()
