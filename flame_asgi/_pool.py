@@ -121,8 +121,10 @@ class FlamePool:
             min=min, max=max, max_concurrency=max_concurrency, single_use=single_use)
         self._runners: dict[str, _Runner] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._boots: set[asyncio.Task[Any]] = set()
         self._casts: dict[asyncio.Task[None], bool] = {}  # task -> link
         self._unlinked: set[RemoteCall] = set()
+        self._stopping: set[str] = set()
         self._ids = itertools.count(1)
         self._last_attempt = -BOOT_RETRY_INTERVAL
         self._running = False
@@ -182,8 +184,10 @@ class FlamePool:
             if link:
                 task.cancel()
         await self._drain_unlinked()
-        for task in list(self._tasks):
+        for task in list(self._boots):
             task.cancel()
+        # Stops already under way (idle, single use) finish; then every other runner stops.
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(self._stop_runner(rid, "shutdown") for rid in list(self._runners)),
                              return_exceptions=True)
         await self.backend.aclose()
@@ -345,7 +349,9 @@ class FlamePool:
     def _apply(self, decision: Decision[asyncio.Future[str | None]]) -> None:
         for _ in range(decision.boot):
             self._state.boot_started()
-            self._spawn(self._boot_runner(len(self._runners) + self._state.booting))
+            boot = self._spawn(self._boot_runner(len(self._runners) + self._state.booting))
+            self._boots.add(boot)
+            boot.add_done_callback(self._boots.discard)
         for fut, rid in decision.grants:
             if fut.done():  # that caller gave up meanwhile: pass the slot on
                 self._release(rid)
@@ -354,10 +360,11 @@ class FlamePool:
         for rid in decision.stop:
             self._spawn(self._stop_runner(rid, "single_use" if self.single_use else "recycled"))
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task = self.loop.create_task(coro)  # type: ignore[arg-type]
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _boot_runner(self, count: int) -> BootError | None:
         """Boot one runner; ``count`` is the pool's size including it, for the hooks."""
@@ -438,14 +445,21 @@ class FlamePool:
 
     async def _stop_runner(self, rid: str, reason: str) -> None:
         runner = self._runners.get(rid)
-        if runner is None:
+        if runner is None or rid in self._stopping:
             return
+        self._stopping.add(rid)
+        # Shielded: a stop that has begun completes (and reaps the process) even if the
+        # task awaiting it is cancelled.
+        await asyncio.shield(self._finish_stop(rid, runner, reason))
+
+    async def _finish_stop(self, rid: str, runner: _Runner, reason: str) -> None:
         try:
             await runner.conn.aclose(reason)
             await runner.handle.stop(5.0)
         finally:
             # Removed only once stopped: a runner on its way out still counts against max.
             self._runners.pop(rid, None)
+            self._stopping.discard(rid)
             decision = self._state.remove(rid)
             if self._running:
                 self._apply(decision)

@@ -117,12 +117,17 @@ class ProcessRunnerHandle(RunnerHandle):
         exited = asyncio.ensure_future(self.proc.wait())
         try:
             await asyncio.wait({connecting, exited}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            connecting.cancel()
+            connecting.add_done_callback(_consume)
+            raise
         finally:
             exited.cancel()
         if connecting.done() and connecting.exception() is None:
             return connecting.result()
         if not connecting.done():
             connecting.cancel()
+            connecting.add_done_callback(_consume)
         await asyncio.sleep(0.05)  # let the stderr pump read the last lines
         tail = self.output_tail()
         if self.proc.returncode is not None:
@@ -155,6 +160,11 @@ class ProcessRunnerHandle(RunnerHandle):
     async def exit_reason(self) -> str | None:
         code = await self.proc.wait()
         return describe_exit(code)
+
+
+def _consume(task: asyncio.Future[Channel]) -> None:
+    if not task.cancelled():
+        task.exception()  # an abandoned connection attempt's error is expected: do not warn
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

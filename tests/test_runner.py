@@ -1,0 +1,183 @@
+"""The Elixir runner scenarios (test/runner_test.exs) and what a call does on a runner."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+from typing import Any
+
+import pytest
+
+from flame_asgi import (Backend, BootError, CallTimeout, FlamePool, RemoteError,
+                        SerializationError)
+from flame_asgi.backends import RunnerHandle, RunnerSpec
+from tests import remote
+from tests.conftest import BackendFactory, until
+
+
+async def test_single_use_runner_stops_after_one_call(backend: BackendFactory) -> None:
+    shrinks: list[str] = []
+    async with FlamePool("single", backend=backend(), single_use=True, max=2,
+                         on_shrink=lambda m: shrinks.append(m["reason"])) as pool:
+        first = await pool.call(remote.runner_id)
+        await until(lambda: shrinks == ["single_use"], what="the single-use runner to stop")
+        second = await pool.call(remote.runner_id)
+        assert first != second
+
+
+async def test_single_use_raise_reaches_caller_then_runner_stops(backend: BackendFactory) -> None:
+    shrinks: list[str] = []
+    async with FlamePool("single-raise", backend=backend(), single_use=True,
+                         on_shrink=lambda m: shrinks.append(m["reason"])) as pool:
+        with pytest.raises(ValueError, match="remote boom") as raised:
+            await pool.call(remote.raise_value_error)
+        assert any("Remote traceback" in note for note in raised.value.__notes__)
+        await until(lambda: shrinks == ["single_use"] and not pool.stats().runners)
+
+
+async def test_multi_use_runner_survives_a_raise(backend: BackendFactory) -> None:
+    async with FlamePool("multi-raise", backend=backend()) as pool:
+        before = await pool.call(remote.runner_id)
+        with pytest.raises(ValueError):
+            await pool.call(remote.raise_value_error)
+        assert await pool.call(remote.runner_id) == before
+
+
+async def test_execution_timeout_single_use_kills_work_and_runner(backend: BackendFactory, tmp_path: pathlib.Path) -> None:
+    shrinks: list[str] = []
+    finished = tmp_path / "finished"
+    async with FlamePool("single-timeout", backend=backend(), single_use=True, min=1,
+                         on_shrink=lambda m: shrinks.append(m["reason"])) as pool:
+        with pytest.raises(CallTimeout, match="did not finish within 0.1 s; the remote work was cancelled"):
+            await pool.call(remote.sleep_then_touch, 1.0, str(finished), timeout=0.1)
+        await until(lambda: shrinks == ["single_use"])
+        await asyncio.sleep(1.2)
+        assert not finished.exists()  # the remote sleep was cancelled, not left to finish
+
+
+async def test_execution_timeout_multi_use_runner_survives(backend: BackendFactory, tmp_path: pathlib.Path) -> None:
+    async with FlamePool("multi-timeout", backend=backend(), min=1) as pool:
+        rid = await pool.call(remote.runner_id)
+        with pytest.raises(CallTimeout):
+            await pool.call(remote.sleep_then_touch, 1.0, str(tmp_path / "x"), timeout=0.1)
+        assert await pool.call(remote.sleep_then_touch, 0.05, str(tmp_path / "y"), timeout=5) == "slept"
+        assert await pool.call(remote.runner_id) == rid
+
+
+async def test_unlinked_timeout_lets_the_work_finish(backend: BackendFactory, tmp_path: pathlib.Path) -> None:
+    finished = tmp_path / "finished"
+    async with FlamePool("unlinked-timeout", backend=backend(), min=1) as pool:
+        with pytest.raises(CallTimeout, match="keeps running"):
+            await pool.call(remote.sleep_then_touch, 0.3, str(finished), timeout=0.05, link=False)
+        assert sum(r.active for r in pool.stats().runners) == 1  # the slot stays held for it
+        await until(lambda: finished.exists(), what="the unlinked work to finish")
+        await until(lambda: sum(r.active for r in pool.stats().runners) == 0)
+
+
+async def test_cancelled_caller_cancels_linked_work(backend: BackendFactory, tmp_path: pathlib.Path) -> None:
+    finished = tmp_path / "finished"
+    async with FlamePool("cancel", backend=backend()) as pool:
+        task = asyncio.create_task(pool.call(remote.sleep_then_touch, 0.5, str(finished)))
+        await until(lambda: sum(r.active for r in pool.stats().runners) == 1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert sum(r.active for r in pool.stats().runners) == 0  # the slot is freed at once
+        await asyncio.sleep(0.8)
+        assert not finished.exists()
+
+
+async def test_cancelled_sync_call_frees_its_slot(backend: BackendFactory, tmp_path: pathlib.Path) -> None:
+    done = tmp_path / "done"
+    async with FlamePool("cancel-sync", backend=backend()) as pool:
+        task = asyncio.create_task(pool.call(remote.sync_spin, 0.5, str(done)))
+        await until(lambda: sum(r.active for r in pool.stats().runners) == 1)
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert sum(r.active for r in pool.stats().runners) == 0
+        await asyncio.sleep(0.8)
+        assert not done.exists()  # the busy loop was interrupted between bytecodes
+        assert await pool.call(remote.works) == "works"
+
+
+async def test_idle_shutdown_without_and_with_a_prior_call(backend: BackendFactory) -> None:
+    async with FlamePool("min-idle", backend=backend(), min=1, min_idle_shutdown_after=0.3) as pool:
+        assert len(pool.stats().runners) == 1
+        await until(lambda: not pool.stats().runners, what="the min runner to idle down")
+        assert await pool.call(remote.works) == "works"
+        await until(lambda: not pool.stats().runners, what="the runner to idle down after a call")
+
+
+async def test_idle_none_keeps_runners(backend: BackendFactory) -> None:
+    async with FlamePool("keep", backend=backend(), idle_shutdown_after=None) as pool:
+        await pool.call(remote.works)
+        await asyncio.sleep(0.5)
+        assert len(pool.stats().runners) == 1
+
+
+class RefusingBackend(Backend):
+    """A backend whose infrastructure says no (bad credentials, unknown host)."""
+
+    name = "refusing"
+
+    async def boot(self, spec: RunnerSpec) -> RunnerHandle:
+        raise BootError("401 Unauthorized: bad API token", reason="bad credentials")
+
+
+async def test_backend_refusal_reaches_the_caller_not_a_timeout() -> None:
+    async with FlamePool("refused", backend=RefusingBackend()) as pool:
+        with pytest.raises(BootError, match="bad API token") as raised:
+            await pool.call(remote.works, timeout=0.5)
+        assert raised.value.reason == "bad credentials"
+
+
+async def test_unpicklable_closure_names_the_object_before_sending() -> None:
+    import threading
+
+    lock = threading.Lock()
+
+    def uses_lock() -> bool:
+        return lock.locked()
+
+    async with FlamePool("pickle") as pool:
+        with pytest.raises(SerializationError, match="closure variable 'lock' of .*uses_lock.*_thread.lock"):
+            await pool.call(uses_lock)
+        assert not pool.stats().runners  # failed in the caller: nothing was booted or sent
+        with pytest.raises(SerializationError, match="argument 1 of the call to square"):
+            await pool.call(remote.square, 3, lock)  # type: ignore[call-arg]
+
+
+async def test_unpicklable_result_is_an_error_not_a_hang(backend: BackendFactory) -> None:
+    async with FlamePool("result", backend=backend()) as pool:
+        with pytest.raises(SerializationError, match="the result of"):
+            await pool.call(lambda: __import__("threading").Lock())
+
+
+async def test_unrebuildable_remote_exception_becomes_remote_error(backend: BackendFactory) -> None:
+    def raise_local_type() -> None:
+        class Weird(Exception):
+            def __init__(self, a: Any, b: Any) -> None:
+                super().__init__(a)
+
+        raise Weird(1, 2)
+
+    async with FlamePool("remote-error", backend=backend()) as pool:
+        with pytest.raises(RemoteError) as raised:
+            await pool.call(raise_local_type)
+        assert "Weird" in raised.value.remote_type
+        assert "raise Weird(1, 2)" in raised.value.remote_traceback
+
+
+async def test_async_and_sync_functions_and_closures(backend: BackendFactory) -> None:
+    factor = 3
+
+    async def scaled(x: int) -> int:
+        await asyncio.sleep(0)
+        return x * factor
+
+    async with FlamePool("kinds", backend=backend()) as pool:
+        assert await pool.call(remote.square, 4) == 16
+        assert await pool.call(scaled, 5) == 15
+        assert await pool.call(lambda: factor * 2) == 6
