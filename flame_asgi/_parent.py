@@ -86,20 +86,19 @@ def parent_address() -> str:
 
 @functools.lru_cache(maxsize=32)
 def code_version(app_import: str) -> str:
-    """Fingerprint of flame_asgi and the package that holds the app.
+    """Fingerprint of the source of flame_asgi and of the package that holds the app.
 
-    ``FLAME_CODE_VERSION`` (a git sha, an image tag) replaces the app part when set,
-    for deployments where hashing source files is not meaningful.
+    ``FLAME_CODE_VERSION`` (a git sha, an image tag) replaces it when set, for
+    deployments that name their builds and where hashing source files is not meaningful.
     """
-    digest = hashlib.sha256()
-    _hash_tree(digest, pathlib.Path(__file__).parent)
     override = os.environ.get(ENV_CODE_VERSION)
     if override:
-        digest.update(override.encode())
-    else:
-        root = _package_root(app_import.partition(":")[0])
-        if root is not None:
-            _hash_tree(digest, root)
+        return override
+    digest = hashlib.sha256()
+    _hash_tree(digest, pathlib.Path(__file__).parent)
+    root = _package_root(app_import.partition(":")[0])
+    if root is not None:
+        _hash_tree(digest, root)
     return digest.hexdigest()[:16]
 
 
