@@ -58,7 +58,10 @@ class FastAPI(fastapi.FastAPI):
             state = None
             if self._user_lifespan is not None:
                 state = await stack.enter_async_context(self._user_lifespan(app))
-            yield state
+            try:
+                yield state
+            finally:
+                self._flame_started = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "lifespan" and runner_mode():

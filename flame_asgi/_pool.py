@@ -136,8 +136,10 @@ class FlamePool:
         """Boot the ``min`` runners (in parallel); fail if any of them cannot boot."""
         if self._running:
             return
-        if self._closed:
-            raise PoolClosed(f"pool {self.name!r} was closed; create a new one")
+        if self._closed:  # started again (a second app lifespan): begin from a clean slate
+            self._closed = False
+            self._state = PoolState(min=self.min, max=self.max, max_concurrency=self.max_concurrency,
+                                    single_use=self.single_use)
         self.loop = asyncio.get_running_loop()
         self.backend.bind(self.name, self.app)
         self._app_import = self.backend.app_import()

@@ -1,0 +1,488 @@
+"""DockerBackend: each runner is a container of the app's image, through the Engine API.
+
+The parent asks the Docker Engine (``aiodocker``, async) for one container per runner:
+the parent's own image unless ``image=`` names another, the same app under uvicorn with
+``FLAME_PARENT`` and the channel key in its environment, CPU/memory limits, and its port
+published on 127.0.0.1 only. Containers are labelled with the parent's id and the pool,
+created with ``AutoRemove`` (``docker run --rm``), and removed when the backend closes
+or, failing that, when the parent process exits; a runner whose parent dies outright
+exits by itself (heartbeat watchdog), and AutoRemove then deletes its container.
+
+The Engine's event stream tells how a container ended (exit code, OOM kill), which the
+container's inspect data cannot after AutoRemove has deleted it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import collections
+import contextlib
+import dataclasses
+import http.client
+import importlib.util
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import signal
+import socket
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from flame_asgi._channel import Channel
+from flame_asgi._exceptions import BootError
+from flame_asgi.backends._base import Backend, RunnerHandle, RunnerSpec, connect_websocket
+from flame_asgi.backends.process import BARE_APP, find_import_string
+
+if TYPE_CHECKING:
+    import aiodocker
+    from aiodocker.containers import DockerContainer
+
+log = logging.getLogger("flame_asgi.runner")
+INSTALL_HINT = "DockerBackend needs aiodocker: pip install 'flame_asgi[docker]'"
+LABEL_PARENT, LABEL_POOL, LABEL_RUNNER, LABEL_BACKEND = (
+    "flame_asgi.parent", "flame_asgi.pool", "flame_asgi.runner", "flame_asgi.backend")
+FORWARDED_ENV = ("FLAME_CODE_VERSION",)  # the runner must compute the same code version
+_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parent_id() -> str:
+    """This process's id in container labels (``host-pid-random``), fresh after a fork."""
+    global _parent
+    if _parent is None or _parent[0] != os.getpid():
+        _parent = (os.getpid(), f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}")
+    return _parent[1]
+
+
+_parent: tuple[int, str] | None = None
+
+
+class DockerBackend(Backend):
+    """Boot each runner as a Docker container serving the same app in runner mode.
+
+    - ``image``: image to run; ``None`` means the image of the container this process runs in.
+    - ``app``: import string of the app (found from the pool's app when omitted).
+    - ``command``: the container's command; by default
+      ``python -m uvicorn <app> --host 0.0.0.0 --port <port>`` (``python`` = ``python=``).
+    - ``cpus`` (e.g. ``1.5``), ``memory`` (bytes or ``"512m"``; no swap beyond it).
+    - ``env``: extra variables (the parent's environment is *not* copied).
+    - ``network``: Docker network (``"host"`` shares the host's; the port is then picked free).
+    - ``binds``: ``"host:container[:ro]"`` bind mounts; ``working_dir``; ``labels``.
+    - ``host_ip``: where the port is published (loopback by default); ``None`` dials the
+      container's own address on ``network``, for a parent that runs on that network.
+    - ``host_config``: raw Engine ``HostConfig`` fields merged last (devices, shm, GPUs...).
+    - ``docker_url``: the Engine (default ``DOCKER_HOST``, else the local socket).
+    """
+
+    name = "docker"
+
+    def __init__(
+        self,
+        image: str | None = None,
+        *,
+        app: str | None = None,
+        command: Sequence[str] | None = None,
+        python: str = "python",
+        cpus: float | None = None,
+        memory: int | str | None = None,
+        env: Mapping[str, str] | None = None,
+        network: str | None = None,
+        binds: Sequence[str] = (),
+        working_dir: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        host_ip: str | None = "127.0.0.1",
+        port: int = 8000,
+        init: bool = True,
+        host_config: Mapping[str, Any] | None = None,
+        docker_url: str | None = None,
+        log_level: str = "warning",
+        stop_timeout: float = 5.0,
+        heartbeat_interval: float = 1.0,
+        heartbeat_timeout: float = 10.0,
+    ) -> None:
+        if importlib.util.find_spec("aiodocker") is None:
+            raise ImportError(INSTALL_HINT)
+        self.image = image
+        self._app = app
+        self.command = list(command) if command is not None else None
+        self.python = python
+        self.cpus = cpus
+        self.memory = parse_memory(memory)
+        self.env = dict(env or {})
+        self.network = network
+        self.binds = list(binds)
+        self.working_dir = working_dir
+        self.labels = dict(labels or {})
+        self.host_ip = host_ip
+        self.port = port
+        self.init = init
+        self.host_config = dict(host_config or {})
+        self.docker_url = docker_url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+        self.log_level = log_level
+        self.stop_timeout = stop_timeout
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.id = secrets.token_hex(4)  # this backend's containers, among the process's
+        self._pool = ""
+        self._docker: aiodocker.Docker | None = None
+        self._lock = asyncio.Lock()
+        self._exits: dict[str, _Exit] = {}
+        self._events: asyncio.Task[None] | None = None
+
+    def bind(self, pool: str, app: Any | None) -> None:
+        self._pool = pool
+        if self._app is None and app is not None:
+            self._app = find_import_string(app)
+
+    def app_import(self) -> str:
+        return self._app or BARE_APP
+
+    # -- the Engine -----------------------------------------------------------------------
+    async def _client(self) -> aiodocker.Docker:
+        async with self._lock:
+            if self._docker is None:
+                import aiodocker
+
+                docker = aiodocker.Docker(url=self.docker_url)
+                try:
+                    await docker.version()
+                except Exception as exc:
+                    await docker.close()
+                    raise engine_error(f"cannot reach the Docker Engine at {self.docker_url}", exc) from None
+                self._docker = docker
+                self._events = asyncio.get_running_loop().create_task(self._watch(docker))
+                sweep_at_exit(self.docker_url, f"{LABEL_PARENT}={parent_id()}")
+                # Wait (briefly) until the event stream is open: a runner that dies during
+                # boot must not do so before anyone listens for its exit code.
+                for _ in range(100):
+                    if docker.events.json_stream is not None or self._events.done():
+                        break
+                    await asyncio.sleep(0.01)
+            return self._docker
+
+    async def _watch(self, docker: aiodocker.Docker) -> None:
+        filters = {"type": ["container"], "event": ["die", "oom"], "label": [f"{LABEL_PARENT}={parent_id()}"]}
+        events = docker.events.subscribe(filters=filters)  # type: ignore[no-untyped-call]
+        while (event := await events.get()) is not None:
+            actor = event.get("Actor") or {}
+            record = self._exits.get(actor.get("ID") or event.get("id", ""))
+            if record is None:
+                continue
+            if event.get("Action") == "oom":
+                record.oom = True
+            elif event.get("Action") == "die":
+                record.code = int((actor.get("Attributes") or {}).get("exitCode", -1))
+                record.event.set()
+
+    async def _own_image(self, docker: aiodocker.Docker) -> str:
+        cid = own_container_id()
+        if cid is None:
+            raise BootError("DockerBackend(image=None) runs runners from this process's own image, but this "
+                            "process does not run in a Docker container: pass image=...", reason="no image")
+        try:
+            info = await docker.containers.container(cid).show()
+        except Exception as exc:
+            raise engine_error(f"cannot inspect this process's own container {cid[:12]}", exc) from None
+        return str(info["Image"])
+
+    # -- boot -----------------------------------------------------------------------------
+    async def boot(self, spec: RunnerSpec) -> DockerRunnerHandle:
+        docker = await self._client()
+        image = self.image or await self._own_image(docker)
+        host_mode = self.network == "host"
+        port = free_port() if host_mode else self.port
+        env = {"PYTHONUNBUFFERED": "1", **{k: os.environ[k] for k in FORWARDED_ENV if k in os.environ},
+               **self.env, **spec.env}
+        hc: dict[str, Any] = {"AutoRemove": True, "Init": self.init, "Binds": self.binds}
+        if self.network:
+            hc["NetworkMode"] = self.network
+        if not host_mode and self.host_ip is not None:
+            hc["PortBindings"] = {f"{port}/tcp": [{"HostIp": self.host_ip, "HostPort": ""}]}
+        if self.cpus is not None:
+            hc["NanoCpus"] = int(self.cpus * 1e9)
+        if self.memory is not None:
+            hc["Memory"] = hc["MemorySwap"] = self.memory  # equal: no swap, so the limit is real
+        hc.update(self.host_config)
+        config: dict[str, Any] = {
+            "Image": image, "Cmd": self.command or self._command(spec, port, host_mode),
+            "Env": [f"{k}={v}" for k, v in env.items()], "ExposedPorts": {f"{port}/tcp": {}},
+            "Labels": {**self.labels, LABEL_PARENT: parent_id(), LABEL_POOL: spec.pool,
+                       LABEL_RUNNER: spec.runner_id, LABEL_BACKEND: self.id},
+            "HostConfig": hc,
+        }
+        if self.working_dir:
+            config["WorkingDir"] = self.working_dir
+        try:
+            container = await docker.containers.create(config, name=container_name(spec.runner_id))
+        except Exception as exc:
+            raise engine_error(f"cannot create a runner container from image {image!r}", exc) from None
+        handle = DockerRunnerHandle(self, container, spec)
+        try:
+            await container.start()
+            handle.follow_logs()
+            handle.url = await self._address(handle, port, host_mode)
+        except BaseException as exc:
+            await asyncio.shield(handle.stop(0))
+            if isinstance(exc, BootError) or not isinstance(exc, Exception):
+                raise
+            raise engine_error(f"cannot start runner container {handle.name}", exc) from None
+        return handle
+
+    def _command(self, spec: RunnerSpec, port: int, host_mode: bool) -> list[str]:
+        return [
+            self.python, "-m", "uvicorn", self.app_import(),
+            "--host", "127.0.0.1" if host_mode else "0.0.0.0", "--port", str(port),
+            "--lifespan", "on", "--log-level", self.log_level, "--no-access-log",
+            "--ws-max-size", str(spec.info.max_payload + 64 * 1024), "--ws-per-message-deflate", "false",
+            "--timeout-graceful-shutdown", str(int(self.stop_timeout) or 1),
+        ]
+
+    async def _address(self, handle: DockerRunnerHandle, port: int, host_mode: bool) -> str:
+        if host_mode:
+            return f"http://127.0.0.1:{port}"
+        try:
+            settings = (await handle.container.show())["NetworkSettings"]
+        except Exception as exc:
+            raise await handle.boot_failure(f"cannot inspect runner container {handle.name}", exc) from None
+        if self.host_ip is None:
+            networks: dict[str, Any] = settings.get("Networks") or {}
+            net: dict[str, Any] = networks.get(self.network or "bridge") or next(iter(networks.values()), {})
+            if net.get("IPAddress"):
+                return f"http://{net['IPAddress']}:{port}"
+        else:
+            published = (settings.get("Ports") or {}).get(f"{port}/tcp") or []
+            if published:
+                host = self.host_ip if self.host_ip not in ("", "0.0.0.0") else "127.0.0.1"
+                return f"http://{host}:{published[0]['HostPort']}"
+        raise await handle.boot_failure(f"runner container {handle.name} has no address for port {port}", None)
+
+    # -- cleanup --------------------------------------------------------------------------
+    async def aclose(self) -> None:
+        docker, self._docker = self._docker, None
+        if docker is None:
+            return
+        try:
+            # Leftovers: runners the pool never got to stop (a boot cancelled half-way...).
+            leftovers = await docker.containers.list(all=True, filters={"label": [f"{LABEL_BACKEND}={self.id}"]})
+            for container in leftovers:
+                with contextlib.suppress(Exception):
+                    await container.delete(force=True)
+        except Exception as exc:
+            log.warning("DockerBackend: could not list leftover runner containers: %s", exc)
+        finally:
+            if self._events is not None:
+                self._events.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._events
+            with contextlib.suppress(Exception):
+                await docker.events.stop()  # type: ignore[no-untyped-call]
+            await docker.close()
+
+    def __repr__(self) -> str:
+        return f"DockerBackend(image={self.image!r}, app={self.app_import()!r}, docker_url={self.docker_url!r})"
+
+
+@dataclasses.dataclass
+class _Exit:
+    """How a container ended, filled in from the Engine's event stream."""
+
+    event: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    code: int | None = None
+    oom: bool = False
+
+
+class DockerRunnerHandle(RunnerHandle):
+    def __init__(self, backend: DockerBackend, container: DockerContainer, spec: RunnerSpec) -> None:
+        self.backend = backend
+        self.container = container
+        self.spec = spec
+        self.name = container_name(spec.runner_id)
+        self.exit = backend._exits.setdefault(container.id, _Exit())
+        self._tail: collections.deque[str] = collections.deque(maxlen=40)
+        self._logs: asyncio.Task[None] | None = None
+        self._stopped = False
+
+    def follow_logs(self) -> None:
+        self._logs = asyncio.get_running_loop().create_task(self._pump_logs())
+
+    async def _pump_logs(self) -> None:
+        prefix = f"[{self.spec.pool}/{self.spec.runner_id}] "
+        with contextlib.suppress(Exception):  # the stream ends, or breaks, with the container
+            async for chunk in self.container.log(stdout=True, stderr=True, follow=True):
+                for line in chunk.rstrip("\n").splitlines():
+                    self._tail.append(line)
+                    log.warning("%s%s", prefix, line)
+
+    def output_tail(self, lines: int = 15) -> str:
+        return "\n".join(list(self._tail)[-lines:]) or "(nothing)"
+
+    async def connect(self, timeout: float | None) -> Channel:
+        # docker-proxy accepts on the published port before the app listens, then drops the
+        # connection: a failed attempt means "not yet", until the deadline or the container exits.
+        assert self.url is not None
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            left = None if deadline is None else deadline - loop.time()
+            attempt = asyncio.ensure_future(connect_websocket(self.url, left, self.spec.info.max_payload))
+            exited = asyncio.ensure_future(self.exit.event.wait())
+            try:
+                await asyncio.wait({attempt, exited}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                exited.cancel()
+                if not attempt.done():
+                    attempt.cancel()
+            if attempt.done() and not attempt.cancelled() and attempt.exception() is None:
+                return attempt.result()
+            if self.exit.event.is_set():
+                raise await self.boot_failure(f"runner container {self.name} exited during boot", None)
+            error = attempt.exception()
+            if not isinstance(error, BootError) or error.reason.startswith("HTTP "):
+                assert error is not None
+                raise error
+            if deadline is not None and loop.time() + 0.05 >= deadline:
+                raise BootError(f"{error}\nrunner output so far:\n{self.output_tail()}", reason=error.reason)
+            await asyncio.sleep(0.05)
+
+    async def boot_failure(self, what: str, exc: Exception | None) -> BootError:
+        """A BootError that says how the container ended, with its last output."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.exit.event.wait(), 2.0)
+        if self._logs is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(self._logs), 0.5)  # the last lines
+        why = self.describe() if self.exit.event.is_set() else (str(exc) if exc else "unknown")
+        return BootError(f"{what} ({why}); its last output:\n{self.output_tail()}", reason=why)
+
+    def describe(self) -> str:
+        code = self.exit.code
+        if self.exit.oom:
+            limit = f" of {self.backend.memory / 2**20:g} MiB" if self.backend.memory else ""
+            return f"container {self.name} was killed: out of memory (OOMKilled, memory limit{limit})"
+        if code is not None and code > 128 and code - 128 in signal.valid_signals():
+            return f"container {self.name} was killed by {signal.Signals(code - 128).name} (exit code {code})"
+        return f"container {self.name} exited with code {code}"
+
+    async def exit_reason(self) -> str | None:
+        try:
+            await asyncio.wait_for(self.exit.event.wait(), 2.0)
+        except TimeoutError:
+            return None  # still running: lost for another reason (network, hung app)
+        return self.describe()
+
+    async def stop(self, timeout: float) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            async with asyncio.timeout(timeout + 10.0):
+                if not self.exit.event.is_set():
+                    with contextlib.suppress(Exception):  # 304 stopped, 404 gone: both fine
+                        await self.container.stop(t=max(0, math.ceil(timeout)))
+                with contextlib.suppress(Exception):  # AutoRemove: gone when stop returns
+                    await self.container.wait(condition="removed")
+        except TimeoutError:
+            with contextlib.suppress(Exception):
+                await self.container.delete(force=True)
+        finally:
+            with contextlib.suppress(Exception):
+                await self.container.delete(force=True)  # created but never started: no AutoRemove
+            self.backend._exits.pop(self.container.id, None)
+            if self._logs is not None:
+                self._logs.cancel()
+
+
+def engine_error(what: str, exc: BaseException) -> BootError:
+    """Translate an aiodocker/aiohttp error into a BootError that says what to do."""
+    status, message = getattr(exc, "status", None), getattr(exc, "message", None) or str(exc) or repr(exc)
+    hint = ""
+    if status == 900 or isinstance(exc, OSError):
+        hint = "; is dockerd running? set docker_url= or DOCKER_HOST"
+    elif status == 404 and "image" in message.lower():
+        hint = "; build or load the image on that Docker host (runners never pull)"
+    return BootError(f"{what}: {message}{hint}", reason=f"docker: {message}")
+
+
+def parse_memory(value: int | str | None) -> int | None:
+    """``512m``, ``1g``, ``256MiB`` or bytes, as ``docker run --memory`` takes them."""
+    if value is None or isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", value.lower())
+    if match is None:
+        raise ValueError(f"memory={value!r}: use bytes or a size such as '512m' or '2g'")
+    return int(float(match[1]) * _UNITS[match[2]])
+
+
+def container_name(runner_id: str) -> str:
+    return "flame-" + re.sub(r"[^a-zA-Z0-9_.-]", "-", runner_id)
+
+
+def own_container_id() -> str | None:
+    """The id of the container this process runs in, from its mount table (cgroup v1 and v2)."""
+    for path in ("/proc/self/mountinfo", "/proc/self/cgroup"):
+        with contextlib.suppress(OSError):
+            with open(path) as f:
+                match = re.search(r"/(?:docker/)?containers/([0-9a-f]{64})/|/docker[/-]([0-9a-f]{64})", f.read())
+            if match:
+                return match[1] or match[2]
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- the last guard: at interpreter exit, remove whatever this process still has running --
+_sweeps: set[tuple[int, str, str]] = set()  # (pid, docker_url, label)
+
+
+def sweep_at_exit(url: str, label: str) -> None:
+    if not _sweeps:
+        atexit.register(_sweep)
+    _sweeps.add((os.getpid(), url, label))
+
+
+def _sweep() -> None:
+    for pid, url, label in list(_sweeps):
+        if pid == os.getpid():  # a forked child must not remove its parent's runners
+            with contextlib.suppress(Exception):
+                remove_labelled(url, label)
+
+
+def remove_labelled(url: str, label: str, timeout: float = 2.0) -> int:
+    """Force-remove every container with ``label`` (plain HTTP, no event loop needed)."""
+    scheme, _, address = url.partition("://")
+    if scheme == "unix":
+        conn: http.client.HTTPConnection = _UnixHTTPConnection(address, timeout)
+    elif scheme in ("tcp", "http"):
+        conn = http.client.HTTPConnection(address.rstrip("/"), timeout=timeout)
+    else:
+        return 0  # TLS or ssh Engines: the runners' own watchdog and AutoRemove still apply
+    try:
+        query = urllib.parse.urlencode({"all": "1", "filters": json.dumps({"label": [label]})})
+        conn.request("GET", f"/containers/json?{query}")
+        found = json.loads(conn.getresponse().read())
+        for item in found:
+            conn.request("DELETE", f"/containers/{item['Id']}?force=1")
+            conn.getresponse().read()
+        return len(found)
+    finally:
+        conn.close()
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock

@@ -1,0 +1,456 @@
+"""FlyBackend: each runner is a Fly Machine booted from the parent's own image.
+
+The backend speaks the Fly Machines API over httpx. It creates a machine from
+``FLY_IMAGE_REF`` in the parent's region with ``auto_destroy`` and restart policy ``no``
+(a runner that exits, or whose parent is gone, leaves no machine behind), waits for it to
+start, and dials the runner on its private address (``http://[fdaa:...]:8080``) once
+``/_flame/health`` answers. Creates are retried with backoff on 409, 412, 422 and 429
+(capacity and rate limits); API and transport errors become ``BootError`` saying what to
+fix. Stopping a runner stops its machine and destroys it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import math
+import os
+import random
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import httpx
+
+from flame_asgi._channel import Channel
+from flame_asgi._exceptions import BootError
+from flame_asgi._parent import ENV_CODE_VERSION, runner_mode
+from flame_asgi.backends._base import Backend, RunnerHandle, RunnerSpec, connect_websocket
+from flame_asgi.backends.process import BARE_APP, find_import_string
+
+log = logging.getLogger("flame_asgi.fly")
+DEFAULT_API_URL = "https://api.machines.dev"
+RETRY_CREATE = frozenset({409, 412, 422, 429})  # conflicts, capacity, rate limits: worth another try
+FORWARDED_ENV = (ENV_CODE_VERSION, "FLAME_MAX_PAYLOAD")  # settings a runner must share with its parent
+DOWN_STATES = frozenset({"stopping", "stopped", "suspending", "suspended", "destroying", "destroyed",
+                         "failed", "launch_failed"})
+HOST_FIELDS = ("id", "name", "private_ip", "region", "instance_id", "app")
+RunnerHost = str | Callable[[Mapping[str, Any]], str]
+
+
+class FlyAPIError(BootError):
+    """The Fly Machines API refused a request: ``status`` is the HTTP status, ``detail`` its error."""
+
+    def __init__(self, message: str, *, status: int, detail: str) -> None:
+        super().__init__(message, reason=f"HTTP {status}: {detail}")
+        self.status = status
+        self.detail = detail
+
+
+class FlyBackend(Backend):
+    """Boot each runner as a Fly Machine running the parent's image.
+
+    Every option defaults from the environment Fly gives an app's machines:
+
+    - ``token`` (``FLY_API_TOKEN``), ``app`` (``FLY_APP_NAME``), ``image`` (``FLY_IMAGE_REF``):
+      required; ``region`` (``FLY_REGION``): where runners boot, the parent's region.
+    - ``cpu_kind``, ``cpus``, ``memory_mb``, ``gpu_kind``, ``gpus``: the guest size
+      (``FLAME_FLY_CPU_KIND`` ... ``FLAME_FLY_GPUS``; default a performance-1x, 2048 MB).
+    - ``env``: extra variables for runners. Runners never inherit the parent's environment;
+      they get ``FLAME_PARENT``, ``FLAME_SECRET``, ``FLAME_CODE_VERSION`` / ``FLAME_MAX_PAYLOAD``
+      when the parent has them, ``env``, and what Fly sets itself (app secrets, ``FLY_*``).
+    - ``port``: where the runner listens on its private address (8080).
+    - ``cmd``: the runner's command line (``init.cmd``); default ``python -m uvicorn <app>
+      --host :: --port <port> ...``. ``[]`` keeps the image's own CMD, which must then serve
+      the app on ``[::]:port``.
+    - ``runner_host``: how the parent reaches a machine (``FLAME_FLY_RUNNER_HOST``): a
+      template over the machine's ``{id}``, ``{name}``, ``{private_ip}``, ``{region}``,
+      ``{instance_id}``, ``{app}`` such as ``"{id}.vm.{app}.internal"``, or a callable taking
+      the machine (the API's JSON) and returning a host. Default: its private IPv6 address.
+    - ``api_url``: the Machines API (``FLAME_FLY_API_URL``, default https://api.machines.dev).
+    - ``max_retries``: extra attempts of a create refused with 409/412/422/429.
+    """
+
+    name = "fly"
+
+    def __init__(
+        self,
+        *,
+        app_import: str | None = None,
+        token: str | None = None,
+        app: str | None = None,
+        image: str | None = None,
+        region: str | None = None,
+        cpu_kind: str | None = None,
+        cpus: int | None = None,
+        memory_mb: int | None = None,
+        gpu_kind: str | None = None,
+        gpus: int | None = None,
+        env: Mapping[str, str] | None = None,
+        port: int = 8080,
+        cmd: Sequence[str] | None = None,
+        runner_host: RunnerHost | None = None,
+        api_url: str | None = None,
+        log_level: str = "warning",
+        stop_timeout: float = 5.0,
+        max_retries: int = 4,
+        heartbeat_interval: float = 1.0,
+        heartbeat_timeout: float = 10.0,
+    ) -> None:
+        environ = os.environ
+        self._app_import = app_import
+        self.token = token or environ.get("FLY_API_TOKEN", "")
+        self.app = app or environ.get("FLY_APP_NAME", "")
+        self.image = image or environ.get("FLY_IMAGE_REF", "")
+        self.region = region or environ.get("FLY_REGION") or None
+        self.cpu_kind = cpu_kind or environ.get("FLAME_FLY_CPU_KIND") or "performance"
+        self.cpus = cpus if cpus is not None else _env_int("FLAME_FLY_CPUS", 1)
+        self.memory_mb = memory_mb if memory_mb is not None else _env_int("FLAME_FLY_MEMORY_MB", 2048)
+        self.gpu_kind = gpu_kind or environ.get("FLAME_FLY_GPU_KIND") or None
+        self.gpus = gpus if gpus is not None else _env_int("FLAME_FLY_GPUS", 1 if self.gpu_kind else 0)
+        self.env = dict(env or {})
+        self.port = port
+        self.cmd = None if cmd is None else list(cmd)
+        self.runner_host: RunnerHost = runner_host or environ.get("FLAME_FLY_RUNNER_HOST") or "{private_ip}"
+        self.api_url = (api_url or environ.get("FLAME_FLY_API_URL") or DEFAULT_API_URL).rstrip("/")
+        self.log_level = log_level
+        self.stop_timeout = stop_timeout
+        self.max_retries = max_retries
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self._api_client: httpx.AsyncClient | None = None
+        self._runner_client: httpx.AsyncClient | None = None
+        if not 0 < port < 65536:
+            raise ValueError(f"FlyBackend: port must be between 1 and 65535 (got {port})")
+        if self.cpus < 1 or self.gpus < 0 or max_retries < 0:
+            raise ValueError(f"FlyBackend: cpus must be >= 1, gpus and max_retries >= 0 (got cpus={self.cpus}, "
+                             f"gpus={self.gpus}, max_retries={max_retries})")
+        if self.memory_mb < 256 or self.memory_mb % 256:
+            raise ValueError(f"FlyBackend: memory_mb must be a multiple of 256 (got {self.memory_mb})")
+        if isinstance(self.runner_host, str):
+            try:
+                self.runner_host.format(**dict.fromkeys(HOST_FIELDS, "x"))
+            except (KeyError, IndexError) as exc:
+                raise ValueError(f"FlyBackend: runner_host={self.runner_host!r} uses an unknown field {exc}; "
+                                 f"known fields: {', '.join(HOST_FIELDS)}") from None
+
+    # -- the Backend contract ---------------------------------------------------------
+    def bind(self, pool: str, app: Any | None) -> None:
+        if self._app_import is None and app is not None:
+            self._app_import = find_import_string(app)
+        if not runner_mode():  # a runner's own pools never boot; its machine may lack the token
+            self.require_settings()
+
+    def app_import(self) -> str:
+        return self._app_import or BARE_APP
+
+    def require_settings(self) -> None:
+        """Raise ``BootError`` naming every missing required setting (token, app, image)."""
+        missing = [(var, arg) for var, arg, value in (
+            ("FLY_API_TOKEN", "token", self.token), ("FLY_APP_NAME", "app", self.app),
+            ("FLY_IMAGE_REF", "image", self.image)) if not value]
+        if not missing:
+            return
+        hints = []
+        if not self.token:
+            hints.append("create a token with `fly tokens create deploy` and `fly secrets set FLY_API_TOKEN=...`")
+        if not (self.app and self.image):
+            hints.append("Fly sets FLY_APP_NAME and FLY_IMAGE_REF on the app's own machines")
+        names = ", ".join(f"{var} (or {arg}=...)" for var, arg in missing)
+        raise BootError(f"FlyBackend needs {names}: {'; '.join(hints)}",
+                        reason=f"missing {', '.join(var for var, _ in missing)}")
+
+    async def boot(self, spec: RunnerSpec) -> FlyRunnerHandle:
+        self.require_settings()
+        machine = await self.request("POST", f"/v1/apps/{self.app}/machines", json=self.machine_request(spec),
+                                     retry_on=RETRY_CREATE)
+        try:
+            return FlyRunnerHandle(self, spec, machine)
+        except BaseException:
+            await asyncio.shield(self._destroy(machine.get("id", "")))
+            raise
+
+    async def aclose(self) -> None:
+        clients, self._api_client, self._runner_client = (self._api_client, self._runner_client), None, None
+        for client in clients:
+            if client is not None:
+                await client.aclose()
+
+    def __repr__(self) -> str:
+        gpu = f", gpus={self.gpus}x{self.gpu_kind}" if self.gpu_kind else ""
+        return (f"FlyBackend(app={self.app!r}, image={self.image!r}, region={self.region!r}, "
+                f"guest={self.cpu_kind}-{self.cpus}x/{self.memory_mb}MB{gpu})")
+
+    # -- what a machine is asked to be --------------------------------------------------
+    def machine_request(self, spec: RunnerSpec) -> dict[str, Any]:
+        """The body of the create request for ``spec``'s runner."""
+        env = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
+        env.update(self.env)
+        env.update(spec.env)
+        guest: dict[str, Any] = {"cpu_kind": self.cpu_kind, "cpus": self.cpus, "memory_mb": self.memory_mb}
+        if self.gpu_kind:
+            guest.update(gpu_kind=self.gpu_kind, gpus=self.gpus or 1)
+        metadata = {"flame_pool": spec.pool, "flame_runner_id": spec.runner_id}
+        if os.environ.get("FLY_MACHINE_ID"):
+            metadata["flame_parent_machine"] = os.environ["FLY_MACHINE_ID"]
+        config: dict[str, Any] = {"image": self.image, "env": env, "guest": guest, "auto_destroy": True,
+                                  "restart": {"policy": "no"}, "metadata": metadata}
+        cmd = self.command(spec)
+        if cmd:
+            config["init"] = {"cmd": cmd}
+        body: dict[str, Any] = {"name": _machine_name(spec.runner_id), "config": config}
+        if self.region:
+            body["region"] = self.region
+        return body
+
+    def command(self, spec: RunnerSpec) -> list[str]:
+        if self.cmd is not None:
+            return list(self.cmd)
+        # Same image, same interpreter path; another image gets the `python` on its PATH.
+        python = sys.executable if self.image == os.environ.get("FLY_IMAGE_REF") else "python"
+        return [python, "-m", "uvicorn", self.app_import(), "--host", "::", "--port", str(self.port),
+                "--lifespan", "on", "--log-level", self.log_level, "--no-access-log",
+                "--ws-max-size", str(spec.info.max_payload + 64 * 1024), "--ws-per-message-deflate", "false",
+                "--timeout-graceful-shutdown", str(max(1, math.ceil(self.stop_timeout)))]
+
+    def runner_url(self, machine: Mapping[str, Any]) -> str:
+        """The base URL of the runner on ``machine`` (IPv6 literals bracketed)."""
+        if callable(self.runner_host):
+            host = self.runner_host(machine)
+        else:
+            fields = {key: machine.get(key) or "" for key in HOST_FIELDS}
+            host = self.runner_host.format(**{**fields, "app": self.app})
+        if not host:
+            raise BootError(f"Fly machine {machine.get('id')} has no address to reach it by (runner_host="
+                            f"{self.runner_host!r}, private_ip={machine.get('private_ip')!r})", reason="no address")
+        try:
+            if ipaddress.ip_address(host).version == 6:
+                host = f"[{host}]"
+        except ValueError:
+            pass  # a host name
+        return f"http://{host}:{self.port}"
+
+    # -- the API --------------------------------------------------------------------------
+    async def request(self, method: str, path: str, *, json: Any = None, params: Mapping[str, Any] | None = None,
+                      retry_on: frozenset[int] = frozenset({429}), timeout: float = 15.0) -> Any:
+        """One Machines API call, retried with backoff on ``retry_on`` and failed connects."""
+        if self._api_client is None:
+            self._api_client = httpx.AsyncClient(base_url=self.api_url, headers={
+                "Authorization": _authorization(self.token), "User-Agent": "flame_asgi"})
+        for attempt in range(self.max_retries + 1):
+            last = attempt == self.max_retries
+            try:
+                response = await self._api_client.request(method, path, json=json, params=params, timeout=timeout)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                if last:
+                    raise BootError(f"could not reach the Fly Machines API at {self.api_url}: {exc!r}",
+                                    reason=repr(exc)) from None
+                await asyncio.sleep(_backoff(attempt, None))
+                continue
+            except httpx.HTTPError as exc:
+                raise BootError(f"Fly Machines API: {method} {path} failed: {exc!r}", reason=repr(exc)) from None
+            if response.status_code < 400:
+                try:
+                    return response.json() if response.content else {}
+                except ValueError:
+                    raise BootError(f"Fly Machines API: {method} {path} answered {response.status_code} with "
+                                    f"a body that is not JSON: {response.text[:200]!r}", reason="bad response") from None
+            if response.status_code in retry_on and not last:
+                log.info("Fly Machines API: %s %s answered %s; retrying", method, path, response.status_code)
+                await asyncio.sleep(_backoff(attempt, response.headers.get("retry-after")))
+                continue
+            raise self._error(method, path, response, attempt + 1)
+        raise AssertionError("unreachable")
+
+    def _error(self, method: str, path: str, response: httpx.Response, attempts: int) -> FlyAPIError:
+        status = response.status_code
+        try:
+            body = response.json()
+            detail = str(body.get("error") or body) if isinstance(body, dict) else str(body)
+        except ValueError:
+            detail = response.text[:500] or response.reason_phrase
+        if status in (401, 403):
+            message = (f"the Fly Machines API refused the token (HTTP {status}: {detail}); check FLY_API_TOKEN "
+                       "(or token=...): it needs access to the app")
+        elif status == 404 and path == f"/v1/apps/{self.app}/machines":
+            message = f"Fly app {self.app!r} not found (HTTP 404: {detail}); check FLY_APP_NAME (or app=...)"
+        else:
+            tries = f" after {attempts} attempts" if attempts > 1 else ""
+            message = f"Fly Machines API: {method} {path} answered HTTP {status}{tries}: {detail}"
+        return FlyAPIError(message, status=status, detail=detail)
+
+    def runner_client(self) -> httpx.AsyncClient:
+        if self._runner_client is None:
+            # No proxies from the environment: runners live on the private network.
+            self._runner_client = httpx.AsyncClient(trust_env=False, timeout=2.0)
+        return self._runner_client
+
+    async def _destroy(self, machine_id: str) -> None:
+        try:
+            await self.request("DELETE", f"/v1/apps/{self.app}/machines/{machine_id}", params={"force": "true"})
+        except FlyAPIError as exc:
+            if exc.status != 404:  # 404: it destroyed itself already (auto_destroy)
+                log.warning("could not destroy Fly machine %s: %s", machine_id, exc)
+        except BootError as exc:
+            log.warning("could not destroy Fly machine %s: %s", machine_id, exc)
+
+
+class FlyRunnerHandle(RunnerHandle):
+    def __init__(self, backend: FlyBackend, spec: RunnerSpec, machine: Mapping[str, Any]) -> None:
+        self.backend = backend
+        self.spec = spec
+        self.machine_id: str = machine["id"]
+        self.instance_id: str | None = machine.get("instance_id")
+        self.path = f"/v1/apps/{backend.app}/machines/{self.machine_id}"
+        self.url = backend.runner_url(machine)
+        self._stopped = False
+
+    async def connect(self, timeout: float | None) -> Channel:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        await self._wait_started(deadline, timeout)
+        await self._wait_healthy(deadline, timeout)
+        left = None if deadline is None else max(0.5, deadline - loop.time())
+        return await connect_websocket(self.url, left, self.spec.info.max_payload)
+
+    async def _wait_started(self, deadline: float | None, timeout: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                raise BootError(f"Fly machine {self.machine_id} did not start within {timeout:g} s",
+                                reason="boot timeout")
+            wait = 60 if left is None else max(1, min(60, math.ceil(left)))  # the API waits 60 s at most
+            params = {"state": "started", "timeout": wait, **({"instance_id": self.instance_id}
+                                                              if self.instance_id else {})}
+            try:
+                await self.backend.request("GET", f"{self.path}/wait", params=params, timeout=wait + 10)
+                return
+            except FlyAPIError as exc:
+                if exc.status != 408:  # 408: still not started, wait again
+                    raise await self._failed(f"did not start ({exc.detail})") from None
+
+    async def _wait_healthy(self, deadline: float | None, timeout: float | None) -> None:
+        # "started" means the machine's command runs, not that the app listens: poll until it does.
+        loop = asyncio.get_running_loop()
+        client = self.backend.runner_client()
+        delay, next_check = 0.05, loop.time() + 1.0
+        while True:
+            try:
+                response = await client.get(f"{self.url}/_flame/health")
+            except httpx.TransportError:
+                response = None
+            if response is not None:
+                self._check_health(response)
+                return
+            if loop.time() >= next_check:  # a runner that crashed while booting: say so, do not time out
+                machine = await self._machine()
+                if machine is not None and machine.get("state") in DOWN_STATES:
+                    raise await self._failed("stopped before its runner answered", machine)
+                next_check = loop.time() + 1.0
+            if deadline is not None and loop.time() + delay >= deadline:
+                raise BootError(f"the runner on Fly machine {self.machine_id} did not answer at {self.url} within "
+                                f"{timeout:g} s; does it listen on [::]:{self.backend.port}? see `fly logs -a "
+                                f"{self.backend.app} -i {self.machine_id}`", reason="runner unreachable")
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
+
+    def _check_health(self, response: httpx.Response) -> None:
+        try:
+            runner_id = response.json().get("runner_id") if response.status_code == 200 else None
+        except (ValueError, AttributeError):
+            runner_id = None
+        if runner_id == self.spec.runner_id:
+            return
+        if runner_id is None:
+            raise BootError(f"{self.url}/_flame/health on Fly machine {self.machine_id} answered HTTP "
+                            f"{response.status_code}: does the machine's command serve this flame_asgi app? "
+                            f"(cmd={self.backend.command(self.spec)})", reason=f"HTTP {response.status_code}")
+        raise BootError(f"{self.url} answers as runner {runner_id!r}, not {self.spec.runner_id!r}: runner_host maps "
+                        "machines to the wrong address", reason="wrong runner")
+
+    async def _machine(self) -> dict[str, Any] | None:
+        try:
+            machine = await self.backend.request("GET", self.path, timeout=5.0)
+        except BootError:
+            return None
+        return machine if isinstance(machine, dict) else None
+
+    async def _failed(self, what: str, machine: Mapping[str, Any] | None = None) -> BootError:
+        machine = machine or await self._machine()
+        why = describe_machine(machine) if machine else f"Fly machine {self.machine_id}"
+        return BootError(f"Fly machine {self.machine_id} {what}: {why}; see `fly logs -a {self.backend.app} "
+                         f"-i {self.machine_id}`", reason=why)
+
+    async def stop(self, timeout: float) -> None:
+        """Stop the machine (SIGTERM, SIGKILL after ``timeout``), then destroy it."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = max(1, math.ceil(timeout))
+        try:
+            await self.backend.request("POST", f"{self.path}/stop", json={"signal": "SIGTERM", "timeout": f"{grace}s"})
+            await self.backend.request("GET", f"{self.path}/wait", timeout=grace + 10, params={
+                "state": "stopped", "instance_id": self.instance_id or "", "timeout": grace})
+        except BootError as exc:  # already stopped, or destroyed by auto_destroy: nothing to wait for
+            log.debug("stopping Fly machine %s: %s", self.machine_id, exc)
+        await self.backend._destroy(self.machine_id)
+
+    async def exit_reason(self) -> str | None:
+        if self._stopped:
+            return None
+        machine = await self._machine()
+        return describe_machine(machine) if machine else None
+
+
+def describe_machine(machine: Mapping[str, Any]) -> str:
+    """How a machine ended, from its state and latest exit event (OOM, signal, exit code)."""
+    name = f"Fly machine {machine.get('id')}"
+    state = machine.get("state") or "unknown"
+    for event in machine.get("events") or ():  # newest first
+        if event.get("type") != "exit":
+            continue
+        request = event.get("request") or {}
+        exit_event = request.get("exit_event") or (request.get("MonitorEvent") or {}).get("exit_event") or {}
+        if exit_event.get("oom_killed"):
+            return f"{name} was killed: out of memory (raise memory_mb)"
+        if exit_event.get("signal"):
+            return f"{name} was killed by signal {exit_event['signal']}"
+        return f"{name} exited with code {exit_event.get('exit_code', 0)} ({state})"
+    if state == "started":
+        return f"{name} is still started: its runner became unreachable"
+    return f"{name} is {state}"
+
+
+def _authorization(token: str) -> str:
+    # Deploy tokens are macaroons ("FlyV1 fm2_..."); older tokens are bearer tokens.
+    if token.startswith(("FlyV1 ", "Bearer ")):
+        return token
+    if token.startswith(("fm1r_", "fm1a_", "fm2_")):
+        return f"FlyV1 {token}"
+    return f"Bearer {token}"
+
+
+def _backoff(attempt: int, retry_after: str | None) -> float:
+    if retry_after:
+        try:
+            return min(10.0, max(0.0, float(retry_after)))
+        except ValueError:
+            pass
+    return min(2.0, 0.1 * 2**attempt) * random.uniform(0.75, 1.25)
+
+
+def _machine_name(runner_id: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", f"flame-{runner_id}".lower()).strip("-")[:63]
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} must be an integer") from None

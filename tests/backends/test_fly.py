@@ -1,0 +1,210 @@
+"""FlyBackend against a fake Fly Machines API whose machines are local processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from flame_asgi import BootError, FlamePool, RunnerLost
+from flame_asgi._parent import ParentInfo
+from flame_asgi.backends._base import RunnerSpec
+from flame_asgi.backends.fly import FlyBackend
+
+try:
+    from .fly_fake import FakeFly
+except ImportError:  # tests/ is not a package: pytest put this folder on sys.path
+    from fly_fake import FakeFly  # type: ignore[no-redef]
+
+with warnings.catch_warnings():  # until "fly" is registered in pyproject's markers
+    warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)
+    pytestmark = pytest.mark.fly
+
+IMAGE = "registry.fly.io/flame-test:deployment-01J0000000000000000000000"
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeFly]:
+    with FakeFly() as fake:
+        yield fake
+
+
+def fly(fake: FakeFly, **options: Any) -> FlyBackend:
+    options = {"token": fake.token, "app": fake.app, "image": IMAGE, "api_url": fake.url,
+               "runner_host": fake.reachable_host, "port": _free_port(), **options}
+    return FlyBackend(**options)
+
+
+def _free_port() -> int:
+    # Free on every address: each machine listens on its own 127.0.0.N with this port.
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
+
+
+def assert_no_machine_left(fake: FakeFly) -> None:
+    for machine in fake.machines():
+        assert machine["state"] == "destroyed", machine["id"]
+        if machine["pid"] is not None:
+            assert machine["returncode"] is not None
+            with pytest.raises(ProcessLookupError):
+                os.kill(machine["pid"], 0)  # exited and reaped: not even a zombie
+
+
+def _environ() -> dict[str, str]:
+    return dict(os.environ)
+
+
+def _machine_id() -> str:
+    return os.environ["FLY_MACHINE_ID"]
+
+
+def _count(n: int) -> Iterator[int]:
+    yield from range(n)
+
+
+def _slow_machine_id(seconds: float) -> str:
+    time.sleep(seconds)
+    return os.environ["FLY_MACHINE_ID"]
+
+
+def _die() -> None:
+    os._exit(3)
+
+
+async def test_missing_settings_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("FLY_API_TOKEN", "FLY_APP_NAME", "FLY_IMAGE_REF"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(BootError, match=r"FLY_API_TOKEN \(or token=\.\.\.\)") as info:
+        async with FlamePool("fly", backend=FlyBackend(app="flame-test", image=IMAGE)):
+            pass
+    assert info.value.reason == "missing FLY_API_TOKEN"
+    with pytest.raises(BootError, match="FLY_APP_NAME.*FLY_IMAGE_REF"):
+        async with FlamePool("fly", backend=FlyBackend(token="t")):
+            pass
+    monkeypatch.setenv("FLY_APP_NAME", "from-env")
+    assert FlyBackend().app == "from-env"
+    with pytest.raises(ValueError, match="memory_mb"):
+        FlyBackend(memory_mb=1000)
+    with pytest.raises(ValueError, match="unknown field"):
+        FlyBackend(runner_host="{machine_id}.vm.internal")
+
+
+async def test_a_wrong_token_is_a_clear_boot_error(fake: FakeFly) -> None:
+    with pytest.raises(BootError, match="refused the token"):
+        async with FlamePool("fly", backend=fly(fake, token="wrong"), min=1):
+            pass
+    with pytest.raises(BootError, match="Fly app 'nope' not found"):
+        async with FlamePool("fly", backend=fly(fake, app="nope"), min=1):
+            pass
+
+
+async def test_call_and_stream_run_on_a_machine(fake: FakeFly) -> None:
+    async with FlamePool("fly", backend=fly(fake, region="ams", cpus=2, memory_mb=4096), boot_timeout=10) as pool:
+        machine_id = await pool.call(_machine_id)
+        assert [x async for x in pool.stream(_count, 4)] == [0, 1, 2, 3]
+        [runner] = pool.stats().runners
+        assert runner.url is not None and runner.url.startswith("http://127.0.")
+    [machine] = fake.machines()
+    assert machine["id"] == machine_id
+    body = fake.bodies[0]
+    assert body["region"] == "ams"
+    config = body["config"]
+    assert config["image"] == IMAGE
+    assert config["auto_destroy"] is True
+    assert config["restart"] == {"policy": "no"}
+    assert config["guest"] == {"cpu_kind": "performance", "cpus": 2, "memory_mb": 4096}
+    assert config["init"]["cmd"][:4] == ["python", "-m", "uvicorn", "flame_asgi._bare:app"]
+    assert config["init"]["cmd"][4:6] == ["--host", "::"]
+    assert_no_machine_left(fake)
+
+
+async def test_runner_gets_flame_env_not_the_parents(fake: FakeFly, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PARENT_ONLY_SECRET", "do-not-leak")
+    async with FlamePool("fly", backend=fly(fake, env={"EXTRA": "1"})) as pool:
+        env = await pool.call(_environ)
+    assert env["FLAME_PARENT"] and env["FLAME_SECRET"]
+    assert env["EXTRA"] == "1"
+    assert env["FLY_MACHINE_ID"] == fake.machines()[0]["id"]
+    assert "PARENT_ONLY_SECRET" not in env
+    assert_no_machine_left(fake)
+
+
+async def test_grows_to_max_two_then_idles_down(fake: FakeFly) -> None:
+    async with FlamePool("fly", backend=fly(fake), max=2, max_concurrency=1, idle_shutdown_after=0.5) as pool:
+        ids = await asyncio.gather(*(pool.call(_slow_machine_id, 0.5) for _ in range(3)))
+        assert len(set(ids)) == 2 and len(fake.machines()) == 2
+        for _ in range(100):
+            if not pool.stats().runners and all(m["state"] == "destroyed" for m in fake.machines()):
+                break
+            await asyncio.sleep(0.05)
+        assert pool.stats().runners == []
+        assert_no_machine_left(fake)
+
+
+async def test_creates_are_retried_on_429_and_409(fake: FakeFly) -> None:
+    fake.fail_next("create", 429, times=2, error="rate limit exceeded", retry_after="0")
+    fake.fail_next("create", 409, error="insufficient resources available to fulfill request")
+    async with FlamePool("fly", backend=fly(fake)) as pool:
+        assert await pool.call(sum, [1, 2]) == 3
+    assert fake.count("POST") == 4
+    assert_no_machine_left(fake)
+
+
+async def test_a_persistent_422_is_a_boot_error_with_the_api_message(fake: FakeFly) -> None:
+    fake.fail_next("create", 422, times=10, error="insufficient CPUs available in region ams")
+    with pytest.raises(BootError, match="HTTP 422 after 3 attempts: insufficient CPUs available in region ams"):
+        async with FlamePool("fly", backend=fly(fake, max_retries=2), min=1):
+            pass
+    assert fake.count("POST") == 3
+    assert fake.machines() == []
+
+
+async def test_a_runner_that_dies_while_booting_is_reported_not_timed_out(fake: FakeFly) -> None:
+    backend = fly(fake, cmd=["python", "-c", "import sys; sys.exit(3)"])
+    started = time.monotonic()
+    with pytest.raises(BootError, match="exited with code 3"):
+        async with FlamePool("fly", backend=backend, min=1, boot_timeout=20):
+            pass
+    assert time.monotonic() - started < 5
+    assert_no_machine_left(fake)
+
+
+async def test_a_runner_lost_mid_call_fails_the_call_and_is_replaced(fake: FakeFly) -> None:
+    async with FlamePool("fly", backend=fly(fake)) as pool:
+        with pytest.raises(RunnerLost):
+            await pool.call(_die)
+        assert await pool.call(sum, [2, 3]) == 5
+    assert len(fake.machines()) == 2
+    assert_no_machine_left(fake)
+
+
+def _spec(max_payload: int = 1024) -> RunnerSpec:
+    info = ParentInfo(pool="thumbs", runner_id="thumbs-1-abc123", parent_address="p", backend="fly",
+                      code_version="v", app="app:app", max_payload=max_payload)
+    return RunnerSpec(pool="thumbs", runner_id="thumbs-1-abc123", info=info, app="app:app", boot_timeout=30,
+                      secret="s3cret")
+
+
+def test_machine_request_and_runner_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLAME_CODE_VERSION", "git-abc")
+    monkeypatch.setenv("PARENT_ONLY_SECRET", "x")
+    backend = FlyBackend(token="t", app="my-app", image="img", gpu_kind="a100-pcie-40gb", memory_mb=8192,
+                         app_import="app:app")
+    body = backend.machine_request(_spec())
+    assert body["name"] == "flame-thumbs-1-abc123"
+    env = body["config"]["env"]
+    assert env["FLAME_CODE_VERSION"] == "git-abc" and env["FLAME_SECRET"] == "s3cret" and "FLAME_PARENT" in env
+    assert "PARENT_ONLY_SECRET" not in env
+    assert body["config"]["guest"]["gpu_kind"] == "a100-pcie-40gb" and body["config"]["guest"]["gpus"] == 1
+    machine = {"id": "3d8d413b29d089", "private_ip": "fdaa:0:1:a7b:1::2"}
+    assert backend.runner_url(machine) == "http://[fdaa:0:1:a7b:1::2]:8080"
+    internal = FlyBackend(token="t", app="my-app", image="img", runner_host="{id}.vm.{app}.internal", port=9000)
+    assert internal.runner_url(machine) == "http://3d8d413b29d089.vm.my-app.internal:9000"
+    assert "token" not in repr(backend) and "'t'" not in repr(backend)

@@ -1,0 +1,194 @@
+"""The channel refuses unsigned, forged, tampered, expired and replayed messages before
+unpickling anything, both in the codec and on a real runner process."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import pathlib
+import pickle
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+from websockets.asyncio.client import connect
+
+from flame_asgi import FlamePool, ParentInfo, PayloadTooLarge, ProcessBackend, ProtocolError
+from flame_asgi._codec import TO_PARENT, TO_RUNNER, FrameOpener, FrameSealer, _Signer, make_signer
+from flame_asgi._parent import code_version
+from flame_asgi.backends import RunnerSpec
+from flame_asgi.backends.process import ProcessRunnerHandle
+from tests import remote
+
+SECRET = "test-secret-" + "x" * 20
+
+
+class Evil:
+    """Unpickling this creates a file: proof that bytes reached the unpickler."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> Any:
+        return (pathlib.Path(self.path).touch, ())
+
+
+class OldSigner(_Signer):
+    def get_timestamp(self) -> int:
+        return int(time.time()) - 3600
+
+
+def test_codec_refuses_bad_frames_before_unpickling(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    evil = pickle.dumps(Evil(str(tmp_path / "pwned")))
+    signer = make_signer(SECRET.encode(), "r1", TO_RUNNER)
+
+    def opener() -> FrameOpener:
+        return FrameOpener(signer, 1 << 20)
+
+    good = FrameSealer(signer, "session", 1 << 20)
+    hello = good.seal("hello", runner="r1")
+    call = good.seal("call", 1, evil)
+    cases = {
+        "unsigned": [evil],
+        "garbage header": [b"\x00\x00\x00\x05hello" + evil],
+        "wrong key": [FrameSealer(make_signer(b"other", "r1", TO_RUNNER), "session", 1 << 20).seal("hello")],
+        "other runner": [FrameSealer(make_signer(SECRET.encode(), "r2", TO_RUNNER), "session", 1 << 20).seal("hello")],
+        "wrong direction": [FrameSealer(make_signer(SECRET.encode(), "r1", TO_PARENT), "session", 1 << 20).seal("hello")],
+        "expired": [FrameSealer(OldSigner(SECRET.encode(), "flame-asgi:r1:to-runner"), "s", 1 << 20).seal("hello")],
+        "tampered payload": [hello, call[:-1] + bytes([call[-1] ^ 1])],
+        "replayed": [hello, call, call],
+        "call before hello": [call],
+    }
+    loaded: list[Any] = []
+    monkeypatch.setattr("flame_asgi._pickling.pickle.loads", lambda data: loaded.append(data))
+    for name, frames in cases.items():
+        o = opener()
+        with pytest.raises(ProtocolError):
+            for frame in frames:
+                f = o.open(frame)
+                if f.type == "call" and name != "replayed":
+                    pytest.fail(f"{name}: a bad call frame was accepted")
+        assert loaded == [], name
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_oversized_messages_are_refused_on_both_sides() -> None:
+    signer = make_signer(SECRET.encode(), "r1", TO_RUNNER)
+    with pytest.raises(PayloadTooLarge, match="FLAME_MAX_PAYLOAD"):
+        FrameSealer(signer, "s", 100).seal("call", 1, b"x" * 101)
+    big = FrameSealer(signer, "s", 1000).seal("hello", 0, b"x" * 500)
+    with pytest.raises(PayloadTooLarge):
+        FrameOpener(signer, 100).open(big)
+
+
+def test_secret_never_appears_in_reprs() -> None:
+    info = ParentInfo(pool="p", runner_id="r", parent_address="a", backend="process", code_version="v", app="a:b")
+    spec = RunnerSpec(pool="p", runner_id="r", info=info, app=None, boot_timeout=1, secret=SECRET)
+    assert SECRET not in repr(spec) and SECRET not in info.encode()
+
+
+@pytest.fixture
+async def runner(tmp_path: pathlib.Path) -> AsyncIterator[tuple[str, ProcessRunnerHandle]]:
+    """A real runner process (uvicorn, runner mode) whose key the test knows."""
+    app = "flame_asgi._bare:app"
+    info = ParentInfo(pool="sec", runner_id="sec-1", parent_address="test", backend="process",
+                      code_version=code_version(app), app=app, failsafe_timeout=30)
+    spec = RunnerSpec(pool="sec", runner_id="sec-1", info=info, app=app, boot_timeout=20, secret=SECRET)
+    handle = await ProcessBackend().boot(spec)
+    try:
+        async with httpx.AsyncClient() as client:
+            for _ in range(200):
+                try:
+                    await client.get(f"{handle.url}/_flame/health")
+                    break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.05)
+        yield info.code_version, handle
+    finally:
+        await handle.stop(5)
+
+
+async def _session(url: str, frames: list[bytes]) -> str:
+    """Send frames on a fresh connection; return how the runner answered (or closed)."""
+    try:
+        ws = await connect(url.replace("http", "ws") + "/_flame/ws", compression=None)
+    except websockets.InvalidStatus as exc:
+        return f"refused {exc.response.status_code}"
+    async with ws:
+        for frame in frames:
+            await ws.send(frame)
+        try:
+            reply = await asyncio.wait_for(ws.recv(), 3)
+            return f"reply {len(reply)} bytes"
+        except websockets.ConnectionClosed as exc:
+            return f"closed {exc.rcvd.code if exc.rcvd else ''}"
+
+
+async def test_runner_refuses_unsigned_forged_and_expired_hellos(runner: tuple[str, ProcessRunnerHandle],
+                                                                 tmp_path: pathlib.Path) -> None:
+    version, handle = runner
+    assert handle.url is not None
+    evil = pickle.dumps(Evil(str(tmp_path / "pwned")))
+    forged = FrameSealer(make_signer(b"guessed-key", "sec-1", TO_RUNNER), "s", 1 << 20)
+    expired = FrameSealer(OldSigner(SECRET.encode(), "flame-asgi:sec-1:to-runner"), "s", 1 << 20)
+    for frames in ([evil], [forged.seal("hello", runner="sec-1", v=version), forged.seal("call", 1, evil)],
+                   [expired.seal("hello", runner="sec-1", v=version)]):
+        assert (await _session(handle.url, frames)).startswith("closed")
+    assert not (tmp_path / "pwned").exists()
+    health = httpx.get(f"{handle.url}/_flame/health").json()
+    assert health["attached"] is False  # refused strangers did not take the parent's place
+    assert httpx.get(f"{handle.url}/").status_code == 404  # runner mode: no web routes
+
+
+async def test_runner_refuses_tampered_and_replayed_calls(runner: tuple[str, ProcessRunnerHandle],
+                                                          tmp_path: pathlib.Path) -> None:
+    version, handle = runner
+    assert handle.url is not None
+    marker = tmp_path / "pwned"
+    sealer = FrameSealer(make_signer(SECRET.encode(), "sec-1", TO_RUNNER), "session-1", 1 << 20)
+    ws = await connect(handle.url.replace("http", "ws") + "/_flame/ws", compression=None)
+    await ws.send(sealer.seal("hello", runner="sec-1", v=version))
+    assert await ws.recv()  # ready: this connection is the runner's parent now
+    call = sealer.seal("call", 1, pickle.dumps(Evil(str(marker))))
+    await ws.send(call)
+    for _ in range(100):  # the genuine call is unpickled (proving the payload is live)...
+        if marker.exists():
+            break
+        await asyncio.sleep(0.02)
+    assert marker.exists()
+    marker.unlink()
+    await ws.send(call)  # ...its replay is not
+    with pytest.raises(websockets.ConnectionClosed):
+        while True:
+            await asyncio.wait_for(ws.recv(), 5)
+    assert not marker.exists()
+    # A second would-be parent is refused: the runner had exactly one, and is now exiting.
+    await asyncio.wait_for(handle.proc.wait(), 15)
+
+
+async def test_runner_refuses_a_tampered_payload(runner: tuple[str, ProcessRunnerHandle], tmp_path: pathlib.Path) -> None:
+    version, handle = runner
+    assert handle.url is not None
+    sealer = FrameSealer(make_signer(SECRET.encode(), "sec-1", TO_RUNNER), "session-2", 1 << 20)
+    genuine = sealer.seal("call", 1, pickle.dumps(("fn", ())))
+    evil = pickle.dumps(Evil(str(tmp_path / "pwned")))
+    header_len = int.from_bytes(genuine[:4], "big")
+    tampered = genuine[: 4 + header_len] + evil  # signed header kept, payload swapped
+    hello = FrameSealer(make_signer(SECRET.encode(), "sec-1", TO_RUNNER), "session-2", 1 << 20).seal(
+        "hello", runner="sec-1", v=version)
+    assert (await _session(handle.url, [hello, tampered])).startswith(("reply", "closed"))
+    await asyncio.wait_for(handle.proc.wait(), 15)
+    assert not (tmp_path / "pwned").exists()
+    assert hashlib.sha256(evil).hexdigest() not in genuine.decode(errors="replace")
+
+
+async def test_a_second_parent_is_refused(tmp_path: pathlib.Path) -> None:
+    async with FlamePool("one-parent", backend=ProcessBackend()) as pool:
+        await pool.call(remote.works)
+        url = pool.stats().runners[0].url
+        assert url is not None
+        assert await _session(url, [b"anything"]) == "refused 403"
+        assert await pool.call(remote.works) == "works"  # the real parent is undisturbed
