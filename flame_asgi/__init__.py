@@ -28,14 +28,27 @@ from flame_asgi.backends import Backend, LocalBackend, ProcessBackend
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    # DockerBackend, FlyBackend, KubernetesBackend: loaded on first use (optional extras).
+    if name in ("DockerBackend", "FlyBackend", "KubernetesBackend"):
+        from flame_asgi import backends
+
+        return getattr(backends, name)
+    raise AttributeError(f"module 'flame_asgi' has no attribute {name!r}")
+
+
 __all__ = [
     "Backend",
     "BootError",
     "CallTimeout",
     "ChildHandle",
+    "DockerBackend",
     "FastAPI",
     "FlameError",
     "FlamePool",
+    "FlyBackend",
+    "KubernetesBackend",
     "LocalBackend",
     "ParentInfo",
     "PayloadTooLarge",

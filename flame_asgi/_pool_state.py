@@ -108,11 +108,12 @@ class PoolState(Generic[W]):
         surplus = len(live) + self.booting - self.min
         # Stop the longest-idle first, so the ones that keep working keep their warmth.
         idle = sorted((s for s in live if s.active == 0 and s.idle_since is not None),
-                      key=lambda s: s.idle_since or 0.0)
+                      key=lambda s: s.idle_since if s.idle_since is not None else 0.0)
         out = []
         for slots in idle:
             threshold = idle_after if surplus > 0 else min_idle_after
-            if threshold is not None and now - (slots.idle_since or now) >= threshold:
+            assert slots.idle_since is not None
+            if threshold is not None and now - slots.idle_since >= threshold:
                 out.append(slots.id)
                 slots.retired = True
                 surplus -= 1

@@ -8,7 +8,19 @@ from flame_asgi.backends._base import Backend, RunnerHandle, RunnerSpec
 from flame_asgi.backends.local import LocalBackend
 from flame_asgi.backends.process import ProcessBackend
 
-__all__ = ["Backend", "LocalBackend", "ProcessBackend", "RunnerHandle", "RunnerSpec", "backend_from_env"]
+__all__ = ["Backend", "DockerBackend", "FlyBackend", "KubernetesBackend", "LocalBackend", "ProcessBackend",
+           "RunnerHandle", "RunnerSpec", "backend_from_env"]
+
+_LAZY = {"DockerBackend": "docker", "FlyBackend": "fly", "KubernetesBackend": "kubernetes"}
+
+
+def __getattr__(name: str) -> object:
+    # Imported on first use: a backend's client library is only needed by those who use it.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"flame_asgi.backends.{_LAZY[name]}"), name)
+    raise AttributeError(name)
 
 
 def backend_from_env() -> Backend:
