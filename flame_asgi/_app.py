@@ -33,7 +33,7 @@ class FastAPI(fastapi.FastAPI):
         self.flame_pools: dict[str, FlamePool] = {}
         self._user_lifespan = _as_context_factory(lifespan)
         self._flame_started = False
-        super().__init__(*args, lifespan=self._flame_lifespan, **kwargs)
+        super().__init__(*args, lifespan=self._flame_lifespan, **kwargs)  # type: ignore[arg-type]
 
     def add_flame_pool(self, name: str, **pool_options: Any) -> FlamePool:
         """Register a pool that starts and stops with this app; see ``FlamePool`` for options."""

@@ -7,12 +7,11 @@ It knows nothing of signing: that is ``_codec``'s job, on top of any channel.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Protocol
-
-from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed
+from typing import Protocol
 
 from starlette.types import Receive, Send
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
 
 
 class ChannelClosed(Exception):
@@ -118,7 +117,7 @@ class ASGIWebSocketChannel:
 
     async def recv(self) -> bytes:
         while True:
-            message: dict[str, Any] = await self._receive()
+            message = await self._receive()
             if message["type"] == "websocket.disconnect":
                 self._closed = True
                 raise ChannelClosed(f"parent disconnected (code {message.get('code')})")

@@ -173,7 +173,7 @@ class RunnerConnection:
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         if self.closed is None:
-            task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+            task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
@@ -220,7 +220,7 @@ class RunnerConnection:
                 task.cancel()
         try:
             detail = await asyncio.wait_for(self._describe_loss(), 0.5)
-        except (asyncio.TimeoutError, Exception):
+        except (TimeoutError, Exception):
             detail = None
         why = f"{reason}; {detail}" if detail else reason
         error = RunnerLost(f"runner {self.runner_id} was lost: {why}", runner_id=self.runner_id, reason=why)

@@ -10,7 +10,7 @@ import traceback
 import types
 from typing import Any
 
-import cloudpickle
+import cloudpickle  # type: ignore[import-untyped]
 
 from flame_asgi._exceptions import RemoteError, SerializationError
 
@@ -18,7 +18,8 @@ from flame_asgi._exceptions import RemoteError, SerializationError
 def dumps(obj: Any, what: str) -> bytes:
     """Pickle ``obj``; on failure, raise SerializationError naming the object that failed."""
     try:
-        return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        data: bytes = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        return data
     except Exception as exc:  # pickling raises TypeError, PicklingError, AttributeError...
         culprit = _find_culprit(obj, what, depth=0, seen=set())
         path, bad, reason = culprit if culprit else (what, obj, exc)
@@ -53,7 +54,7 @@ def _children(obj: Any, path: str) -> list[tuple[str, Any]]:
     if isinstance(obj, types.FunctionType):
         name = obj.__qualname__
         out: list[tuple[str, Any]] = []
-        for var, cell in zip(obj.__code__.co_freevars, obj.__closure__ or ()):
+        for var, cell in zip(obj.__code__.co_freevars, obj.__closure__ or (), strict=False):
             try:
                 out.append((f"closure variable {var!r} of {name}()", cell.cell_contents))
             except ValueError:  # an empty cell
@@ -101,12 +102,14 @@ def pack_exception(exc: BaseException) -> bytes:
     """Pickle a remote exception with its traceback text; fall back to type name + text."""
     text = "".join(traceback.format_exception(exc))
     qualname = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    pickled: bytes | None
     try:
-        pickled: bytes | None = cloudpickle.dumps(exc.with_traceback(None))
+        pickled = cloudpickle.dumps(exc.with_traceback(None))
         pickle.loads(pickled)  # some exceptions pickle but cannot be rebuilt: test it here
     except Exception:
         pickled = None
-    return cloudpickle.dumps({"type": qualname, "message": str(exc), "traceback": text, "pickled": pickled})
+    data: bytes = cloudpickle.dumps({"type": qualname, "message": str(exc), "traceback": text, "pickled": pickled})
+    return data
 
 
 def unpack_exception(data: bytes | memoryview, runner_id: str) -> BaseException:

@@ -15,7 +15,7 @@ import itertools
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, TypeVar, TypeVarTuple
 
 from flame_asgi._child import ChildHandle
 from flame_asgi._codec import max_payload_from_env
@@ -29,7 +29,7 @@ from flame_asgi._stream import RemoteStream
 from flame_asgi.backends import Backend, RunnerHandle, RunnerSpec, backend_from_env
 
 log = logging.getLogger("flame_asgi.pool")
-P = ParamSpec("P")
+Ts = TypeVarTuple("Ts")
 T = TypeVar("T")
 Hook = Callable[..., Any]
 WINDOW = 32  # progress events / stream items in flight per call (back-pressure)
@@ -212,7 +212,7 @@ class FlamePool:
         return f"<FlamePool {self.name!r} {state} min={self.min} max={self.max}{live}>"
 
     # -- the public calls ---------------------------------------------------------------
-    async def call(self, fn: Callable[P, T] | Callable[P, Awaitable[T]], *args: P.args,
+    async def call(self, fn: Callable[[*Ts], T] | Callable[[*Ts], Awaitable[T]], *args: *Ts,
                    timeout: float | None = None, link: bool = True,
                    on_progress: Callable[[Any], Any] | None = None) -> T:
         """Run ``fn(*args)`` on a runner and return its result (see the module docs)."""
@@ -240,7 +240,7 @@ class FlamePool:
         finally:
             self._abandon(remote, link)
 
-    def cast(self, fn: Callable[P, Any], *args: P.args, link: bool = True) -> None:
+    def cast(self, fn: Callable[[*Ts], Any], *args: *Ts, link: bool = True) -> None:
         """Schedule ``fn(*args)`` on a runner and return at once; failures are logged."""
         payload = dumps((fn, args), f"the cast of {_name(fn)}")
         self._ensure_running()
@@ -265,13 +265,13 @@ class FlamePool:
             log.error("pool %r: cast of %s failed: %s", self.name, _name(fn), exc,
                       exc_info=exc if not isinstance(exc, FlameError) else None)
 
-    def stream(self, fn: Callable[P, Any], *args: P.args, timeout: float | None = None,
+    def stream(self, fn: Callable[[*Ts], Any], *args: *Ts, timeout: float | None = None,
                link: bool = True) -> RemoteStream:
         """Iterate (``async for``) over what generator ``fn(*args)`` yields on a runner."""
         payload = dumps((fn, args), f"the stream of {_name(fn)}")
         return RemoteStream(self, fn, payload, timeout, link)
 
-    async def place_child(self, fn: Callable[P, Any], *args: P.args, link: bool = True,
+    async def place_child(self, fn: Callable[[*Ts], Any], *args: *Ts, link: bool = True,
                           on_progress: Callable[[Any], Any] | None = None) -> ChildHandle:
         """Start long-running ``fn(*args)`` on a runner; it holds a slot until it ends."""
         payload = dumps((fn, args), f"the child {_name(fn)}")
@@ -363,7 +363,7 @@ class FlamePool:
             self._spawn(self._stop_runner(rid, "single_use" if self.single_use else "recycled"))
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
-        task = self.loop.create_task(coro)  # type: ignore[arg-type]
+        task: asyncio.Task[Any] = self.loop.create_task(coro)  # type: ignore[arg-type]
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task

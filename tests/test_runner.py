@@ -8,8 +8,7 @@ from typing import Any
 
 import pytest
 
-from flame_asgi import (Backend, BootError, CallTimeout, FlamePool, RemoteError,
-                        SerializationError)
+from flame_asgi import Backend, BootError, CallTimeout, FlamePool, RemoteError, SerializationError
 from flame_asgi.backends import RunnerHandle, RunnerSpec
 from tests import remote
 from tests.conftest import BackendFactory, until

@@ -9,7 +9,6 @@ channel, describe how the runner ended, and stop it.
 from __future__ import annotations
 
 import abc
-import asyncio
 import dataclasses
 from typing import Any, ClassVar
 
@@ -63,7 +62,7 @@ class Backend(abc.ABC):
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 10.0
 
-    def bind(self, pool: str, app: Any | None) -> None:
+    def bind(self, pool: str, app: Any | None) -> None:  # noqa: B027 - optional hook
         """Called once by the pool that owns this backend, with the app it serves (if any)."""
 
     def app_import(self) -> str | None:
@@ -74,7 +73,7 @@ class Backend(abc.ABC):
     async def boot(self, spec: RunnerSpec) -> RunnerHandle:
         """Start one runner. Raise BootError with the reason when the backend refuses."""
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release what the backend holds (clients, sockets). Runners are stopped first."""
 
 
@@ -98,6 +97,6 @@ async def connect_websocket(url: str, timeout: float | None, max_payload: int) -
             "app started with FLAME_PARENT set?",
             reason=f"HTTP {status}",
         ) from None
-    except (OSError, InvalidHandshake, asyncio.TimeoutError, TimeoutError) as exc:
+    except (OSError, InvalidHandshake, TimeoutError) as exc:
         raise BootError(f"could not reach the runner at {url}: {exc!r}", reason=repr(exc)) from None
     return WebSocketClientChannel(ws)

@@ -95,7 +95,7 @@ class ProcessBackend(Backend):
 class ProcessRunnerHandle(RunnerHandle):
     def __init__(self, proc: asyncio.subprocess.Process, url: str, spec: RunnerSpec, stop_timeout: float) -> None:
         self.proc = proc
-        self.url = url
+        self.url: str = url
         self.spec = spec
         self._stop_timeout = stop_timeout
         self._tail: collections.deque[str] = collections.deque(maxlen=40)
@@ -148,13 +148,13 @@ class ProcessRunnerHandle(RunnerHandle):
             _signal_group(self.proc.pid, signal.SIGTERM)
             try:
                 await asyncio.wait_for(self.proc.wait(), grace)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 _signal_group(self.proc.pid, signal.SIGKILL)
         await self.proc.wait()  # reap: no zombies
         _signal_group(self.proc.pid, signal.SIGKILL)  # anything the runner left behind in its group
         try:
             await asyncio.wait_for(self._stderr, 1.0)
-        except (asyncio.TimeoutError, asyncio.CancelledError):
+        except (TimeoutError, asyncio.CancelledError):
             self._stderr.cancel()
 
     async def exit_reason(self) -> str | None:
