@@ -219,7 +219,9 @@ class RunnerConnection:
             if task is not current:
                 task.cancel()
         try:
-            detail = await asyncio.wait_for(self._describe_loss(), 0.5)
+            # Long enough for a backend to ask its API how the runner ended; a process
+            # backend answers in milliseconds.
+            detail = await asyncio.wait_for(self._describe_loss(), 1.5)
         except (TimeoutError, Exception):
             detail = None
         why = f"{reason}; {detail}" if detail else reason

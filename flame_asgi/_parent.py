@@ -84,7 +84,6 @@ def parent_address() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-@functools.lru_cache(maxsize=32)
 def code_version(app_import: str) -> str:
     """Fingerprint of the source of flame_asgi and of the package that holds the app.
 
@@ -92,8 +91,11 @@ def code_version(app_import: str) -> str:
     deployments that name their builds and where hashing source files is not meaningful.
     """
     override = os.environ.get(ENV_CODE_VERSION)
-    if override:
-        return override
+    return override or _source_fingerprint(app_import)
+
+
+@functools.lru_cache(maxsize=32)
+def _source_fingerprint(app_import: str) -> str:
     digest = hashlib.sha256()
     _hash_tree(digest, pathlib.Path(__file__).parent)
     root = _package_root(app_import.partition(":")[0])

@@ -20,7 +20,7 @@ from typing import Any, TypeVar, TypeVarTuple
 from flame_asgi._child import ChildHandle
 from flame_asgi._codec import max_payload_from_env
 from flame_asgi._connection import RemoteCall, RunnerConnection
-from flame_asgi._exceptions import BootError, CallTimeout, FlameError, PoolClosed, RunnerLost
+from flame_asgi._exceptions import BootError, CallTimeout, FlameError, PoolClosed, RunnerLost, VersionSkew
 from flame_asgi._parent import ParentInfo, code_version, parent_address, runner_mode
 from flame_asgi._pickling import dumps, loads, unpack_exception
 from flame_asgi._pool_state import Decision, PoolState
@@ -297,7 +297,7 @@ class FlamePool:
             await asyncio.wait({fut}, timeout=wait)
         except asyncio.CancelledError:
             self._state.forget_waiter(fut)
-            if fut.done() and fut.result() is not None:
+            if fut.done() and fut.exception() is None and fut.result() is not None:
                 self._release(fut.result())  # type: ignore[arg-type]
             fut.cancel()
             raise
@@ -393,7 +393,10 @@ class FlamePool:
             log.warning("pool %r: %s", self.name, error)
             meta = {**meta, "count": len(self._runners) + self._state.booting}
             await _call_hook(self.on_grow_end, error, meta, swallow=True)
-            if self._running:
+            if isinstance(error, VersionSkew):
+                # Retrying cannot fix different code: every waiting caller gets the reason now.
+                self._fail_waiters(error)
+            elif self._running:
                 self._apply(decision)
             return error if isinstance(error, BootError) else BootError(str(error))
         self._runners[rid] = runner
@@ -402,6 +405,13 @@ class FlamePool:
         await _call_hook(self.on_grow_end, None, {**meta, "count": len(self._runners) + self._state.booting},
                          swallow=True)
         return None
+
+    def _fail_waiters(self, error: BaseException) -> None:
+        waiters = list(self._state.waiters)
+        self._state.waiters.clear()
+        for fut in waiters:
+            if not fut.done():
+                fut.set_exception(error)
 
     async def _start_runner(self, rid: str) -> _Runner:
         info = ParentInfo(

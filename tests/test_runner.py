@@ -180,3 +180,15 @@ async def test_async_and_sync_functions_and_closures(backend: BackendFactory) ->
         assert await pool.call(remote.square, 4) == 16
         assert await pool.call(scaled, 5) == 15
         assert await pool.call(lambda: factor * 2) == 6
+
+
+async def test_a_runner_built_from_other_code_is_refused_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flame_asgi import ProcessBackend, VersionSkew
+
+    monkeypatch.setenv("FLAME_CODE_VERSION", "build-2")
+    backend = ProcessBackend(env={"FLAME_CODE_VERSION": "build-1"})  # as if deployed from older code
+    async with FlamePool("skew", backend=backend, boot_timeout=20) as pool:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(VersionSkew, match="runs code version build-1 but its parent runs build-2"):
+            await pool.call(remote.works)
+        assert asyncio.get_running_loop().time() - started < 10  # not retried until the deadline

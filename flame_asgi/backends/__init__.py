@@ -30,6 +30,14 @@ def backend_from_env() -> Backend:
         return LocalBackend()
     if name == "process":
         return ProcessBackend(app=os.environ.get("FLAME_PROCESS_APP") or None)
+    if name == "fly":
+        from flame_asgi.backends.fly import FlyBackend
+
+        return FlyBackend()
+    if name == "docker":
+        from flame_asgi.backends.docker import DockerBackend
+
+        return DockerBackend()
     raise ValueError(
-        f"FLAME_BACKEND={name!r} is not a backend this version provides; use one of: local, process"
+        f"FLAME_BACKEND={name!r} is not a backend this version provides; use one of: local, process, docker, fly"
     )

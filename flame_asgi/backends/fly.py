@@ -255,8 +255,8 @@ class FlyBackend(Backend):
                 try:
                     return response.json() if response.content else {}
                 except ValueError:
-                    raise BootError(f"Fly Machines API: {method} {path} answered {response.status_code} with "
-                                    f"a body that is not JSON: {response.text[:200]!r}", reason="bad response") from None
+                    raise BootError(f"Fly Machines API: {method} {path} answered {response.status_code} with a "
+                                    f"body that is not JSON: {response.text[:200]!r}", reason="bad response") from None
             if response.status_code in retry_on and not last:
                 log.info("Fly Machines API: %s %s answered %s; retrying", method, path, response.status_code)
                 await asyncio.sleep(_backoff(attempt, response.headers.get("retry-after")))
@@ -298,6 +298,8 @@ class FlyBackend(Backend):
 
 
 class FlyRunnerHandle(RunnerHandle):
+    url: str
+
     def __init__(self, backend: FlyBackend, spec: RunnerSpec, machine: Mapping[str, Any]) -> None:
         self.backend = backend
         self.spec = spec
@@ -329,8 +331,11 @@ class FlyRunnerHandle(RunnerHandle):
                 await self.backend.request("GET", f"{self.path}/wait", params=params, timeout=wait + 10)
                 return
             except FlyAPIError as exc:
-                if exc.status != 408:  # 408: still not started, wait again
+                if exc.status != 408:
                     raise await self._failed(f"did not start ({exc.detail})") from None
+            machine = await self._machine()  # 408: not started yet; or started and gone already?
+            if machine is not None and machine.get("state") in DOWN_STATES:
+                raise await self._failed("stopped before its runner answered", machine)
 
     async def _wait_healthy(self, deadline: float | None, timeout: float | None) -> None:
         # "started" means the machine's command runs, not that the app listens: poll until it does.
@@ -355,7 +360,7 @@ class FlyRunnerHandle(RunnerHandle):
                                 f"{timeout:g} s; does it listen on [::]:{self.backend.port}? see `fly logs -a "
                                 f"{self.backend.app} -i {self.machine_id}`", reason="runner unreachable")
             await asyncio.sleep(delay)
-            delay = min(delay * 1.5, 0.5)
+            delay = min(delay * 1.3, 0.2)  # probes are cheap, a long gap between them is boot latency
 
     def _check_health(self, response: httpx.Response) -> None:
         try:
@@ -402,6 +407,14 @@ class FlyRunnerHandle(RunnerHandle):
         if self._stopped:
             return None
         machine = await self._machine()
+        if machine is not None and machine.get("state") == "started" and self.instance_id:
+            # The connection often drops before the API has seen the exit: give it a moment.
+            try:
+                await self.backend.request("GET", f"{self.path}/wait", timeout=0.25, params={
+                    "state": "stopped", "instance_id": self.instance_id, "timeout": 1})
+                machine = await self._machine() or machine
+            except BootError:
+                pass  # still running: unreachable rather than dead
         return describe_machine(machine) if machine else None
 
 
@@ -439,7 +452,7 @@ def _backoff(attempt: int, retry_after: str | None) -> float:
             return min(10.0, max(0.0, float(retry_after)))
         except ValueError:
             pass
-    return min(2.0, 0.1 * 2**attempt) * random.uniform(0.75, 1.25)
+    return min(2.0, 0.1 * 2.0**attempt) * random.uniform(0.75, 1.25)
 
 
 def _machine_name(runner_id: str) -> str:

@@ -68,6 +68,7 @@ class FakeMachine:
     watcher: asyncio.Task[None] | None = None
     output: collections.deque[str] = dataclasses.field(default_factory=lambda: collections.deque(maxlen=200))
     stop_requested: bool = False
+    oom_killed: bool = False
 
     def event(self, type_: str, status: str, source: str = "flyd", **request: Any) -> None:
         entry: dict[str, Any] = {"type": type_, "status": status, "source": source,
@@ -143,6 +144,10 @@ class FakeFly:
     def logs(self, machine_id: str) -> str:
         return self._call(self._logs(machine_id))
 
+    def oom_kill(self, machine_id: str) -> None:
+        """Kill the machine's process as the kernel's OOM killer would (SIGKILL, ``oom_killed``)."""
+        self._call(self._oom_kill(machine_id))
+
     def _call(self, coro: Awaitable[Any]) -> Any:
         assert self._loop is not None
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)  # type: ignore[arg-type]
@@ -156,6 +161,12 @@ class FakeFly:
 
     async def _logs(self, machine_id: str) -> str:
         return "\n".join(self._machines[machine_id].output)
+
+    async def _oom_kill(self, machine_id: str) -> None:
+        machine = self._machines[machine_id]
+        if machine.proc is not None and machine.proc.returncode is None:
+            machine.oom_killed = True
+            _killpg(machine.proc.pid, signal.SIGKILL)
 
     # -- the server thread -----------------------------------------------------------------
     def _run(self) -> None:
@@ -262,7 +273,7 @@ class FakeFly:
         async with self._changed:
             try:
                 await asyncio.wait_for(self._changed.wait_for(settled), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return _error(408, f"deadline_exceeded: machine did not reach {state}", "deadline_exceeded")
         if machine.state not in wanted:
             return _error(400, f"machine {machine.id} is {machine.state}; it will not reach {state}",
@@ -328,7 +339,7 @@ class FakeFly:
         _killpg(proc.pid, signal.SIGKILL)  # whatever it left in its group
         killed = -code if code < 0 else 0
         machine.event("exit", "stopped", exit_event={
-            "exit_code": 128 + killed if killed else code, "signal": killed, "oom_killed": False,
+            "exit_code": 128 + killed if killed else code, "signal": killed, "oom_killed": machine.oom_killed,
             "requested_stop": machine.stop_requested, "guest_exit_code": code if code >= 0 else 0})
         if machine.state == "destroyed":
             return

@@ -6,27 +6,31 @@ import asyncio
 import os
 import socket
 import time
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from flame_asgi import BootError, FlamePool, RunnerLost
+from flame_asgi import BootError, FlamePool, FlyBackend, RunnerLost
 from flame_asgi._parent import ParentInfo
 from flame_asgi.backends._base import RunnerSpec
-from flame_asgi.backends.fly import FlyBackend
+from flame_asgi.backends.fly import describe_machine
 
 try:
     from .fly_fake import FakeFly
 except ImportError:  # tests/ is not a package: pytest put this folder on sys.path
     from fly_fake import FakeFly  # type: ignore[no-redef]
 
-with warnings.catch_warnings():  # until "fly" is registered in pyproject's markers
-    warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)
-    pytestmark = pytest.mark.fly
+pytestmark = pytest.mark.fly
 
 IMAGE = "registry.fly.io/flame-test:deployment-01J0000000000000000000000"
+
+
+@pytest.fixture(autouse=True)
+def named_build(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Name the build as a deploy would: runners only match if the backend forwards the name."""
+    monkeypatch.setenv("FLAME_CODE_VERSION", "fly-test-build")
+    yield
 
 
 @pytest.fixture
@@ -85,7 +89,7 @@ async def test_missing_settings_are_named(monkeypatch: pytest.MonkeyPatch) -> No
         async with FlamePool("fly", backend=FlyBackend(app="flame-test", image=IMAGE)):
             pass
     assert info.value.reason == "missing FLY_API_TOKEN"
-    with pytest.raises(BootError, match="FLY_APP_NAME.*FLY_IMAGE_REF"):
+    with pytest.raises(BootError, match=r"FLY_APP_NAME.*FLY_IMAGE_REF"):
         async with FlamePool("fly", backend=FlyBackend(token="t")):
             pass
     monkeypatch.setenv("FLY_APP_NAME", "from-env")
@@ -178,10 +182,23 @@ async def test_a_runner_that_dies_while_booting_is_reported_not_timed_out(fake: 
 
 async def test_a_runner_lost_mid_call_fails_the_call_and_is_replaced(fake: FakeFly) -> None:
     async with FlamePool("fly", backend=fly(fake)) as pool:
-        with pytest.raises(RunnerLost):
+        with pytest.raises(RunnerLost, match=r"Fly machine \w+ (exited with code 3|is still started)"):
             await pool.call(_die)
         assert await pool.call(sum, [2, 3]) == 5
     assert len(fake.machines()) == 2
+    assert_no_machine_left(fake)
+
+
+async def test_an_out_of_memory_kill_is_named(fake: FakeFly) -> None:
+    async with FlamePool("fly", backend=fly(fake)) as pool:
+        machine_id = await pool.call(_machine_id)
+        call = asyncio.ensure_future(pool.call(time.sleep, 5))
+        await asyncio.sleep(0.2)
+        fake.oom_kill(machine_id)
+        with pytest.raises(RunnerLost, match=r"(out of memory|is still started)"):
+            await call
+    [machine] = fake.machines()
+    assert describe_machine(machine) == f"Fly machine {machine_id} was killed: out of memory (raise memory_mb)"
     assert_no_machine_left(fake)
 
 
