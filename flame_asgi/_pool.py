@@ -34,6 +34,7 @@ T = TypeVar("T")
 Hook = Callable[..., Any]
 WINDOW = 32  # progress events / stream items in flight per call (back-pressure)
 BOOT_RETRY_INTERVAL = 1.0
+MAX_BOOT_BACKOFF = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +128,7 @@ class FlamePool:
         self._stopping: set[str] = set()
         self._ids = itertools.count(1)
         self._last_attempt = -BOOT_RETRY_INTERVAL
+        self._boot_failures = 0
         self._running = False
         self._closed = False
         self._reaper: asyncio.Task[None] | None = None
@@ -370,9 +372,12 @@ class FlamePool:
 
     async def _boot_runner(self, count: int) -> BootError | None:
         """Boot one runner; ``count`` is the pool's size including it, for the hooks."""
-        delay = self._last_attempt + BOOT_RETRY_INTERVAL - self.loop.time()
+        # Failed boots are retried at most once a second, backing off to once every 30 s
+        # while they keep failing (a missing image does not appear by itself).
+        backoff = min(MAX_BOOT_BACKOFF, BOOT_RETRY_INTERVAL * 2 ** max(0, self._boot_failures - 1))
+        delay = self._last_attempt + backoff - self.loop.time()
         if self._state.last_boot_error is not None and delay > 0:
-            await asyncio.sleep(delay)  # failed boots are retried at most once a second
+            await asyncio.sleep(delay)
         self._last_attempt = self.loop.time()
         rid = f"{self.name}-{next(self._ids)}-{secrets.token_hex(3)}"
         meta = {"name": self.name, "count": count, "runner_id": rid}
@@ -388,6 +393,7 @@ class FlamePool:
             elif not isinstance(exc, (BootError, asyncio.CancelledError)):
                 error = BootError(f"booting runner {rid} failed: {exc!r}", reason=repr(exc))
             decision = self._state.boot_failed(error)
+            self._boot_failures += 1
             if isinstance(exc, asyncio.CancelledError):
                 raise
             log.warning("pool %r: %s", self.name, error)
@@ -400,6 +406,7 @@ class FlamePool:
                 self._apply(decision)
             return error if isinstance(error, BootError) else BootError(str(error))
         self._runners[rid] = runner
+        self._boot_failures = 0
         decision = self._state.boot_succeeded(rid, self.loop.time())
         self._apply(decision)
         await _call_hook(self.on_grow_end, None, {**meta, "count": len(self._runners) + self._state.booting},

@@ -37,7 +37,7 @@ def backend_from_env() -> Backend:
     if name == "docker":
         from flame_asgi.backends.docker import DockerBackend
 
-        return DockerBackend()
+        return DockerBackend.from_env()
     raise ValueError(
         f"FLAME_BACKEND={name!r} is not a backend this version provides; use one of: local, process, docker, fly"
     )

@@ -127,14 +127,26 @@ class DockerBackend(Backend):
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.id = secrets.token_hex(4)  # this backend's containers, among the process's
-        self._pool = ""
         self._docker: aiodocker.Docker | None = None
         self._lock = asyncio.Lock()
         self._exits: dict[str, _Exit] = {}
         self._events: asyncio.Task[None] | None = None
 
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> DockerBackend:
+        """The backend ``FLAME_BACKEND=docker`` builds, from ``FLAME_DOCKER_*`` variables."""
+        def get(key: str) -> str | None:
+            return environ.get(f"FLAME_DOCKER_{key}") or None
+
+        host_ip = environ.get("FLAME_DOCKER_HOST_IP", "127.0.0.1")
+        return cls(
+            get("IMAGE"), app=get("APP"), python=get("PYTHON") or "python",
+            cpus=float(get("CPUS") or 0) or None, memory=get("MEMORY"), network=get("NETWORK"),
+            binds=[b.strip() for b in (get("BINDS") or "").split(",") if b.strip()],
+            working_dir=get("WORKDIR"), host_ip=None if host_ip.lower() in ("", "none") else host_ip,
+        )
+
     def bind(self, pool: str, app: Any | None) -> None:
-        self._pool = pool
         if self._app is None and app is not None:
             self._app = find_import_string(app)
 
@@ -223,6 +235,7 @@ class DockerBackend(Backend):
         handle = DockerRunnerHandle(self, container, spec)
         try:
             await container.start()
+            handle.started = True
             handle.follow_logs()
             handle.url = await self._address(handle, port, host_mode)
         except BaseException as exc:
@@ -276,7 +289,7 @@ class DockerBackend(Backend):
         finally:
             if self._events is not None:
                 self._events.cancel()
-                with contextlib.suppress(BaseException):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
                     await self._events
             with contextlib.suppress(Exception):
                 await docker.events.stop()  # type: ignore[no-untyped-call]
@@ -304,7 +317,7 @@ class DockerRunnerHandle(RunnerHandle):
         self.exit = backend._exits.setdefault(container.id, _Exit())
         self._tail: collections.deque[str] = collections.deque(maxlen=40)
         self._logs: asyncio.Task[None] | None = None
-        self._stopped = False
+        self.started = self._stopped = False
 
     def follow_logs(self) -> None:
         self._logs = asyncio.get_running_loop().create_task(self._pump_logs())
@@ -353,7 +366,7 @@ class DockerRunnerHandle(RunnerHandle):
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.exit.event.wait(), 2.0)
         if self._logs is not None:
-            with contextlib.suppress(BaseException):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(asyncio.shield(self._logs), 0.5)  # the last lines
         why = self.describe() if self.exit.event.is_set() else (str(exc) if exc else "unknown")
         return BootError(f"{what} ({why}); its last output:\n{self.output_tail()}", reason=why)
@@ -368,11 +381,16 @@ class DockerRunnerHandle(RunnerHandle):
         return f"container {self.name} exited with code {code}"
 
     async def exit_reason(self) -> str | None:
-        try:
-            await asyncio.wait_for(self.exit.event.wait(), 2.0)
-        except TimeoutError:
-            return None  # still running: lost for another reason (network, hung app)
-        return self.describe()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.exit.event.wait(), 1.0)
+        if not self.exit.event.is_set():  # no event (yet): ask the Engine, before AutoRemove does
+            with contextlib.suppress(Exception):
+                state = (await self.container.show())["State"]
+                if state["Running"]:
+                    return None  # lost for another reason: network, a hung app
+                self.exit.code, self.exit.oom = state["ExitCode"], self.exit.oom or state["OOMKilled"]
+                self.exit.event.set()
+        return self.describe() if self.exit.event.is_set() else None
 
     async def stop(self, timeout: float) -> None:
         if self._stopped:
@@ -380,6 +398,8 @@ class DockerRunnerHandle(RunnerHandle):
         self._stopped = True
         try:
             async with asyncio.timeout(timeout + 10.0):
+                if not self.started:
+                    raise TimeoutError  # created, never started: no AutoRemove, delete it below
                 if not self.exit.event.is_set():
                     with contextlib.suppress(Exception):  # 304 stopped, 404 gone: both fine
                         await self.container.stop(t=max(0, math.ceil(timeout)))
@@ -389,8 +409,6 @@ class DockerRunnerHandle(RunnerHandle):
             with contextlib.suppress(Exception):
                 await self.container.delete(force=True)
         finally:
-            with contextlib.suppress(Exception):
-                await self.container.delete(force=True)  # created but never started: no AutoRemove
             self.backend._exits.pop(self.container.id, None)
             if self._logs is not None:
                 self._logs.cancel()
@@ -424,12 +442,16 @@ def container_name(runner_id: str) -> str:
 def own_container_id() -> str | None:
     """The id of the container this process runs in, from its mount table (cgroup v1 and v2)."""
     for path in ("/proc/self/mountinfo", "/proc/self/cgroup"):
-        with contextlib.suppress(OSError):
-            with open(path) as f:
-                match = re.search(r"/(?:docker/)?containers/([0-9a-f]{64})/|/docker[/-]([0-9a-f]{64})", f.read())
-            if match:
-                return match[1] or match[2]
+        with contextlib.suppress(OSError), open(path) as f:
+            found = container_id_in(f.read())
+            if found:
+                return found
     return None
+
+
+def container_id_in(text: str) -> str | None:
+    match = re.search(r"/containers/([0-9a-f]{64})/|/docker[/-]([0-9a-f]{64})", text)
+    return (match[1] or match[2]) if match else None
 
 
 def free_port() -> int:

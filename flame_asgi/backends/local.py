@@ -72,7 +72,7 @@ class LocalRunnerHandle(RunnerHandle):
             await self._runner_end.aclose("stopped")
         try:
             await asyncio.wait_for(asyncio.shield(self._task), timeout)
-        except (asyncio.TimeoutError, asyncio.CancelledError):
+        except (TimeoutError, asyncio.CancelledError):
             self._task.cancel()
 
     async def exit_reason(self) -> str | None:

@@ -1,8 +1,8 @@
-"""DockerBackend against a real Docker Engine (started by .ci/docker.sh when needed).
+"""DockerBackend against a real Docker Engine (installed and started by .ci/docker.sh).
 
 Runners boot from ``local/empty:1``, an empty image, with the host's system, Python and
 this repository bind-mounted read-only: no registry is needed. Functions sent to runners
-live in this module, which the runner imports from the mounted repository.
+live in this module, which runners import from the mounted repository.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,12 +22,21 @@ from flame_asgi import BootError, FlamePool, RunnerLost, parent
 
 aiodocker = pytest.importorskip("aiodocker", reason="DockerBackend needs aiodocker: pip install 'flame_asgi[docker]'")
 
-from flame_asgi.backends.docker import LABEL_BACKEND, LABEL_PARENT, DockerBackend, parent_id  # noqa: E402
+from flame_asgi.backends.docker import (  # noqa: E402
+    LABEL_BACKEND,
+    LABEL_PARENT,
+    DockerBackend,
+    container_id_in,
+    parent_id,
+)
 
 pytestmark = pytest.mark.docker
+
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = "local/empty:1"
 ENGINE_DOWN = 3  # .ci/docker.sh's exit code when dockerd cannot be installed or started
+Docker = Any  # aiodocker.Docker (imported above only when installed)
+Factory = Callable[..., DockerBackend]
 
 
 # -- functions run on runners -------------------------------------------------------------
@@ -42,9 +52,7 @@ def count(n: int) -> Iterator[int]:
 
 async def nap(seconds: float) -> str:
     await asyncio.sleep(seconds)
-    info = parent()
-    assert info is not None
-    return info.runner_id
+    return where()[1]
 
 
 def hog(mib: int) -> int:
@@ -64,118 +72,183 @@ def engine() -> None:
     assert done.returncode == 0, f".ci/docker.sh failed:\n{done.stderr}"
 
 
-def _binds() -> list[str]:
+def binds() -> list[str]:
     dirs = ["/usr", "/lib", "/lib64", "/bin", "/etc", sys.base_prefix, sys.prefix, str(REPO)]
     unique = [d for i, d in enumerate(dirs) if os.path.isdir(d) and d not in dirs[:i]]
     return [f"{d}:{d}:ro" for d in unique if not any(d.startswith(o + "/") for o in unique)]
 
 
+def pythonpath() -> str:
+    # pytest imported this module through an entry it put on sys.path: runners need it too.
+    return os.pathsep.join(dict.fromkeys([str(REPO), *(p for p in sys.path if p.startswith(str(REPO)))]))
+
+
 @pytest.fixture
-async def docker(engine: None) -> AsyncIterator[aiodocker.Docker]:
-    """An Engine client for the test's own checks; afterwards no runner of ours may remain."""
+async def docker(engine: None) -> AsyncIterator[Docker]:
+    """An Engine client for the tests' own checks; afterwards no runner of ours may remain."""
     client = aiodocker.Docker(url=os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock")
     try:
         yield client
-        assert await _ours(client) == [], "runner containers were left behind"
+        assert await labelled(client, f"{LABEL_PARENT}={parent_id()}") == [], "runner containers left behind"
     finally:
         await client.close()
 
 
 @pytest.fixture
-def backend(engine: None) -> Callable[..., DockerBackend]:
-    def make(**options: object) -> DockerBackend:
-        # The test module is imported by pytest through an entry it put on sys.path.
-        paths = [str(REPO), *(p for p in sys.path if p.startswith(str(REPO)))]
-        return DockerBackend(IMAGE, python=sys.executable, binds=_binds(), working_dir=str(REPO),
-                             env={"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}, **options)  # type: ignore[arg-type]
+def backend(engine: None) -> Factory:
+    def make(**options: Any) -> DockerBackend:
+        return DockerBackend(IMAGE, python=sys.executable, binds=binds(), working_dir=str(REPO),
+                             env={"PYTHONPATH": pythonpath()}, **options)
     return make
 
 
-async def _ours(docker: aiodocker.Docker, backend: DockerBackend | None = None) -> list[dict[str, object]]:
-    label = f"{LABEL_BACKEND}={backend.id}" if backend else f"{LABEL_PARENT}={parent_id()}"
-    return [c._container for c in await docker.containers.list(all=True, filters={"label": [label]})]
+async def labelled(docker: Docker, label: str) -> list[str]:
+    return [c.id for c in await docker.containers.list(all=True, filters={"label": [label]})]
 
 
-async def _eventually(check: Callable[[], object], within: float = 10.0) -> None:
+async def eventually(check: Callable[[], Awaitable[bool]], within: float = 10.0) -> None:
     deadline = time.monotonic() + within
-    while not await check():  # type: ignore[misc]
+    while not await check():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.05)
 
 
 # -- tests --------------------------------------------------------------------------------
-async def test_call_and_stream_run_in_a_limited_container(docker: aiodocker.Docker, backend: Callable[..., DockerBackend]) -> None:
+async def test_call_and_stream_run_in_a_limited_container(docker: Docker, backend: Factory) -> None:
     b = backend(cpus=0.5, memory="256m", labels={"team": "media"})
     async with FlamePool("dk-call", backend=b, boot_timeout=20) as pool:
-        started = time.perf_counter()
         in_container, rid = await pool.call(where)
-        print(f"cold call through DockerBackend: {time.perf_counter() - started:.2f} s")
         assert in_container
         assert [item async for item in pool.stream(count, 5)] == [0, 1, 2, 3, 4]
         [runner] = pool.stats().runners
         assert runner.id == rid and runner.url is not None and runner.url.startswith("http://127.0.0.1:")
-        [container] = await _ours(docker, b)
-        info = await docker.containers.container(str(container["Id"])).show()
+        [cid] = await labelled(docker, f"{LABEL_BACKEND}={b.id}")
+        info = await docker.containers.container(cid).show()
         assert info["HostConfig"]["AutoRemove"] and info["HostConfig"]["Memory"] == 256 << 20
         assert info["HostConfig"]["NanoCpus"] == 500_000_000
-        assert info["Config"]["Labels"]["team"] == "media"
-        assert info["Config"]["Labels"]["flame_asgi.pool"] == "dk-call"
-        assert {"FLAME_PARENT", "FLAME_SECRET", "PYTHONPATH"} <= {e.partition("=")[0] for e in info["Config"]["Env"]}
-        assert "HOME" not in {e.partition("=")[0] for e in info["Config"]["Env"]}  # not the parent's env
-        for binding in info["HostConfig"]["PortBindings"].values():
-            assert binding[0]["HostIp"] == "127.0.0.1"
+        assert all(p[0]["HostIp"] == "127.0.0.1" for p in info["HostConfig"]["PortBindings"].values())
+        labels = info["Config"]["Labels"]
+        assert labels["team"] == "media" and labels["flame_asgi.pool"] == "dk-call"
+        assert labels["flame_asgi.runner"] == rid
+        env = {e.partition("=")[0] for e in info["Config"]["Env"]}
+        assert {"FLAME_PARENT", "FLAME_SECRET", "PYTHONPATH"} <= env and "HOME" not in env  # not the parent's env
 
 
-async def test_grows_to_max_and_idle_runners_are_removed(docker: aiodocker.Docker, backend: Callable[..., DockerBackend]) -> None:
+async def test_grows_to_max_and_idle_runners_are_removed(docker: Docker, backend: Factory) -> None:
     b = backend()
     async with FlamePool("dk-grow", backend=b, max=2, max_concurrency=1, idle_shutdown_after=0.5,
                          boot_timeout=20) as pool:
         ids = await asyncio.gather(*(pool.call(nap, 0.5) for _ in range(3)))
         assert len(set(ids)) == 2
-        assert len(await _ours(docker, b)) <= 2
-        await _eventually(lambda: _gone(docker, b))
+        assert len(await labelled(docker, f"{LABEL_BACKEND}={b.id}")) <= 2
+
+        async def all_removed() -> bool:
+            return await labelled(docker, f"{LABEL_BACKEND}={b.id}") == []
+        await eventually(all_removed)
         assert pool.stats().runners == []
 
 
-async def _gone(docker: aiodocker.Docker, b: DockerBackend) -> bool:
-    return await _ours(docker, b) == []
-
-
-async def test_killed_container_fails_the_call_with_runner_lost(docker: aiodocker.Docker, backend: Callable[..., DockerBackend]) -> None:
+async def test_killed_container_fails_the_call_at_once(docker: Docker, backend: Factory) -> None:
     b = backend()
     async with FlamePool("dk-kill", backend=b, boot_timeout=20) as pool:
         await pool.call(where)
         call = asyncio.create_task(pool.call(nap, 30))
         await asyncio.sleep(0.2)
-        [container] = await _ours(docker, b)
+        [cid] = await labelled(docker, f"{LABEL_BACKEND}={b.id}")
         killed = time.perf_counter()
-        await docker.containers.container(str(container["Id"])).kill()
+        await docker.containers.container(cid).kill()
         with pytest.raises(RunnerLost, match="SIGKILL"):
             await call
         assert time.perf_counter() - killed < 3.0
         assert (await pool.call(where))[0]
 
 
-async def test_out_of_memory_is_reported(docker: aiodocker.Docker, backend: Callable[..., DockerBackend]) -> None:
-    b = backend(memory="160m")
-    async with FlamePool("dk-oom", backend=b, boot_timeout=20) as pool:
+async def test_out_of_memory_is_reported(docker: Docker, backend: Factory) -> None:
+    async with FlamePool("dk-oom", backend=backend(memory="160m"), boot_timeout=20) as pool:
         with pytest.raises(RunnerLost, match="out of memory"):
             await pool.call(hog, 400)
         assert await pool.call(hog, 8) == 8 << 20
 
 
-async def test_a_runner_that_exits_during_boot_is_a_boot_error(docker: aiodocker.Docker, backend: Callable[..., DockerBackend]) -> None:
+async def test_a_runner_that_exits_during_boot_is_a_boot_error(docker: Docker, backend: Factory) -> None:
     b = backend(command=[sys.executable, "-c", "import sys; print('no app here', file=sys.stderr); sys.exit(3)"])
     async with FlamePool("dk-exit", backend=b, boot_timeout=20) as pool:
         with pytest.raises(BootError, match=r"(?s)exited with code 3.*no app here"):
-            await pool.call(where, timeout=10)
+            await pool.call(where, timeout=3)
 
 
-async def test_engine_errors_are_boot_errors(docker: aiodocker.Docker, backend: Callable[..., DockerBackend]) -> None:
-    async with FlamePool("dk-noimage", backend=backend().__class__("local/missing:0"), boot_timeout=5) as pool:
-        with pytest.raises(BootError, match="local/missing:0"):
-            await pool.call(where, timeout=3)
-    unreachable = DockerBackend(IMAGE, docker_url="unix:///nonexistent/docker.sock")
-    async with FlamePool("dk-noengine", backend=unreachable, boot_timeout=5) as pool:
-        with pytest.raises(BootError, match="is dockerd running"):
-            await pool.call(where, timeout=3)
+@pytest.mark.parametrize(("options", "error"), [
+    ({"image": "local/missing:0"}, "local/missing:0"),
+    ({"image": None}, "pass image="),  # the tests do not run in a container: no own image
+    ({"image": IMAGE, "docker_url": "unix:///nonexistent/docker.sock"}, "is dockerd running"),
+])
+async def test_engine_errors_are_boot_errors(docker: Docker, options: dict[str, str], error: str) -> None:
+    async with FlamePool("dk-errors", backend=DockerBackend(**options), boot_timeout=5) as pool:  # type: ignore[arg-type]
+        with pytest.raises(BootError, match=error):
+            await pool.call(where, timeout=1)
+
+
+PARENT = """
+import asyncio, sys
+from flame_asgi import FlamePool
+from flame_asgi.backends.docker import DockerBackend, parent_id
+from {module} import where
+
+async def main():
+    backend = DockerBackend({image!r}, python=sys.executable, binds={binds!r}, working_dir={repo!r},
+                            env={{"PYTHONPATH": {path!r}}})
+    pool = FlamePool("dk-orphan", backend=backend, boot_timeout=20)
+    await pool.start()
+    await pool.call(where)
+    print(parent_id(), flush=True)
+    await asyncio.sleep(60 if sys.argv[1] == "kill" else 0)  # the pool is never closed
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("death", ["exit", "kill"])
+async def test_runners_go_when_their_parent_goes(docker: Docker, engine: None, death: str) -> None:
+    script = PARENT.format(module=where.__module__, image=IMAGE, binds=binds(), repo=str(REPO), path=pythonpath())
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", script, death, stdout=asyncio.subprocess.PIPE,
+                                                env={**os.environ, "PYTHONPATH": pythonpath()})
+    try:
+        assert proc.stdout is not None
+        label = f"{LABEL_PARENT}=" + (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().strip()
+
+        async def all_removed() -> bool:
+            return await labelled(docker, label) == []
+        if death == "kill":  # no exit hook runs: the runner's watchdog exits, AutoRemove removes
+            assert not await all_removed()
+            proc.kill()
+        await asyncio.wait_for(proc.wait(), 30)
+        if death == "exit":  # the parent's exit hook removed them before the process ended
+            assert await all_removed()
+        await eventually(all_removed, within=15)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def test_own_container_id_is_found_in_the_mount_table() -> None:
+    cid = "4f" * 32
+    line = f"1425 1400 0:80 /var/lib/docker/containers/{cid}/hostname /etc/hostname rw - ext4 /dev/sda1 rw\n"
+    assert container_id_in(line) == cid
+    assert container_id_in(f"12:memory:/docker/{cid}\n") == cid
+    assert container_id_in("0::/\n") is None
+
+
+def test_without_aiodocker_the_error_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "aiodocker", None)  # as if it were not installed
+    with pytest.raises(ImportError, match=r"pip install 'flame_asgi\[docker\]'"):
+        DockerBackend(IMAGE)
+
+
+def test_settings_from_the_environment() -> None:
+    b = DockerBackend.from_env({"FLAME_DOCKER_IMAGE": "app:7", "FLAME_DOCKER_MEMORY": "1.5g",
+                                "FLAME_DOCKER_CPUS": "2", "FLAME_DOCKER_BINDS": "/data:/data:ro, /tmp:/scratch",
+                                "FLAME_DOCKER_HOST_IP": "none", "FLAME_DOCKER_APP": "svc.main:app"})
+    assert (b.image, b.memory, b.cpus, b.host_ip, b.app_import()) == ("app:7", 3 << 29, 2.0, None, "svc.main:app")
+    assert b.binds == ["/data:/data:ro", "/tmp:/scratch"]
+    assert DockerBackend.from_env({}).host_ip == "127.0.0.1"
