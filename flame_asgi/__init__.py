@@ -23,6 +23,7 @@ from flame_asgi._exceptions import (
 from flame_asgi._parent import ParentInfo, parent
 from flame_asgi._pool import FlamePool, PoolStats, RunnerInfo
 from flame_asgi._progress import report
+from flame_asgi._relay import relay
 from flame_asgi._stream import RemoteStream
 from flame_asgi.backends import Backend, LocalBackend, ProcessBackend
 
@@ -64,5 +65,6 @@ __all__ = [
     "VersionSkew",
     "flame_pool",
     "parent",
+    "relay",
     "report",
 ]
