@@ -25,6 +25,7 @@ from flame_asgi._pool import FlamePool, PoolStats, RunnerInfo
 from flame_asgi._progress import report
 from flame_asgi._relay import relay
 from flame_asgi._stream import RemoteStream
+from flame_asgi._transfer import RemoteBytes, TransferError, Upload
 from flame_asgi.backends import Backend, LocalBackend, ProcessBackend
 
 __version__ = "0.1.0"
@@ -57,11 +58,14 @@ __all__ = [
     "PoolStats",
     "ProcessBackend",
     "ProtocolError",
+    "RemoteBytes",
     "RemoteError",
     "RemoteStream",
     "RunnerInfo",
     "RunnerLost",
     "SerializationError",
+    "TransferError",
+    "Upload",
     "VersionSkew",
     "flame_pool",
     "parent",

@@ -53,7 +53,7 @@ class ChildHandle:
                 await self._room.wait()
                 type_, data = await self._remote.next()
                 if type_ == "event":
-                    event = loads(data)
+                    event = loads(data, self._remote.hub)
                     self._events.append(event)
                     if len(self._events) >= EVENT_BUFFER:
                         self._room.clear()
@@ -63,7 +63,7 @@ class ChildHandle:
                         if inspect.isawaitable(result):
                             await result
                 elif type_ == "result":
-                    self._result.set_result(loads(data))
+                    self._result.set_result(loads(data, self._remote.hub))
                     return
                 elif type_ == "cancelled":
                     self._result.cancel()

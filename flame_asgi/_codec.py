@@ -26,6 +26,7 @@ DEFAULT_MAX_PAYLOAD = 512 * 1024 * 1024
 _LEN = struct.Struct(">I")
 _MAX_HEADER = 64 * 1024
 
+_RESERVED = frozenset({"s", "n", "t", "i", "d"})  # header fields the codec owns
 TO_RUNNER = "to-runner"
 TO_PARENT = "to-parent"
 
@@ -82,6 +83,8 @@ class FrameSealer:
                 "(FLAME_MAX_PAYLOAD); send a path or stream the data in pieces instead"
             )
         self._seq += 1
+        if _RESERVED.intersection(meta):
+            raise ValueError(f"message fields {sorted(_RESERVED.intersection(meta))} are reserved")
         header = {"s": self.session, "n": self._seq, "t": type_, "i": id_, **meta}
         if payload:
             header["d"] = hashlib.sha256(payload).hexdigest()

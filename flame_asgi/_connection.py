@@ -17,10 +17,12 @@ from typing import Any
 from flame_asgi._channel import Channel, ChannelClosed
 from flame_asgi._codec import TO_PARENT, TO_RUNNER, FrameOpener, FrameSealer, make_signer
 from flame_asgi._exceptions import BootError, FlameError, RunnerLost, VersionSkew
+from flame_asgi._transfer import TransferHub
 
 log = logging.getLogger("flame_asgi.pool")
 
 TERMINAL = frozenset({"result", "error", "end", "cancelled"})
+TRANSFER = frozenset({"pull", "chunk", "eof", "abort", "drop"})
 
 
 class RemoteCall:
@@ -32,6 +34,7 @@ class RemoteCall:
         self._window = window
         self._on_finish = on_finish
         self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.hub = conn.hub  # results may carry Uploads, read back over this runner's channel
         self._consumed = 0
         self.finished = False  # the runner is done with it (or gone): the slot is free
         self.detached = False  # nobody reads any more
@@ -118,6 +121,7 @@ class RunnerConnection:
         self._last_seen = 0.0
         self.closed: str | None = None
         self.ready_meta: dict[str, Any] = {}
+        self.hub = TransferHub(self._send, max_payload)
 
     async def handshake(self, version: str) -> None:
         session = secrets.token_hex(16)
@@ -189,6 +193,9 @@ class RunnerConnection:
             while True:
                 frame = self._opener.open(await self._channel.recv())
                 self._last_seen = loop.time()
+                if frame.type in TRANSFER:
+                    self.hub.handle(frame.type, frame.meta, frame.payload)
+                    continue
                 call = self._calls.get(frame.id) if frame.id else None
                 if call is not None:
                     if frame.type in TERMINAL:
@@ -229,6 +236,7 @@ class RunnerConnection:
         calls, self._calls = self._calls, {}
         for call in calls.values():
             call.deliver("lost", error)
+        self.hub.close(why)
         self._on_lost(why)
         try:
             await self._channel.aclose("lost")
@@ -243,7 +251,10 @@ class RunnerConnection:
         """Tell the runner to stop and close the channel; calls still in flight are lost."""
         if self.closed is not None:
             return
-        await self._send_quietly("stop")
+        try:  # a runner that stopped reading must not hold up the shutdown
+            await asyncio.wait_for(self._send_quietly("stop"), 2.0)
+        except asyncio.TimeoutError:
+            pass
         self.closed = reason
         for task in self._tasks:
             task.cancel()
@@ -251,6 +262,7 @@ class RunnerConnection:
         calls, self._calls = self._calls, {}
         for call in calls.values():
             call.deliver("lost", error)
+        self.hub.close(reason)
         try:
             await self._channel.aclose(reason)
         except Exception:

@@ -26,6 +26,7 @@ from flame_asgi._pickling import dumps, loads, unpack_exception
 from flame_asgi._pool_state import Decision, PoolState
 from flame_asgi._secret import channel_secret
 from flame_asgi._stream import RemoteStream
+from flame_asgi._transfer import forget
 from flame_asgi.backends import Backend, RunnerHandle, RunnerSpec, backend_from_env
 
 log = logging.getLogger("flame_asgi.pool")
@@ -191,7 +192,8 @@ class FlamePool:
         for task in list(self._boots):
             task.cancel()
         # Stops already under way (idle, single use) finish; then every other runner stops.
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=30.0)
         await asyncio.gather(*(self._stop_runner(rid, "shutdown") for rid in list(self._runners)),
                              return_exceptions=True)
         await self.backend.aclose()
@@ -218,21 +220,27 @@ class FlamePool:
                    timeout: float | None = None, link: bool = True,
                    on_progress: Callable[[Any], Any] | None = None) -> T:
         """Run ``fn(*args)`` on a runner and return its result (see the module docs)."""
-        payload = dumps((fn, args), f"the call to {_name(fn)}")
-        rid = await self._checkout(self.boot_timeout if timeout is None else timeout)
+        tokens: list[str] = []
+        payload = dumps((fn, args), f"the call to {_name(fn)}", tokens)
+        try:
+            rid = await self._checkout(self.boot_timeout if timeout is None else timeout)
+        except BaseException:
+            forget(tokens)
+            raise
         run = self.timeout if timeout is None else timeout
         remote = await self._start(rid, "call", payload, link=link, progress=on_progress is not None)
+        hub = remote.hub
         try:
             async with asyncio.timeout(run) as scope:
                 while True:
                     type_, data = await remote.next()
                     if type_ == "event":
                         assert on_progress is not None
-                        result = on_progress(loads(data))
+                        result = on_progress(loads(data, hub))
                         if inspect.isawaitable(result):
                             await result
                     elif type_ == "result":
-                        return loads(data)  # type: ignore[no-any-return]
+                        return loads(data, hub)  # type: ignore[no-any-return]
                     else:
                         raise self._failure(rid, type_, data)
         except TimeoutError:
@@ -241,6 +249,7 @@ class FlamePool:
             raise
         finally:
             self._abandon(remote, link)
+            forget(tokens)
 
     def cast(self, fn: Callable[[*Ts], Any], *args: *Ts, link: bool = True) -> None:
         """Schedule ``fn(*args)`` on a runner and return at once; failures are logged."""

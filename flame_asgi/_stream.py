@@ -59,7 +59,7 @@ class RemoteStream:
             self._close()
             raise
         if type_ == "item":
-            return loads(data)
+            return loads(data, self._remote.hub)
         self._close()
         if type_ == "end":
             raise StopAsyncIteration

@@ -28,6 +28,7 @@ from flame_asgi._exceptions import FlameError, ProtocolError
 from flame_asgi._parent import ParentInfo, _local_parent, code_version
 from flame_asgi._pickling import dumps, loads, pack_exception
 from flame_asgi._progress import Sent, current_reporter
+from flame_asgi._transfer import TransferHub
 
 log = logging.getLogger("flame_asgi.runner")
 
@@ -63,6 +64,7 @@ class _Work:
         self.wants_progress: bool = frame.meta.get("p", False)
         self.credit: int = frame.meta.get("w", 32)
         self.task: asyncio.Task[None] | None = None
+        self.started = False
         self.cancelled = False
         self.thread_ident: int | None = None
         self._thread_lock = threading.Lock()
@@ -128,7 +130,9 @@ class _Work:
 
     def cancel(self) -> None:
         self.cancelled = True
-        if self.task is not None:
+        # A task cancelled before its first step never enters _run's try block (nothing
+        # would tell the parent); an unstarted one sees ``cancelled`` as it starts instead.
+        if self.task is not None and self.started:
             self.task.cancel()
         if self._sender is not None:
             self._sender.cancel()
@@ -162,6 +166,7 @@ class RunnerSession:
         self.loop: asyncio.AbstractEventLoop
         self.loop_thread = 0
         self.end_reason: str | None = None
+        self.hub = TransferHub(self.send, info.max_payload)
 
     @property
     def active(self) -> int:
@@ -235,7 +240,9 @@ class RunnerSession:
             self.end_reason = f"parent gone: {exc.reason}"
 
     def _dispatch(self, frame: Frame) -> None:
-        if frame.type == "call":
+        if frame.type in ("pull", "chunk", "eof", "abort", "drop"):
+            self.hub.handle(frame.type, frame.meta, frame.payload)
+        elif frame.type == "call":
             work = _Work(self, frame.id, frame)
             self._work[frame.id] = work
             work.task = self.loop.create_task(self._run(work, frame.payload))
@@ -276,9 +283,12 @@ class RunnerSession:
             pass
 
     async def _run(self, work: _Work, payload: memoryview) -> None:
+        work.started = True
         current_reporter.set(work)
         try:
-            fn, args = loads(payload)
+            if work.cancelled:
+                raise asyncio.CancelledError
+            fn, args = loads(payload, self.hub)
             del payload
             if work.kind == "stream":
                 await self._run_stream(work, fn, args)
@@ -357,6 +367,7 @@ class RunnerSession:
             await asyncio.wait(unlinked, timeout=timeout)
             for work in list(self._work.values()):
                 work.cancel()
+        self.hub.close(reason)
         if self._channel is not None:
             await self._channel.aclose(reason)
         self._executor.shutdown(wait=False, cancel_futures=True)

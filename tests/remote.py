@@ -9,6 +9,7 @@ import pathlib
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 from flame_asgi import LocalBackend, parent, report
 
@@ -118,3 +119,37 @@ def env_var(name: str) -> str | None:
 
 def pid() -> int:
     return os.getpid()
+
+
+async def digest_upload(data: Any) -> tuple[int, str]:
+    """Read a RemoteBytes chunk by chunk; return its size and SHA-256."""
+    import hashlib
+
+    h = hashlib.sha256()
+    n = 0
+    async for chunk in data:
+        h.update(chunk)
+        n += len(chunk)
+    return n, h.hexdigest()
+
+
+def digest_upload_sync(data: Any) -> tuple[int, str]:
+    import hashlib
+
+    h = hashlib.sha256()
+    n = 0
+    for chunk in data:
+        h.update(chunk)
+        n += len(chunk)
+    return n, h.hexdigest()
+
+
+def make_file(path: str, megabytes: int) -> Any:
+    """Write a file on the runner and send it back as an Upload."""
+    from flame_asgi import Upload
+
+    block = bytes(range(256)) * 4096  # 1 MiB
+    with open(path, "wb") as f:
+        for _ in range(megabytes):
+            f.write(block)
+    return Upload(path)

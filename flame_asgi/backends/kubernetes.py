@@ -1,27 +1,658 @@
-"""KubernetesBackend: not available in this release.
+"""KubernetesBackend: each runner is a Pod cloned from the parent's own Pod.
 
-The name is part of the public contract so that ``from flame_asgi import
-KubernetesBackend`` works everywhere; constructing it says plainly that this release
-cannot boot runners on Kubernetes, instead of failing later or silently.
+The parent reads its own Pod (found by ``POD_NAME``/``POD_NAMESPACE`` from the downward
+API, else by host name) and creates, per runner, a Pod with the same image, service
+account, resources, environment and configuration volumes, running the app under
+uvicorn in runner mode. ``FLAME_PARENT`` and the channel key travel in a Secret created
+for that runner and referenced with ``secretKeyRef``, so they never appear in the Pod's
+spec. Ownership makes Kubernetes clean up after a parent Pod that goes away: both the
+runner Pod and its Secret are owned by the parent Pod. The parent waits for the Pod's IP
+within ``boot_timeout`` (saying why when it does not come: unschedulable, image pull,
+a crash) and dials ``http://<pod IP>:<port>``. Stopping a runner deletes its Pod (with a
+grace period) and its Secret, and waits until the Pod is gone.
+
+The API is spoken with lightkube (async, httpx-based), an optional dependency; its errors
+become ``BootError`` naming the verb and resource a refused request needed.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import atexit
+import contextlib
+import copy
+import importlib.util
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import signal
+import socket
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from flame_asgi.backends._base import Backend, RunnerHandle, RunnerSpec
+from flame_asgi._channel import Channel
+from flame_asgi._exceptions import BootError
+from flame_asgi._parent import ENV_CODE_VERSION, runner_mode
+from flame_asgi.backends._base import Backend, RunnerHandle, RunnerSpec, connect_websocket
+from flame_asgi.backends.process import BARE_APP, find_import_string
+
+if TYPE_CHECKING:
+    from lightkube import AsyncClient, KubeConfig
+
+log = logging.getLogger("flame_asgi.kubernetes")
+INSTALL_HINT = "KubernetesBackend needs lightkube: pip install 'flame_asgi[kubernetes]'"
+RBAC_HINT = "docs/kubernetes-rbac.yaml lists what the backend needs"
+SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+LABEL_POOL, LABEL_RUNNER, LABEL_PARENT, LABEL_BACKEND = (
+    "flame-asgi/pool", "flame-asgi/runner", "flame-asgi/parent", "flame-asgi/backend")
+MANAGED_BY = {"app.kubernetes.io/managed-by": "flame_asgi"}
+FORWARDED_ENV = (ENV_CODE_VERSION, "FLAME_MAX_PAYLOAD")  # settings a runner must share with its parent
+CONTAINER = "runner"
+# Pod-level fields a runner inherits. Not affinity (rules written for the parent's labels
+# would repel its runners), nodeName, hostname, or anything the parent's controller owns.
+POD_FIELDS = ("serviceAccountName", "automountServiceAccountToken", "imagePullSecrets", "nodeSelector",
+              "tolerations", "securityContext", "priorityClassName", "runtimeClassName", "dnsPolicy", "dnsConfig",
+              "enableServiceLinks")
+CONTAINER_FIELDS = ("image", "imagePullPolicy", "workingDir", "envFrom", "resources", "securityContext")
+# Volumes any Pod can mount alongside the parent: configuration, not storage.
+PORTABLE_VOLUMES = ("configMap", "secret", "emptyDir", "downwardAPI", "projected")
+FATAL_WAITING = frozenset({"InvalidImageName", "ErrImageNeverPull", "CreateContainerConfigError",
+                           "CreateContainerError", "RunContainerError"})
 
 
 class KubernetesBackend(Backend):
-    """Runner Pods through the Kubernetes API (not in this release: raises on use)."""
+    """Boot each runner as a Pod cloned from the parent's Pod, through the Kubernetes API.
+
+    - ``parent_pod``, ``namespace``: the Pod to clone and own runners by (default
+      ``POD_NAME``/``POD_NAMESPACE``, else the host name and the service account's namespace).
+    - ``container``: which of the parent Pod's containers to copy (default: the first).
+    - ``image``: run runners from another image (default: the parent container's).
+    - ``app``: import string of the app (found from the pool's app when omitted).
+    - ``python``, ``command``: the interpreter of the default command
+      ``python -m uvicorn <app> --host 0.0.0.0 --port <port>``, or a whole other command.
+    - ``cpu``, ``memory``: requests and limits of the runner container ("500m", "1Gi").
+    - ``env``: extra variables (added to those the parent container's spec defines).
+    - ``template``: a Pod manifest (dict, lightkube ``Pod`` or YAML/JSON file path) merged
+      over the generated Pod: mappings merge, lists replace, ``None`` removes; its first
+      container merges into the runner container, further containers are added.
+    - ``kubeconfig``: a kubeconfig path or lightkube ``KubeConfig`` (default: in-cluster,
+      else ``KUBECONFIG`` or ``~/.kube/config``); ``context``: a context of it.
+    """
 
     name = "kubernetes"
 
-    def __init__(self, **options: Any) -> None:
-        raise NotImplementedError(
-            "KubernetesBackend is not available in this flame_asgi release; use ProcessBackend, "
-            "DockerBackend or FlyBackend, or pin a release that ships it"
-        )
+    def __init__(
+        self,
+        *,
+        app: str | None = None,
+        parent_pod: str | None = None,
+        namespace: str | None = None,
+        container: str | None = None,
+        image: str | None = None,
+        python: str | None = None,
+        command: Sequence[str] | None = None,
+        cpu: str | None = None,
+        memory: str | None = None,
+        env: Mapping[str, str] | None = None,
+        template: Mapping[str, Any] | str | Path | Any = None,
+        port: int = 8000,
+        kubeconfig: str | Path | KubeConfig | None = None,
+        context: str | None = None,
+        log_level: str = "warning",
+        stop_timeout: float = 5.0,
+        heartbeat_interval: float = 1.0,
+        heartbeat_timeout: float = 10.0,
+    ) -> None:
+        if importlib.util.find_spec("lightkube") is None:
+            raise ImportError(INSTALL_HINT)
+        if not 0 < port < 65536:
+            raise ValueError(f"KubernetesBackend: port must be between 1 and 65535 (got {port})")
+        self._app = app
+        self.parent_pod = parent_pod or os.environ.get("POD_NAME") or socket.gethostname()
+        self._namespace = namespace or os.environ.get("POD_NAMESPACE") or None
+        self.container = container
+        self.image = image
+        self.python = python
+        self.command = list(command) if command is not None else None
+        self.cpu, self.memory = cpu, memory
+        self.env = dict(env or {})
+        self.template = load_template(template)
+        self.port = port
+        self.kubeconfig = kubeconfig
+        self.context = context
+        self.log_level = log_level
+        self.stop_timeout = stop_timeout
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.id = secrets.token_hex(4)  # labels this backend's Pods and Secrets
+        self._config: Any = None
+        self._client: AsyncClient | None = None
+        self._parent: dict[str, Any] | None = None
+        self._owned: set[str] = set()  # runner Pods (and their Secrets) not yet deleted
+        self._lock = asyncio.Lock()
 
-    async def boot(self, spec: RunnerSpec) -> RunnerHandle:  # pragma: no cover - never constructed
-        raise NotImplementedError
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> KubernetesBackend:
+        """The backend ``FLAME_BACKEND=kubernetes`` builds, from ``FLAME_K8S_*`` variables."""
+        def get(key: str) -> str | None:
+            return environ.get(f"FLAME_K8S_{key}") or None
+
+        return cls(app=get("APP"), parent_pod=get("PARENT_POD"), namespace=get("NAMESPACE"),
+                   container=get("CONTAINER"), image=get("IMAGE"), python=get("PYTHON"), cpu=get("CPU"),
+                   memory=get("MEMORY"), template=get("TEMPLATE"), port=int(get("PORT") or 8000),
+                   kubeconfig=get("KUBECONFIG"), context=get("CONTEXT"))
+
+    def bind(self, pool: str, app: Any | None) -> None:
+        if self._app is None and app is not None:
+            self._app = find_import_string(app)
+        if not runner_mode():  # a runner's own pools never boot: they need no configuration
+            self._load_config()
+
+    def app_import(self) -> str:
+        return self._app or BARE_APP
+
+    @property
+    def namespace(self) -> str:
+        if self._namespace is None:
+            try:
+                self._namespace = (SA_DIR / "namespace").read_text().strip()
+            except OSError:
+                self._namespace = self._load_config().namespace or "default"
+        return self._namespace
+
+    # -- the API ------------------------------------------------------------------------
+    def _load_config(self) -> Any:
+        if self._config is None:
+            from lightkube import ConfigError, KubeConfig
+
+            try:
+                if self.kubeconfig is None:
+                    config = KubeConfig.from_env()
+                elif isinstance(self.kubeconfig, (str, Path)):
+                    config = KubeConfig.from_file(self.kubeconfig)
+                else:
+                    config = self.kubeconfig
+                self._config = config.get(self.context) if isinstance(config, KubeConfig) else config
+            except (ConfigError, KeyError, OSError, ValueError) as exc:
+                raise BootError(f"KubernetesBackend found no usable Kubernetes configuration ({exc}): run the parent "
+                                "in a Pod with a service account, or set KUBECONFIG / kubeconfig=",
+                                reason="no kubernetes config") from None
+        return self._config
+
+    async def api(self) -> AsyncClient:
+        async with self._lock:
+            if self._client is None:
+                from lightkube import AsyncClient
+
+                self._client = AsyncClient(self._load_config(), namespace=self.namespace,
+                                           field_manager="flame_asgi")
+                _live[self.id] = (os.getpid(), self._config, self.namespace, self._owned)
+            return self._client
+
+    async def call(self, verb: str, resource: str, request: Any) -> Any:
+        """Await one API request; failures become a BootError naming ``verb`` on ``resource``."""
+        try:
+            return await request
+        except Exception as exc:
+            raise api_error(exc, verb, resource, self.namespace, self._server()) from None
+
+    def _server(self) -> str:
+        return str(getattr(getattr(self._config, "cluster", None), "server", "?"))
+
+    async def parent(self) -> dict[str, Any]:
+        """The parent Pod (read once): what runners are cloned from and owned by."""
+        if self._parent is None:
+            from lightkube import ApiError
+            from lightkube.resources.core_v1 import Pod
+
+            api = await self.api()
+            try:
+                pod = await api.get(Pod, self.parent_pod, namespace=self.namespace)
+            except ApiError as exc:
+                if exc.status.code != 404:
+                    raise api_error(exc, "get", "pods", self.namespace, self._server()) from None
+                raise BootError(f"KubernetesBackend: the parent pod {self.namespace}/{self.parent_pod} does not exist. "
+                                "Runners are cloned from the Pod this process runs in: give it POD_NAME and "
+                                "POD_NAMESPACE through the downward API, or pass parent_pod= and namespace=",
+                                reason="parent pod not found") from None
+            except Exception as exc:
+                raise api_error(exc, "get", "pods", self.namespace, self._server()) from None
+            self._parent = pod.to_dict()
+            await self._sweep_finished(api, self._parent)
+        return self._parent
+
+    async def _sweep_finished(self, api: AsyncClient, parent: dict[str, Any]) -> None:
+        # Runners of an earlier process in this same Pod (a restarted container) exited by
+        # themselves when it died; their Pods and Secrets stay until the parent Pod goes.
+        from lightkube.resources.core_v1 import Pod, Secret
+
+        uid = parent["metadata"]["uid"]
+        with contextlib.suppress(Exception):
+            async for found in api.list(Pod, namespace=self.namespace, labels={LABEL_PARENT: label(self.parent_pod)}):
+                pod = found.to_dict()
+                owners = pod["metadata"].get("ownerReferences") or ()
+                if pod_ended(pod) and any(o.get("uid") == uid for o in owners):
+                    for kind in (Pod, Secret):  # a runner's Secret has its Pod's name
+                        with contextlib.suppress(Exception):
+                            await api.delete(kind, pod["metadata"]["name"], namespace=self.namespace)
+
+    # -- boot -------------------------------------------------------------------------------
+    async def boot(self, spec: RunnerSpec) -> KubernetesRunnerHandle:
+        from lightkube.resources.core_v1 import Pod, Secret
+
+        loop = asyncio.get_running_loop()
+        # Our own deadline falls a little before the pool's, so a late boot says why it is late.
+        budget = spec.boot_timeout
+        deadline = None if budget is None else loop.time() + budget - min(1.0, budget / 10)
+        api = await self.api()
+        parent = await self.parent()
+        handle = KubernetesRunnerHandle(self, spec, runner_name(spec.runner_id), deadline)
+        self._owned.add(handle.name)
+        try:
+            await self.call("create", "secrets", api.create(Secret.from_dict(self.secret_manifest(spec, parent))))
+            handle.secret_created = True
+            pod = await self.call("create", "pods", api.create(Pod.from_dict(self.pod_manifest(spec, parent))))
+            handle.created = pod.to_dict()
+            await handle.wait_for_ip()
+        except BaseException:
+            await asyncio.shield(handle.stop(0))
+            raise
+        return handle
+
+    def labels(self, spec: RunnerSpec) -> dict[str, str]:
+        return {**MANAGED_BY, LABEL_POOL: label(spec.pool), LABEL_RUNNER: label(spec.runner_id),
+                LABEL_PARENT: label(self.parent_pod), LABEL_BACKEND: self.id}
+
+    def secret_manifest(self, spec: RunnerSpec, parent: Mapping[str, Any]) -> dict[str, Any]:
+        # Owned by the parent Pod, like the runner Pod, and named like it. (Owned by the runner
+        # Pod it would need a patch once that exists, and `patch secrets` reads every Secret.)
+        return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "stringData": spec.env,
+                "metadata": {"name": runner_name(spec.runner_id), "namespace": self.namespace,
+                             "labels": self.labels(spec), "ownerReferences": [owner_reference(parent)]}}
+
+    def pod_manifest(self, spec: RunnerSpec, parent: Mapping[str, Any]) -> dict[str, Any]:
+        """The runner Pod for ``spec``: the parent's Pod made a runner, then ``template`` over it."""
+        pod_spec: dict[str, Any] = parent.get("spec") or {}
+        source = self._source_container(pod_spec)
+        volumes = [v for v in pod_spec.get("volumes") or () if portable(v)]
+        kept = {v["name"] for v in volumes}
+        env: dict[str, dict[str, Any]] = {e["name"]: e for e in source.get("env") or ()}
+        env.update({k: {"name": k, "value": os.environ[k]} for k in FORWARDED_ENV if os.environ.get(k)})
+        env.update({k: {"name": k, "value": v} for k, v in {"PYTHONUNBUFFERED": "1", **self.env}.items()})
+        secret = runner_name(spec.runner_id)
+        env.update({k: {"name": k, "valueFrom": {"secretKeyRef": {"name": secret, "key": k}}} for k in spec.env})
+        container: dict[str, Any] = {k: copy.deepcopy(source[k]) for k in CONTAINER_FIELDS if source.get(k)}
+        if self.image and self.image != source.get("image"):
+            container.pop("imagePullPolicy", None)
+            container["image"] = self.image
+        resources = container.setdefault("resources", {})
+        for key, value in (("cpu", self.cpu), ("memory", self.memory)):
+            if value is not None:
+                resources.setdefault("requests", {})[key] = resources.setdefault("limits", {})[key] = value
+        container.update(name=CONTAINER, command=self.command or self.runner_command(spec, source),
+                         env=list(env.values()), ports=[{"name": "flame", "containerPort": self.port}],
+                         volumeMounts=[m for m in source.get("volumeMounts") or () if m.get("name") in kept])
+        manifest = {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": secret, "namespace": self.namespace, "labels": self.labels(spec),
+                         "ownerReferences": [owner_reference(parent, controller=True)]},
+            "spec": {**{k: copy.deepcopy(pod_spec[k]) for k in POD_FIELDS if k in pod_spec},
+                     "containers": [container], "volumes": volumes, "restartPolicy": "Never",
+                     "terminationGracePeriodSeconds": max(1, math.ceil(self.stop_timeout))},
+        }
+        return merge_template(manifest, self.template)
+
+    def _source_container(self, pod_spec: Mapping[str, Any]) -> dict[str, Any]:
+        containers: list[dict[str, Any]] = pod_spec.get("containers") or []
+        for c in containers:
+            if self.container is None or c.get("name") == self.container:
+                return c
+        names = ", ".join(c.get("name", "?") for c in containers) or "none"
+        raise BootError(f"KubernetesBackend: the parent pod {self.parent_pod} has no container {self.container!r} "
+                        f"(it has: {names})", reason="no such container")
+
+    def runner_command(self, spec: RunnerSpec, source: Mapping[str, Any]) -> list[str]:
+        # The parent's own image has this very interpreter; another image has `python` on its PATH.
+        python = self.python or (sys.executable if not self.image or self.image == source.get("image") else "python")
+        return [python, "-m", "uvicorn", self.app_import(), "--host", "0.0.0.0", "--port", str(self.port),
+                "--lifespan", "on", "--log-level", self.log_level, "--no-access-log",
+                "--ws-max-size", str(spec.info.max_payload + 64 * 1024), "--ws-per-message-deflate", "false",
+                "--timeout-graceful-shutdown", str(max(1, math.ceil(self.stop_timeout)))]
+
+    # -- cleanup ----------------------------------------------------------------------------
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        _live.pop(self.id, None)
+        if client is None:
+            return
+        from lightkube.resources.core_v1 import Pod, Secret
+
+        # Leftovers: runners the pool never got to stop (a boot cancelled half-way...). By
+        # name, not by listing: listing Secrets would mean reading every Secret around.
+        try:
+            for name in list(self._owned):
+                for kind in (Pod, Secret):
+                    with contextlib.suppress(Exception):
+                        await client.delete(kind, name, namespace=self.namespace, grace_period=0)
+        finally:
+            self._owned.clear()
+            await client.close()
+
+    def __repr__(self) -> str:
+        return (f"KubernetesBackend(parent_pod={self.parent_pod!r}, namespace={self._namespace!r}, "
+                f"image={self.image!r}, app={self.app_import()!r})")
+
+
+class KubernetesRunnerHandle(RunnerHandle):
+    def __init__(self, backend: KubernetesBackend, spec: RunnerSpec, name: str, deadline: float | None) -> None:
+        self.backend = backend
+        self.spec = spec
+        self.name = name
+        self.deadline = deadline
+        self.created: dict[str, Any] | None = None
+        self.secret_created = False
+        self._stopped = False
+
+    def _left(self, timeout: float | None = None) -> float | None:
+        now = asyncio.get_running_loop().time()
+        ends = [t for t in (self.deadline, None if timeout is None else now + timeout) if t is not None]
+        return None if not ends else min(ends) - now
+
+    async def wait_for_ip(self) -> None:
+        """Watch the Pod until it runs with an IP; fail at once if it cannot, say why at the deadline."""
+        from lightkube.resources.core_v1 import Pod
+
+        assert self.created is not None
+        api, why = await self.backend.api(), "not scheduled yet"
+        watch = api.watch(Pod, namespace=self.backend.namespace, fields={"metadata.name": self.name},
+                          resource_version=self.created["metadata"]["resourceVersion"])
+        try:
+            async with asyncio.timeout(self._left()):
+                async for event, obj in aiter_api(watch, self.backend, "watch", "pods"):
+                    pod = obj.to_dict()
+                    if event == "DELETED" or (pod.get("metadata") or {}).get("deletionTimestamp"):
+                        raise BootError(f"runner pod {self.name} was deleted while it booted", reason="pod deleted")
+                    ip, fatal, why = pod_progress(pod)
+                    if fatal:
+                        raise BootError(f"runner pod {self.name} failed to start: {why}", reason=why)
+                    if ip:
+                        self.url = f"http://{ip}:{self.backend.port}"
+                        return
+        except TimeoutError:
+            pass
+        raise BootError(f"runner pod {self.backend.namespace}/{self.name} got no IP within boot_timeout="
+                        f"{self.spec.boot_timeout:g} s: {why}", reason=f"no pod IP: {why}")
+
+    async def connect(self, timeout: float | None) -> Channel:
+        # The Pod has an IP before its app listens: a refused connection means "not yet",
+        # until the deadline or until the Pod shows its container has ended.
+        assert self.url is not None
+        loop, delay, check_at = asyncio.get_running_loop(), 0.02, 0.0
+        while True:
+            left = self._left(timeout)
+            try:
+                return await connect_websocket(self.url, None if left is None else max(0.1, min(left, 5.0)),
+                                               self.spec.info.max_payload)
+            except BootError as error:
+                if error.reason.startswith("HTTP "):
+                    raise
+                if loop.time() >= check_at:
+                    check_at = loop.time() + 1.0
+                    pod = await self._get()
+                    if pod is None or pod_ended(pod):
+                        why = describe_end(pod, self.name)
+                        raise BootError(f"runner pod {self.name} ended during boot: {why}; see `kubectl logs -n "
+                                        f"{self.backend.namespace} {self.name}`", reason=why) from None
+                left = self._left(timeout)
+                if left is not None and left <= delay:
+                    raise BootError(f"the runner in pod {self.name} did not answer at {self.url}: {error.reason}; "
+                                    f"does its container serve the app on 0.0.0.0:{self.backend.port}? see "
+                                    f"`kubectl logs -n {self.backend.namespace} {self.name}`",
+                                    reason=error.reason) from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 1.5, 0.2)
+
+    async def _get(self) -> dict[str, Any] | None:
+        from lightkube import ApiError
+        from lightkube.resources.core_v1 import Pod
+
+        try:
+            pod = await (await self.backend.api()).get(Pod, self.name, namespace=self.backend.namespace)
+        except ApiError as exc:
+            if exc.status.code == 404:
+                return None
+            raise
+        result: dict[str, Any] = pod.to_dict()
+        return result
+
+    async def exit_reason(self) -> str | None:
+        if self._stopped:
+            return None
+        pod: dict[str, Any] | None = {}
+        with contextlib.suppress(Exception):
+            for _ in range(12):  # the channel often drops before the node has reported the exit
+                pod = await self._get()
+                if pod is None or pod_ended(pod) or (pod.get("metadata") or {}).get("deletionTimestamp"):
+                    return describe_end(pod, self.name)
+                await asyncio.sleep(0.1)
+        phase = ((pod or {}).get("status") or {}).get("phase", "unknown")
+        return f"runner pod {self.name} is still {phase}: its runner became unreachable"
+
+    async def stop(self, timeout: float) -> None:
+        """Delete the Pod (SIGTERM, SIGKILL after ``timeout``) and its Secret; wait until the Pod is gone."""
+        if self._stopped:
+            return
+        self._stopped = True
+        from lightkube import ApiError
+        from lightkube.resources.core_v1 import Pod, Secret
+
+        api, ns, grace = await self.backend.api(), self.backend.namespace, max(0, math.ceil(timeout))
+
+        async def delete(kind: Any, grace_period: int | None = None) -> None:
+            try:
+                await api.delete(kind, self.name, namespace=ns, grace_period=grace_period)
+            except ApiError as exc:
+                if exc.status.code != 404:
+                    log.warning("KubernetesBackend: could not delete %s %s/%s: %s", kind.__name__, ns, self.name,
+                                exc.status.message)
+            except Exception as exc:
+                log.warning("KubernetesBackend: could not delete %s %s/%s: %r", kind.__name__, ns, self.name, exc)
+
+        await asyncio.gather(delete(Pod, grace), delete(Secret) if self.secret_created else asyncio.sleep(0))
+        try:
+            if self.created is None:
+                return
+            async with asyncio.timeout(grace + 10.0):
+                delay = 0.05
+                while await self._get() is not None:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 1.5, 0.5)
+        except TimeoutError:  # the node did not confirm in time: remove the object anyway
+            log.warning("KubernetesBackend: runner pod %s/%s outlived its grace period; force-deleting", ns, self.name)
+            await delete(Pod, 0)
+        except Exception as exc:
+            log.warning("KubernetesBackend: could not confirm the deletion of pod %s/%s: %r", ns, self.name, exc)
+        finally:
+            self.backend._owned.discard(self.name)
+
+
+# -- Pod status -------------------------------------------------------------------------------
+def _runner_status(pod: Mapping[str, Any]) -> dict[str, Any]:
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    return next((s for s in statuses if s.get("name") == CONTAINER), statuses[0] if statuses else {})
+
+
+def pod_ended(pod: Mapping[str, Any]) -> bool:
+    state = _runner_status(pod).get("state") or {}
+    return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed") or "terminated" in state
+
+
+def pod_progress(pod: Mapping[str, Any]) -> tuple[str | None, bool, str]:
+    """``(ip, fatal, why)``: the Pod's IP once it runs; otherwise whether it never will, and why not yet."""
+    status = pod.get("status") or {}
+    if pod_ended(pod):
+        return None, True, describe_end(pod, pod["metadata"]["name"])
+    waiting = (_runner_status(pod).get("state") or {}).get("waiting") or {}
+    if waiting.get("reason"):
+        why = f"{waiting['reason']}: {waiting.get('message') or ''}".rstrip(": ")
+        return None, waiting["reason"] in FATAL_WAITING, why
+    if status.get("phase") == "Running" and status.get("podIP"):
+        return status["podIP"], False, "running"
+    for cond in status.get("conditions") or ():
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+            return None, False, f"{cond.get('reason') or 'unschedulable'}: {cond.get('message') or ''}".rstrip(": ")
+    if not (pod.get("spec") or {}).get("nodeName"):
+        return None, False, "not scheduled yet (no node accepted it; is the scheduler running?)"
+    return None, False, f"{status.get('phase') or 'Pending'} on node {pod['spec']['nodeName']}"
+
+
+def describe_end(pod: Mapping[str, Any] | None, name: str) -> str:
+    """How a runner Pod ended: OOM kill, signal, exit code, eviction, deletion."""
+    if pod is None:
+        return f"runner pod {name} was deleted"
+    status, cs = pod.get("status") or {}, _runner_status(pod)
+    term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
+    if term:
+        code, reason = term.get("exitCode"), term.get("reason") or ""
+        if reason == "OOMKilled":
+            limit = ((pod.get("spec") or {}).get("containers") or [{}])[0].get("resources", {}).get("limits", {})
+            mem = f" of {limit['memory']}" if limit.get("memory") else ""
+            return f"runner pod {name} was killed: out of memory (OOMKilled, memory limit{mem})"
+        sig = term.get("signal") or (code - 128 if isinstance(code, int) and code > 128 else None)
+        if sig in signal.valid_signals():
+            return f"runner pod {name} was killed by {signal.Signals(sig).name} (exit code {code})"
+        detail = f" ({reason}: {term['message']})" if term.get("message") else f" ({reason})" if reason else ""
+        return f"runner pod {name} exited with code {code}{detail}"
+    if status.get("reason"):  # Evicted, NodeLost, DeadlineExceeded...
+        return f"runner pod {name} is {status.get('phase')}: {status['reason']}: {status.get('message') or ''}"
+    if (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return f"runner pod {name} is being deleted"
+    return f"runner pod {name} is {status.get('phase') or 'unknown'}"
+
+
+# -- manifests ----------------------------------------------------------------------------
+def owner_reference(obj: Mapping[str, Any], controller: bool = False) -> dict[str, Any]:
+    meta = obj["metadata"]
+    ref = {"apiVersion": obj.get("apiVersion", "v1"), "kind": obj.get("kind", "Pod"), "name": meta["name"],
+           "uid": meta["uid"]}
+    # A controller reference also keeps a ReplicaSet whose selector matches from adopting the Pod.
+    return {**ref, "controller": True} if controller else ref
+
+
+def portable(volume: Mapping[str, Any]) -> bool:
+    # kube-api-access-*: the service account token volume, added to each Pod by admission.
+    return any(k in volume for k in PORTABLE_VOLUMES) and not volume["name"].startswith("kube-api-access-")
+
+
+def merge_template(base: dict[str, Any], template: Mapping[str, Any] | None) -> dict[str, Any]:
+    if not template:
+        return base
+    over = copy.deepcopy(dict(template))
+    spec = over.get("spec") or {}
+    extra = spec.pop("containers", None) or []
+    merged = _merge(base, over)
+    if extra:
+        containers = merged["spec"]["containers"]
+        containers[0] = _merge(containers[0], extra[0])
+        containers.extend(extra[1:])
+    return merged
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_template(template: Mapping[str, Any] | str | Path | Any) -> dict[str, Any] | None:
+    if template is None or isinstance(template, Mapping):
+        return dict(template) if template else None
+    if hasattr(template, "to_dict"):  # a lightkube Pod
+        return dict(template.to_dict())
+    text = Path(template).read_text()
+    try:
+        loaded = json.loads(text)
+    except ValueError:
+        yaml = importlib.import_module("yaml")  # lightkube depends on PyYAML
+        loaded = yaml.safe_load(text)
+    if not isinstance(loaded, dict):
+        raise ValueError(f"KubernetesBackend: template {template} is not a Pod manifest (a mapping)")
+    return loaded
+
+
+def runner_name(runner_id: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", f"flame-{runner_id}".lower()).strip("-")[:63].rstrip("-")
+
+
+def label(value: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", value)[:63].strip("-_.")
+
+
+# -- errors -----------------------------------------------------------------------------------
+def api_error(exc: BaseException, verb: str, resource: str, namespace: str, server: str) -> BootError:
+    """Translate a lightkube/httpx error into a BootError that says what to fix."""
+    from lightkube import ApiError
+
+    if isinstance(exc, BootError):
+        return exc
+    if isinstance(exc, ApiError):
+        code, message = exc.status.code, exc.status.message or str(exc)
+        if code == 403:
+            return BootError(f"KubernetesBackend: the API server forbids {verb!r} on {resource!r} in namespace "
+                             f"{namespace!r}: {message}. Grant the verb {verb!r} on {resource!r} to the parent's "
+                             f"service account ({RBAC_HINT})", reason=f"forbidden: {verb} {resource}")
+        if code == 401:
+            return BootError(f"KubernetesBackend: the API server at {server} rejected our credentials (HTTP 401: "
+                             f"{message})", reason="unauthorized")
+        return BootError(f"KubernetesBackend: {verb} {resource} in namespace {namespace!r} failed: HTTP {code}: "
+                         f"{message}", reason=f"HTTP {code}: {message}")
+    return BootError(f"KubernetesBackend: cannot reach the Kubernetes API server at {server} ({verb} {resource}): "
+                     f"{exc!r}", reason=repr(exc))
+
+
+async def aiter_api(source: Any, backend: KubernetesBackend, verb: str, resource: str) -> Any:
+    """Iterate a lightkube watch or list, translating its errors."""
+    iterator = source.__aiter__()
+    try:
+        while True:
+            try:
+                item = await iterator.__anext__()
+            except StopAsyncIteration:
+                return
+            except Exception as exc:
+                raise api_error(exc, verb, resource, backend.namespace, backend._server()) from None
+            yield item
+    finally:
+        with contextlib.suppress(Exception):
+            await iterator.aclose()
+
+
+# -- the last guard: at interpreter exit, delete what this process's backends still own ----
+_live: dict[str, tuple[int, Any, str, set[str]]] = {}  # backend id -> (pid, config, namespace, runner names)
+
+
+@atexit.register
+def _sweep() -> None:
+    for pid, config, namespace, names in list(_live.values()):
+        if pid != os.getpid() or not names:  # a forked child must not delete its parent's runners
+            continue
+        with contextlib.suppress(Exception):
+            from lightkube import Client
+            from lightkube.resources.core_v1 import Pod, Secret
+
+            client = Client(config, namespace=namespace)
+            for name in list(names):
+                for kind in (Pod, Secret):
+                    with contextlib.suppress(Exception):
+                        client.delete(kind, name, namespace=namespace, grace_period=0)

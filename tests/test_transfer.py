@@ -1,0 +1,93 @@
+"""Large transfers: chunked, signed, pulled on demand, with bounded memory."""
+
+from __future__ import annotations
+
+import hashlib
+import pathlib
+
+import pytest
+
+from flame_asgi import FlamePool, PayloadTooLarge, ProcessBackend, TransferError, Upload
+from tests import remote
+from tests.conftest import BackendFactory
+
+
+def _file(path: pathlib.Path, megabytes: int) -> str:
+    block = bytes(range(256)) * 4096
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        for _ in range(megabytes):
+            f.write(block)
+            h.update(block)
+    return h.hexdigest()
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+async def test_upload_to_the_runner_and_back(backend: BackendFactory, tmp_path: pathlib.Path) -> None:
+    src = tmp_path / "in.bin"
+    digest = _file(src, 8)
+    async with FlamePool("transfer", backend=backend()) as pool:
+        assert await pool.call(remote.digest_upload, Upload(src)) == (8 << 20, digest)
+        assert await pool.call(remote.digest_upload_sync, Upload(src, chunk_size=300_000)) == (8 << 20, digest)
+        assert await pool.call(remote.digest_upload, Upload(b"small bytes")) == (
+            11, hashlib.sha256(b"small bytes").hexdigest())
+
+        async def agen():  # type: ignore[no-untyped-def]
+            for i in range(10):
+                yield bytes([i]) * 1000
+
+        n, _ = await pool.call(remote.digest_upload, Upload(agen()))
+        assert n == 10_000
+        back = await pool.call(remote.make_file, str(tmp_path / "made.bin"), 3)
+        assert back.size == 3 << 20
+        out = tmp_path / "copy.bin"
+        assert await back.save(out) == 3 << 20
+        assert out.read_bytes() == (tmp_path / "made.bin").read_bytes()
+
+
+async def test_upload_limit_is_a_clear_error(backend: BackendFactory, tmp_path: pathlib.Path) -> None:
+    src = tmp_path / "in.bin"
+    _file(src, 2)
+    with pytest.raises(PayloadTooLarge, match="exceeds its 1,000,000-byte limit"):
+        Upload(src, limit=1_000_000)
+
+    def endless():  # type: ignore[no-untyped-def]
+        while True:
+            yield b"x" * 65536
+
+    async with FlamePool("limit", backend=backend()) as pool:
+        with pytest.raises(PayloadTooLarge, match="limit"):
+            await pool.call(remote.digest_upload, Upload(endless(), limit=1_000_000))
+
+        def broken():  # type: ignore[no-untyped-def]
+            yield b"ok"
+            raise OSError("disk gone")
+
+        with pytest.raises(TransferError, match="disk gone"):
+            await pool.call(remote.digest_upload, Upload(broken()))
+        assert await pool.call(remote.works) == "works"
+
+
+@pytest.mark.slow
+async def test_200_mb_through_a_process_runner_with_bounded_parent_memory(tmp_path: pathlib.Path) -> None:
+    src = tmp_path / "big.bin"
+    digest = _file(src, 200)
+    async with FlamePool("big", backend=ProcessBackend()) as pool:
+        await pool.call(remote.works)
+        before = _rss_mb()
+        assert await pool.call(remote.digest_upload, Upload(src)) == (200 << 20, digest)
+        back = await pool.call(remote.make_file, str(tmp_path / "made.bin"), 200)
+        h = hashlib.sha256()
+        async for chunk in back:
+            h.update(chunk)
+        growth = _rss_mb() - before
+    assert h.hexdigest() == hashlib.sha256((tmp_path / "made.bin").read_bytes()).hexdigest()
+    print(f"parent RSS growth over 400 MB of transfers: {growth:.1f} MB")
+    assert growth < 60  # a few chunks in flight, not the file
