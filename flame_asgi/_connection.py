@@ -253,7 +253,7 @@ class RunnerConnection:
             return
         try:  # a runner that stopped reading must not hold up the shutdown
             await asyncio.wait_for(self._send_quietly("stop"), 2.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         self.closed = reason
         for task in self._tasks:
