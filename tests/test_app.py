@@ -143,7 +143,7 @@ async def test_add_flame_pool_lifespan_and_dependency_in_process() -> None:
 
     with TestClient(app) as client:
         assert client.get("/sq/9").json() == 81
-        with pytest.raises(RuntimeError, match="no flame pool named 'nope'.*registered: sq"):
+        with pytest.raises(RuntimeError, match=r"no flame pool named 'nope'.*registered: sq"):
             client.get("/missing")
     assert events == ["user start, pool running: True", "user stop"]
     with TestClient(app) as client:  # a second lifespan (one per test, say) starts the pools again

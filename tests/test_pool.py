@@ -19,7 +19,8 @@ def active(pool: FlamePool) -> int:
     return sum(r.active for r in pool.stats().runners)
 
 
-async def test_boots_min_grows_to_max_and_times_out_queued_callers(backend: BackendFactory, tmp_path: pathlib.Path) -> None:
+async def test_boots_min_grows_to_max_and_times_out_queued_callers(backend: BackendFactory,
+                                                                   tmp_path: pathlib.Path) -> None:
     gate = str(tmp_path / "gate")
     async with FlamePool("grow", backend=backend(), min=1, max=2, max_concurrency=2) as pool:
         assert len(pool.stats().runners) == 1

@@ -42,12 +42,13 @@ async def test_multi_use_runner_survives_a_raise(backend: BackendFactory) -> Non
         assert await pool.call(remote.runner_id) == before
 
 
-async def test_execution_timeout_single_use_kills_work_and_runner(backend: BackendFactory, tmp_path: pathlib.Path) -> None:
+async def test_execution_timeout_single_use_kills_work_and_runner(backend: BackendFactory,
+                                                                  tmp_path: pathlib.Path) -> None:
     shrinks: list[str] = []
     finished = tmp_path / "finished"
     async with FlamePool("single-timeout", backend=backend(), single_use=True, min=1,
                          on_shrink=lambda m: shrinks.append(m["reason"])) as pool:
-        with pytest.raises(CallTimeout, match="did not finish within 0.1 s; the remote work was cancelled"):
+        with pytest.raises(CallTimeout, match=r"did not finish within 0\.1 s; the remote work was cancelled"):
             await pool.call(remote.sleep_then_touch, 1.0, str(finished), timeout=0.1)
         await until(lambda: shrinks == ["single_use"])
         await asyncio.sleep(1.2)
@@ -141,7 +142,7 @@ async def test_unpicklable_closure_names_the_object_before_sending() -> None:
         return lock.locked()
 
     async with FlamePool("pickle") as pool:
-        with pytest.raises(SerializationError, match="closure variable 'lock' of .*uses_lock.*_thread.lock"):
+        with pytest.raises(SerializationError, match=r"closure variable 'lock' of .*uses_lock.*_thread\.lock"):
             await pool.call(uses_lock)
         assert not pool.stats().runners  # failed in the caller: nothing was booted or sent
         with pytest.raises(SerializationError, match="argument 1 of the call to square"):

@@ -56,7 +56,8 @@ def test_codec_refuses_bad_frames_before_unpickling(tmp_path: pathlib.Path, monk
         "garbage header": [b"\x00\x00\x00\x05hello" + evil],
         "wrong key": [FrameSealer(make_signer(b"other", "r1", TO_RUNNER), "session", 1 << 20).seal("hello")],
         "other runner": [FrameSealer(make_signer(SECRET.encode(), "r2", TO_RUNNER), "session", 1 << 20).seal("hello")],
-        "wrong direction": [FrameSealer(make_signer(SECRET.encode(), "r1", TO_PARENT), "session", 1 << 20).seal("hello")],
+        "wrong direction": [
+            FrameSealer(make_signer(SECRET.encode(), "r1", TO_PARENT), "session", 1 << 20).seal("hello")],
         "expired": [FrameSealer(OldSigner(SECRET.encode(), "flame-asgi:r1:to-runner"), "s", 1 << 20).seal("hello")],
         "tampered payload": [hello, call[:-1] + bytes([call[-1] ^ 1])],
         "replayed": [hello, call, call],
@@ -169,7 +170,8 @@ async def test_runner_refuses_tampered_and_replayed_calls(runner: tuple[str, Pro
     await asyncio.wait_for(handle.proc.wait(), 15)
 
 
-async def test_runner_refuses_a_tampered_payload(runner: tuple[str, ProcessRunnerHandle], tmp_path: pathlib.Path) -> None:
+async def test_runner_refuses_a_tampered_payload(runner: tuple[str, ProcessRunnerHandle],
+                                                 tmp_path: pathlib.Path) -> None:
     version, handle = runner
     assert handle.url is not None
     sealer = FrameSealer(make_signer(SECRET.encode(), "sec-1", TO_RUNNER), "session-2", 1 << 20)
