@@ -145,6 +145,7 @@ class FlamePool:
                                     single_use=self.single_use)
         self.loop = asyncio.get_running_loop()
         self.backend.bind(self.name, self.app)
+        await self.backend.start()
         self._app_import = self.backend.app_import()
         self._version = code_version(self._app_import or "")
         self._secret = channel_secret()

@@ -65,6 +65,9 @@ class Backend(abc.ABC):
     def bind(self, pool: str, app: Any | None) -> None:  # noqa: B027 - optional hook
         """Called once by the pool that owns this backend, with the app it serves (if any)."""
 
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Called when the owning pool starts (after ``bind``): prepare what boots need."""
+
     def app_import(self) -> str | None:
         """The import string runners boot ("pkg.module:app"), when this backend has one."""
         return None

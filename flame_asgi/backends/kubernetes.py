@@ -606,8 +606,12 @@ def api_error(exc: BaseException, verb: str, resource: str, namespace: str, serv
 
     if isinstance(exc, BootError):
         return exc
+    code: int | None = None
     if isinstance(exc, ApiError):
         code, message = exc.status.code, exc.status.message or str(exc)
+    elif isinstance(status := getattr(getattr(exc, "response", None), "status_code", None), int):
+        code, message = status, str(exc).splitlines()[0]  # a refused watch raises httpx's HTTPStatusError
+    if code is not None:
         if code == 403:
             return BootError(f"KubernetesBackend: the API server forbids {verb!r} on {resource!r} in namespace "
                              f"{namespace!r}: {message}. Grant the verb {verb!r} on {resource!r} to the parent's "

@@ -23,6 +23,7 @@ from typing import Any
 from flame_asgi._channel import Channel
 from flame_asgi._exceptions import BootError
 from flame_asgi.backends._base import Backend, RunnerHandle, RunnerSpec, connect_websocket
+from flame_asgi.backends._fork import ForkedProcess, ForkServer, ForkUnavailable
 
 log = logging.getLogger("flame_asgi.runner")
 BARE_APP = "flame_asgi._bare:app"
@@ -43,8 +44,11 @@ class ProcessBackend(Backend):
         stop_timeout: float = 5.0,
         heartbeat_interval: float = 1.0,
         heartbeat_timeout: float = 10.0,
+        fork: bool = True,
     ) -> None:
         self._app = app
+        self.fork = fork
+        self._forkserver: ForkServer | None = None
         self.host = host
         self.env = dict(env or {})
         self.log_level = log_level
@@ -59,12 +63,38 @@ class ProcessBackend(Backend):
     def app_import(self) -> str:
         return self._app or BARE_APP
 
+    async def start(self) -> None:
+        """Start the fork server, so runners boot as forks of a pre-imported template."""
+        if self.fork and self._forkserver is None and hasattr(os, "fork"):
+            server = ForkServer(self.app_import(), {**os.environ, **self.env, "PYTHONPATH": _pythonpath()})
+            try:
+                await server.start()
+            except ForkUnavailable as exc:
+                log.warning("%s; runners boot as fresh interpreters", exc)
+                return
+            self._forkserver = server
+
+    async def aclose(self) -> None:
+        if self._forkserver is not None:
+            await self._forkserver.aclose()
+            self._forkserver = None
+
     async def boot(self, spec: RunnerSpec) -> ProcessRunnerHandle:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.bind((self.host, 0))
             sock.listen(256)
             port = sock.getsockname()[1]
+            url = f"http://{self.host}:{port}"
+            graceful = int(self.stop_timeout) or 1
+            if self._forkserver is not None and self._forkserver.alive:
+                try:
+                    forked = await self._forkserver.spawn(
+                        env={**self.env, **spec.env}, listen=sock, log_level=self.log_level,
+                        ws_max_size=spec.info.max_payload + 64 * 1024, graceful=graceful)
+                    return ProcessRunnerHandle(forked, url, spec, self.stop_timeout)
+                except ForkUnavailable as exc:
+                    log.warning("%s; booting a fresh interpreter", exc)
             env = {**os.environ, **self.env, **spec.env, "PYTHONPATH": _pythonpath()}
             cmd = [
                 sys.executable, "-m", "uvicorn", self.app_import(),
@@ -74,7 +104,7 @@ class ProcessBackend(Backend):
                 "--no-access-log",
                 "--ws-max-size", str(spec.info.max_payload + 64 * 1024),
                 "--ws-per-message-deflate", "false",
-                "--timeout-graceful-shutdown", str(int(self.stop_timeout) or 1),
+                "--timeout-graceful-shutdown", str(graceful),
             ]
             try:
                 proc = await asyncio.create_subprocess_exec(
@@ -86,14 +116,15 @@ class ProcessBackend(Backend):
                 raise BootError(f"could not start {sys.executable}: {exc}", reason=str(exc)) from None
         finally:
             sock.close()  # the child holds its own copy now
-        return ProcessRunnerHandle(proc, f"http://{self.host}:{port}", spec, self.stop_timeout)
+        return ProcessRunnerHandle(proc, url, spec, self.stop_timeout)
 
     def __repr__(self) -> str:
         return f"ProcessBackend(app={self.app_import()!r}, host={self.host!r})"
 
 
 class ProcessRunnerHandle(RunnerHandle):
-    def __init__(self, proc: asyncio.subprocess.Process, url: str, spec: RunnerSpec, stop_timeout: float) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process | ForkedProcess, url: str, spec: RunnerSpec,
+                 stop_timeout: float) -> None:
         self.proc = proc
         self.url: str = url
         self.spec = spec

@@ -1,0 +1,163 @@
+"""The parent's side of the fork server (see ``_forkserver``): start it, ask it for runners.
+
+``ForkServer.spawn`` returns a ``ForkedProcess`` with the surface ProcessRunnerHandle
+uses of an ``asyncio.subprocess.Process`` (pid, returncode, wait(), stderr), so a forked
+runner and a fresh-interpreter runner are handled alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import socket
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from flame_asgi._exceptions import FlameError
+
+MAX_MESSAGE = 1 << 20
+
+
+class ForkUnavailable(FlameError):
+    """The fork server could not start or died: boot a fresh interpreter instead."""
+
+
+class ForkedProcess:
+    def __init__(self, pid: int, exited: asyncio.Future[int], stderr: asyncio.StreamReader,
+                 server: ForkServer) -> None:
+        self.pid = pid
+        self._exited = exited
+        self.stderr = stderr
+        self._server = server
+
+    @property
+    def returncode(self) -> int | None:
+        return self._exited.result() if self._exited.done() else None
+
+    async def wait(self) -> int:
+        while not self._exited.done():
+            if not self._server.alive:  # nobody will report it: watch the pid ourselves
+                try:
+                    os.kill(self.pid, 0)
+                except ProcessLookupError:
+                    self._exited.set_result(-9)
+                    break
+            try:
+                await asyncio.wait_for(asyncio.shield(self._exited), 0.1)
+            except asyncio.TimeoutError:
+                continue
+        return self._exited.result()
+
+
+class ForkServer:
+    """One template process serving one app import string."""
+
+    def __init__(self, app: str, env: Mapping[str, str]) -> None:
+        self.app = app
+        self._env = dict(env)
+        self._sock: socket.socket | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._pending: collections.deque[asyncio.Future[int]] = collections.deque()
+        self._exits: dict[int, asyncio.Future[int]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._ready: asyncio.Future[None] | None = None
+        self._lock = asyncio.Lock()
+        self.alive = False
+
+    async def start(self, timeout: float = 30.0) -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "flame_asgi.backends._forkserver", self.app, str(theirs.fileno()),
+                cwd=os.getcwd(), env=self._env, pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self._sock = ours
+        self._ready = loop.create_future()
+        self._reader = loop.create_task(self._read())
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ready), timeout)
+        except (asyncio.TimeoutError, ForkUnavailable) as exc:
+            await self.aclose()
+            raise ForkUnavailable(f"fork server for {self.app} did not start: {exc}") from None
+        self.alive = True
+
+    async def _read(self) -> None:
+        assert self._sock is not None and self._ready is not None
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                data = await loop.sock_recv(self._sock, MAX_MESSAGE)
+                if not data:
+                    break
+                message: dict[str, Any] = json.loads(data)
+                if "ready" in message:
+                    self._ready.set_result(None)
+                elif "error" in message:
+                    if not self._ready.done():
+                        self._ready.set_exception(ForkUnavailable(message["error"]))
+                elif "pid" in message:
+                    self._pending.popleft().set_result(message["pid"])
+                elif "exit" in message:
+                    fut = self._exits.setdefault(message["exit"], loop.create_future())
+                    if not fut.done():
+                        fut.set_result(message["code"])
+        except (OSError, ValueError):
+            pass
+        finally:
+            self.alive = False
+            if not self._ready.done():
+                self._ready.set_exception(ForkUnavailable("the fork server exited"))
+            while self._pending:
+                self._pending.popleft().set_exception(ForkUnavailable("the fork server exited"))
+
+    async def spawn(self, *, env: Mapping[str, str], listen: socket.socket, log_level: str, ws_max_size: int,
+                    graceful: int) -> ForkedProcess:
+        if not self.alive or self._sock is None:
+            raise ForkUnavailable("the fork server is not running")
+        loop = asyncio.get_running_loop()
+        read_fd, write_fd = os.pipe()
+        request = {"app": self.app, "env": dict(env), "log_level": log_level, "ws_max_size": ws_max_size,
+                   "graceful": graceful}
+        async with self._lock:  # replies come in request order
+            reply: asyncio.Future[int] = loop.create_future()
+            self._pending.append(reply)
+            try:
+                socket.send_fds(self._sock, [json.dumps(request).encode()], [listen.fileno(), write_fd])
+            except OSError as exc:
+                self._pending.remove(reply)
+                os.close(read_fd)
+                raise ForkUnavailable(f"could not reach the fork server: {exc}") from None
+            finally:
+                os.close(write_fd)
+        try:
+            pid = await asyncio.wait_for(reply, 10.0)
+        except BaseException:
+            os.close(read_fd)
+            raise
+        stderr = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stderr), os.fdopen(read_fd, "rb"))
+        exited = self._exits.setdefault(pid, loop.create_future())
+        return ForkedProcess(pid, exited, stderr, self)
+
+    async def aclose(self) -> None:
+        self.alive = False
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._reader is not None:
+            self._reader.cancel()
+        if self._proc is not None and self._proc.returncode is None:
+            try:
+                self._proc.terminate()
+                await asyncio.wait_for(self._proc.wait(), 5.0)
+            except (ProcessLookupError, asyncio.TimeoutError):
+                self._proc.kill()
+                await self._proc.wait()

@@ -1,0 +1,118 @@
+"""The fork server: a pre-imported template process that forks ProcessBackend runners.
+
+A fresh interpreter spends ~350 ms importing FastAPI, uvicorn and the app before it can
+serve; a fork of a process that already imported them is serving in tens of ms. The
+template imports the app module (without starting it: no lifespan, no threads), then
+waits for requests on a SOCK_SEQPACKET socket. Each request carries the runner's
+environment plus two descriptors (its listening socket and a stderr pipe); the template
+forks a child that sets them up and runs uvicorn on that socket, and reports the child's
+pid, then its exit status when it reaps it. It never forks while holding a thread:
+a fork of a threaded process can deadlock.
+
+Run as ``python -m flame_asgi.backends._forkserver APP CONTROL_FD``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+from typing import Any
+
+MAX_MESSAGE = 1 << 20
+
+
+def _send(ctrl: socket.socket, message: dict[str, Any]) -> None:
+    ctrl.sendall(json.dumps(message).encode())
+
+
+def _child(request: dict[str, Any], listen_fd: int, stderr_fd: int, ctrl: socket.socket) -> int:
+    ctrl.close()
+    os.setsid()  # its own process group: the parent stops it (and what it spawns) as one
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.dup2(stderr_fd, 2)
+    os.close(stderr_fd)
+    os.environ.update(request["env"])
+    import uvicorn
+
+    config = uvicorn.Config(
+        request["app"], fd=listen_fd, lifespan="on", log_level=request["log_level"], access_log=False,
+        ws_max_size=request["ws_max_size"], ws_per_message_deflate=False,
+        timeout_graceful_shutdown=request["graceful"],
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 3  # uvicorn's own code for a failed startup
+
+
+def serve(app: str, ctrl: socket.socket) -> None:
+    # Import everything a runner needs before the first fork.
+    import uvicorn  # noqa: F401
+    import uvicorn.config  # noqa: F401
+    import uvicorn.protocols.http.httptools_impl  # noqa: F401
+    import uvicorn.protocols.websockets.auto  # noqa: F401
+
+    import flame_asgi  # noqa: F401
+
+    from flame_asgi._parent import code_version
+
+    module, _, attr = app.partition(":")
+    getattr(importlib.import_module(module), attr or "app")
+    code_version(app)  # hashed once here: every fork inherits the fingerprint of this code
+    if threading.active_count() != 1:
+        _send(ctrl, {"error": f"importing {app} started threads; forking it is unsafe"})
+        return
+    _send(ctrl, {"ready": os.getpid()})
+    children: set[int] = set()
+    while True:
+        readable, _, _ = select.select([ctrl], [], [], 0.05)
+        while children:  # reap, and report how each child ended
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            children.discard(pid)
+            _send(ctrl, {"exit": pid, "code": os.waitstatus_to_exitcode(status)})
+        if not readable:
+            continue
+        data, fds, _, _ = socket.recv_fds(ctrl, MAX_MESSAGE, 2)
+        if not data:  # the parent is gone; children watch their own channels
+            return
+        request = json.loads(data)
+        listen_fd, stderr_fd = fds
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = _child(request, listen_fd, stderr_fd, ctrl)
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        os.close(listen_fd)
+        os.close(stderr_fd)
+        children.add(pid)
+        _send(ctrl, {"pid": pid})
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent to handle
+    control = socket.socket(fileno=int(sys.argv[2]))
+    try:
+        serve(sys.argv[1], control)
+    except Exception as exc:  # tell the parent why, so it can fall back
+        try:
+            _send(control, {"error": f"{type(exc).__name__}: {exc}"})
+        except OSError:
+            pass
+        sys.exit(1)
