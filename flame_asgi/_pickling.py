@@ -5,7 +5,6 @@ Only ``loads`` unpickles, and it is only ever given payloads that ``FrameOpener`
 
 from __future__ import annotations
 
-import io
 import pickle
 import traceback
 import types
@@ -14,40 +13,10 @@ from typing import TYPE_CHECKING, Any
 import cloudpickle  # type: ignore[import-untyped]
 
 from flame_asgi._exceptions import RemoteError, SerializationError
-from flame_asgi._transfer import Upload, register
+from flame_asgi._transfer import collecting_tokens, receiving_through
 
 if TYPE_CHECKING:
     from flame_asgi._transfer import TransferHub
-
-_UPLOAD = "flame-upload"
-
-
-class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
-    """cloudpickle, plus: an ``Upload`` travels as a token the other side pulls from."""
-
-    def __init__(self, file: io.BytesIO, tokens: list[str] | None) -> None:
-        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
-        self._tokens = tokens
-
-    def persistent_id(self, obj: Any) -> Any:
-        if isinstance(obj, Upload):
-            token = register(obj)
-            if self._tokens is not None:
-                self._tokens.append(token)
-            return (_UPLOAD, token, obj.size, obj.limit)
-        return None
-
-
-class _Unpickler(pickle.Unpickler):
-    def __init__(self, file: io.BytesIO, hub: TransferHub | None) -> None:
-        super().__init__(file)
-        self._hub = hub
-
-    def persistent_load(self, pid: Any) -> Any:
-        if isinstance(pid, tuple) and pid and pid[0] == _UPLOAD and self._hub is not None:
-            _, token, size, limit = pid
-            return self._hub.remote(token, size, limit)
-        raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
 
 
 def dumps(obj: Any, what: str, tokens: list[str] | None = None) -> bytes:
@@ -57,9 +26,9 @@ def dumps(obj: Any, what: str, tokens: list[str] | None = None) -> bytes:
     appended to ``tokens`` so the caller can forget them when the call ends.
     """
     try:
-        buffer = io.BytesIO()
-        _Pickler(buffer, tokens).dump(obj)
-        return buffer.getvalue()
+        with collecting_tokens(tokens):
+            data: bytes = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        return data
     except Exception as exc:  # pickling raises TypeError, PicklingError, AttributeError...
         culprit = _find_culprit(obj, what, depth=0, seen=set())
         path, bad, reason = culprit if culprit else (what, obj, exc)
@@ -71,10 +40,9 @@ def dumps(obj: Any, what: str, tokens: list[str] | None = None) -> bytes:
 
 
 def loads(data: bytes | memoryview, hub: TransferHub | None = None) -> Any:
-    """Unpickle verified bytes; Upload tokens become RemoteBytes read through ``hub``."""
-    if hub is None:
+    """Unpickle verified bytes; Uploads in them become RemoteBytes read through ``hub``."""
+    with receiving_through(hub):
         return pickle.loads(data)
-    return _Unpickler(io.BytesIO(data), hub).load()
 
 
 def _find_culprit(obj: Any, path: str, depth: int, seen: set[int]) -> tuple[str, Any, Exception] | None:

@@ -12,6 +12,8 @@ Frames (all signed like every other): ``pull`` (reader asks for more chunks of t
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import os
 import secrets
 import threading
@@ -60,6 +62,14 @@ class Upload:
     def __repr__(self) -> str:
         return f"<Upload size={self.size} chunk_size={self.chunk_size}>"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled as a token: the source stays here, the other side pulls it in chunks.
+        token = register(self)
+        tokens = _tokens.get()
+        if tokens is not None:
+            tokens.append(token)
+        return (_receive, (token, self.size, self.limit))
+
     async def chunks(self) -> AsyncIterator[bytes]:
         src = self.source
         if isinstance(src, (bytes, bytearray, memoryview)):
@@ -84,6 +94,37 @@ class Upload:
             end = object()
             while (item := await asyncio.to_thread(_next, it, end)) is not end:
                 yield bytes(item)
+
+
+_tokens: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("flame_upload_tokens", default=None)
+_hub: contextvars.ContextVar[TransferHub | None] = contextvars.ContextVar("flame_transfer_hub", default=None)
+
+
+@contextlib.contextmanager
+def collecting_tokens(tokens: list[str] | None) -> Iterator[None]:
+    """While pickling: record the tokens of the Uploads pickled."""
+    reset = _tokens.set(tokens)
+    try:
+        yield
+    finally:
+        _tokens.reset(reset)
+
+
+@contextlib.contextmanager
+def receiving_through(hub: TransferHub | None) -> Iterator[None]:
+    """While unpickling: Upload tokens become RemoteBytes read through ``hub``."""
+    reset = _hub.set(hub)
+    try:
+        yield
+    finally:
+        _hub.reset(reset)
+
+
+def _receive(token: str, size: int | None, limit: int) -> RemoteBytes:
+    hub = _hub.get()
+    if hub is None:
+        raise TransferError("an Upload can only be received as part of a flame_asgi call")
+    return hub.remote(token, size, limit)
 
 
 # Uploads pickled in this process, waiting to be pulled: token -> Upload. A token is

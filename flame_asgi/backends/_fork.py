@@ -47,7 +47,7 @@ class ForkedProcess:
                     break
             try:
                 await asyncio.wait_for(asyncio.shield(self._exited), 0.1)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
         return self._exited.result()
 
@@ -84,7 +84,7 @@ class ForkServer:
         self._reader = loop.create_task(self._read())
         try:
             await asyncio.wait_for(asyncio.shield(self._ready), timeout)
-        except (asyncio.TimeoutError, ForkUnavailable) as exc:
+        except (TimeoutError, ForkUnavailable) as exc:
             await self.aclose()
             raise ForkUnavailable(f"fork server for {self.app} did not start: {exc}") from None
         self.alive = True
@@ -158,6 +158,6 @@ class ForkServer:
             try:
                 self._proc.terminate()
                 await asyncio.wait_for(self._proc.wait(), 5.0)
-            except (ProcessLookupError, asyncio.TimeoutError):
+            except (TimeoutError, ProcessLookupError):
                 self._proc.kill()
                 await self._proc.wait()

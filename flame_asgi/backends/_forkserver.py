@@ -39,27 +39,21 @@ def _child(request: dict[str, Any], listen_fd: int, stderr_fd: int, ctrl: socket
     os.dup2(stderr_fd, 2)
     os.close(stderr_fd)
     os.environ.update(request["env"])
-    import uvicorn
+    from flame_asgi.backends._serve import serve
 
-    config = uvicorn.Config(
-        request["app"], fd=listen_fd, lifespan="on", log_level=request["log_level"], access_log=False,
-        ws_max_size=request["ws_max_size"], ws_per_message_deflate=False,
-        timeout_graceful_shutdown=request["graceful"],
-    )
-    server = uvicorn.Server(config)
-    server.run()
-    return 0 if server.started else 3  # uvicorn's own code for a failed startup
+    return serve(request["app"], listen_fd, log_level=request["log_level"], ws_max_size=request["ws_max_size"],
+                 graceful=request["graceful"])
 
 
 def serve(app: str, ctrl: socket.socket) -> None:
     # Import everything a runner needs before the first fork.
-    import uvicorn  # noqa: F401
-    import uvicorn.config  # noqa: F401
-    import uvicorn.protocols.http.httptools_impl  # noqa: F401
+    import uvicorn
+    import uvicorn.config
+    import uvicorn.protocols.http.httptools_impl
     import uvicorn.protocols.websockets.auto  # noqa: F401
 
-    import flame_asgi  # noqa: F401
-
+    import flame_asgi
+    import flame_asgi.backends._serve  # noqa: F401
     from flame_asgi._parent import code_version
 
     module, _, attr = app.partition(":")

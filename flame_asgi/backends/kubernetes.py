@@ -471,7 +471,7 @@ class KubernetesRunnerHandle(RunnerHandle):
                 delay = 0.05
                 while await self._get() is not None:
                     await asyncio.sleep(delay)
-                    delay = min(delay * 1.5, 0.5)
+                    delay = min(delay * 1.5, 0.2)
         except TimeoutError:  # the node did not confirm in time: remove the object anyway
             log.warning("KubernetesBackend: runner pod %s/%s outlived its grace period; force-deleting", ns, self.name)
             await delete(Pod, 0)

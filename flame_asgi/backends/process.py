@@ -1,7 +1,8 @@
 """ProcessBackend: each runner is a real copy of the app under uvicorn on this machine.
 
-The parent binds a listening socket on 127.0.0.1 and hands it to
-``python -m uvicorn <module:app> --fd N``, so the port is known before the child starts
+The parent binds a listening socket on 127.0.0.1 and hands it to uvicorn in the child
+(forked from a template, see ``_fork``, or ``python -m flame_asgi.backends._serve
+<module:app> N``, a thin wrapper of ``uvicorn.Server``), so the port is known before it starts
 and the first connection simply waits in the backlog until the app is up: no port race
 and no polling. The child gets the parent's working directory and environment plus
 ``FLAME_PARENT`` and the channel key, runs in its own process group (so Ctrl-C reaches
@@ -97,14 +98,10 @@ class ProcessBackend(Backend):
                     log.warning("%s; booting a fresh interpreter", exc)
             env = {**os.environ, **self.env, **spec.env, "PYTHONPATH": _pythonpath()}
             cmd = [
-                sys.executable, "-m", "uvicorn", self.app_import(),
-                "--fd", str(sock.fileno()),
-                "--lifespan", "on",
+                sys.executable, "-m", "flame_asgi.backends._serve", self.app_import(), str(sock.fileno()),
                 "--log-level", self.log_level,
-                "--no-access-log",
                 "--ws-max-size", str(spec.info.max_payload + 64 * 1024),
-                "--ws-per-message-deflate", "false",
-                "--timeout-graceful-shutdown", str(graceful),
+                "--graceful", str(graceful),
             ]
             try:
                 proc = await asyncio.create_subprocess_exec(
