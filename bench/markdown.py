@@ -1,0 +1,144 @@
+"""The report as Markdown: one table of figures beside the peers and floors, one of targets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.report import get
+
+P = dict[str, Any]
+Row = tuple[str, ...]
+
+
+def cell(d: Any, *path: str, unit: str = "", digits: int = 0) -> str:
+    """A figure from ``d`` at ``path``, "unavailable" if ``d`` says so, "n/a" if missing."""
+    if isinstance(d, dict) and d.get("available") is False:
+        return "unavailable"
+    value = get(d, *path)
+    if isinstance(value, (int, float)):
+        return f"{value:,.{digits}f} {unit}".strip()
+    return "n/a" if value is None else str(value)
+
+
+def times(value: Any) -> str:
+    return f"{value:.2f}x" if isinstance(value, (int, float)) else "n/a"
+
+
+def reason(d: Any) -> str:
+    text = str(get(d, "reason") or "").replace("|", "/").replace("\n", " ")
+    return text if len(text) < 160 else text[:157] + "..."
+
+
+def render(report: P) -> str:
+    m, meta = report["measurements"], report["meta"]
+    rows = [*_warm(m["warm_call"]), *_throughput(m["throughput"]), *_cold(m["cold"]), *_scale(m["scale_out"]),
+            *_payload(m["payload"]), *_burst_memory(m["burst"]["ours"], m["memory"]["ours"])]
+    peers = m["warm_call"]["peers"]
+    lines = [
+        f"Run {meta['timestamp']} ({'--quick' if meta['quick'] else 'full'}), {meta['cpus']} CPUs, "
+        f"Python {meta['python']}, flame_asgi {meta['flame_asgi']} ({meta['git']}), "
+        f"Ray {cell(peers['ray'], 'version')}, Dask {cell(peers['dask'], 'version')}; "
+        f"load average {meta['loadavg_before'][0]:.1f} before, {meta['loadavg_after'][0]:.1f} after.",
+        "",
+        "| measurement | flame_asgi | Ray | Dask | floor / reference | ratio |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *("| " + " | ".join(row) + " |" for row in rows),
+        "",
+        "| target | measured | met |",
+        "| --- | --- | --- |",
+        *(f"| {g['target']} | {cell(g, 'value', unit=g['unit'], digits=2 if g['unit'] == 'x' else 0)} "
+          f"({g['how']}) | {'yes' if g['met'] else ('unknown' if g['met'] is None else 'no')} |"
+          for g in report["targets"]),
+    ]
+    unavailable = [(name, d) for name, d in _parts(m) if isinstance(d, dict) and d.get("available") is False]
+    if unavailable:
+        lines += ["", *(f"- {name} unavailable: {reason(d)}" for name, d in unavailable)]
+    return "\n".join(lines) + "\n"
+
+
+def _parts(m: P) -> list[tuple[str, Any]]:
+    parts: list[tuple[str, Any]] = []
+    for family, data in m.items():
+        parts.append((family, data["ours"]))
+        if family in ("warm_call",):
+            parts += [(f"{family}: {peer}", d) for peer, d in data["peers"].items()]
+    return parts
+
+
+def _warm(w: P) -> list[Row]:
+    ours, fl, ray, dask, r = w["ours"], w["floors"], w["peers"]["ray"], w["peers"]["dask"], w["ratios"]
+    floors = (f"WS echo {cell(fl, 'ws_echo', 'p50_us', unit='µs')}; "
+              f"httpx POST {cell(fl, 'httpx_post_echo', 'p50_us', unit='µs')}; "
+              f"TCP {cell(fl, 'tcp_echo', 'p50_us', unit='µs')}")
+    return [
+        ("warm call p50 (trivial closure)", cell(ours, "closure", "p50_us", unit="µs"), cell(ray, "p50_us", unit="µs"),
+         cell(dask, "p50_us", unit="µs"), floors, f"Ray/ours {times(r['ray_p50_over_ours'])}"),
+        ("warm call p99 (trivial closure)", cell(ours, "closure", "p99_us", unit="µs"), cell(ray, "p99_us", unit="µs"),
+         cell(dask, "p99_us", unit="µs"), f"WS echo {cell(fl, 'ws_echo', 'p99_us', unit='µs')}",
+         f"Ray/ours {times(r['ray_p99_over_ours'])}"),
+        ("warm call p50 (module-level function)", cell(ours, "function", "p50_us", unit="µs"), "", "", "", ""),
+        ("warm call p50 (module-level async function)", cell(ours, "async_function", "p50_us", unit="µs"), "", "", "",
+         ""),
+    ]
+
+
+def _throughput(t: P) -> list[Row]:
+    rows: list[Row] = []
+    for key in ("max_1", "max_2"):
+        floor = f"WS echo pipelined {cell(t['floors'], 'ws_echo_pipelined', 'msgs_per_s', unit='msgs/s')}"
+        rows.append((f"throughput, one pool {key.replace('_', '=')}",
+                     cell(t["ours"], key, "calls_per_s", unit="calls/s"),
+                     cell(t["peers"]["ray"], "calls_per_s", unit="tasks/s"),
+                     cell(t["peers"]["dask"], "calls_per_s", unit="tasks/s"), floor if key == "max_1" else "",
+                     f"ours/Ray {times(t['ratios'][f'ours_{key}_over_ray'])}"))
+    return rows
+
+
+def _cold(c: P) -> list[Row]:
+    refs, r = c["references"], c["ratios"]
+    return [
+        ("cold: empty pool (min=0) to first result", cell(c["ours"], "empty_pool", "best_ms", unit="ms"),
+         cell(c["peers"]["ray"], "start_to_first_result_ms", unit="ms (init)"),
+         cell(c["peers"]["dask"], "start_to_first_result_ms", unit="ms (cluster)"),
+         f"`python -c pass` {cell(refs, 'python_c_pass', 'best_ms', unit='ms')}; fresh uvicorn+FastAPI "
+         f"{cell(refs, 'fresh_uvicorn_fastapi', 'best_ms', unit='ms')}",
+         f"ours/fresh FastAPI {times(r['empty_pool_over_fresh_fastapi'])}"),
+        ("cold: scale-from-zero call", cell(c["ours"], "scale_from_zero", "best_ms", unit="ms"), "", "",
+         "FastAPI app forked from a pre-imported template "
+         f"{cell(refs, 'forked_uvicorn_fastapi', 'best_ms', unit='ms')}",
+         f"ours/fresh FastAPI {times(r['scale_from_zero_over_fresh_fastapi'])}; "
+         f"ours/forked {times(r['scale_from_zero_over_forked_fastapi'])}"),
+    ]
+
+
+def _scale(s: P) -> list[Row]:
+    so, ray, dask = s["ours"], s["peers"]["ray"], s["peers"]["dask"]
+    label = f"{so.get('tasks', '?')} x {so.get('task_ms', 0):g} ms CPU tasks"
+    rows: list[Row] = [
+        (f"scale-out: {label}, {n} runner{'s' if n > 1 else ''}", cell(so, f"runners_{n}", "best_ms", unit="ms"),
+         cell(ray, f"runners_{n}", "best_ms", unit="ms"), cell(dask, f"runners_{n}", "best_ms", unit="ms"), "", "")
+        for n in (1, 2)]
+    rows.append(("scale-out speed-up (1 → 2)", times(so.get("speedup")), times(ray.get("speedup")),
+                 times(dask.get("speedup")), "", ""))
+    return rows
+
+
+def _payload(p: P) -> list[Row]:
+    if p["ours"].get("available") is False:
+        return [("payload round trips", "unavailable", "", "", "", "")]
+    return [(f"payload round trip {size}", cell(p["ours"], size, "mb_per_s", unit="MB/s"),
+             cell(p["peers"]["ray"], size, "mb_per_s", unit="MB/s"),
+             cell(p["peers"]["dask"], size, "mb_per_s", unit="MB/s"), "",
+             f"ours/Ray {times(p['ratios'].get(f'{size}_ours_over_ray'))}") for size in p["ours"]]
+
+
+def _burst_memory(b: P, mem: P) -> list[Row]:
+    burst = (f"{cell(b, 'best_ms', unit='ms')}, {cell(b, 'lost')} lost" if b.get("available") is not False
+             else "unavailable")
+    return [
+        (f"burst: {cell(b, 'calls')} calls, max={cell(b, 'max')}, max_concurrency={cell(b, 'max_concurrency')} "
+         "(from an empty pool)", burst, "", "", "", ""),
+        ("parent RSS per runner", cell(mem, "per_runner_kb", unit="KB"), "", "", "", ""),
+        ("parent RSS per 1,000 queued calls", cell(mem, "per_1000_queued_kb", unit="KB"), "", "",
+         f"Python heap {cell(mem, 'per_1000_queued_heap_kb', unit='KB')}", ""),
+    ]

@@ -1,0 +1,35 @@
+"""Payload round trips: a ``bytes`` argument of 1, 10 and 100 MB echoed back by the runner.
+
+MB/s is the payload size (decimal MB) over the round-trip time, the best of the rounds;
+the bytes cross the channel twice (argument and result).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from bench import tasks
+from bench._config import MB, Config
+from bench._measure import best_rate, now
+from flame_asgi import FlamePool, ProcessBackend
+
+
+async def measure(cfg: Config) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    async with FlamePool("bench-payload", backend=ProcessBackend(), min=1, max=1, timeout=120.0) as pool:
+        for size_mb, rounds in zip(cfg.payload_sizes_mb, cfg.payload_rounds, strict=True):
+            data = os.urandom(size_mb * MB)
+            rates = []
+            for _ in range(rounds):
+                start = now()
+                back = await pool.call(tasks.echo, data)
+                elapsed = now() - start
+                if back != data:
+                    raise AssertionError(f"{size_mb} MB echo came back different")
+                rates.append(size_mb / elapsed)
+                del back
+            out[f"{size_mb}MB"] = {**best_rate(rates, "mb_per_s"),
+                                   "best_round_trip_ms": round(size_mb / max(rates) * 1000, 1)}
+            del data
+    return out
