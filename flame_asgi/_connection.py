@@ -18,6 +18,7 @@ from flame_asgi._channel import Channel, ChannelClosed
 from flame_asgi._codec import TO_PARENT, TO_RUNNER, FrameOpener, FrameSealer, make_signer
 from flame_asgi._exceptions import BootError, FlameError, RunnerLost, VersionSkew
 from flame_asgi._transfer import TransferHub
+from flame_asgi._writer import FrameWriter, split
 
 log = logging.getLogger("flame_asgi.pool")
 
@@ -115,7 +116,6 @@ class RunnerConnection:
         self._on_recycle = on_recycle
         self._calls: dict[int, RemoteCall] = {}
         self._ids = itertools.count(1)
-        self._lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._last_seen = 0.0
@@ -125,7 +125,8 @@ class RunnerConnection:
 
     async def handshake(self, version: str) -> None:
         session = secrets.token_hex(16)
-        self._sealer = FrameSealer(make_signer(self._secret, self.runner_id, TO_RUNNER), session, self._max_payload)
+        self._writer = FrameWriter(
+            self._channel, FrameSealer(make_signer(self._secret, self.runner_id, TO_RUNNER), session, self._max_payload))
         self._opener = FrameOpener(make_signer(self._secret, self.runner_id, TO_PARENT), self._max_payload, session)
         try:
             await self._send("hello", runner=self.runner_id, v=version)
@@ -146,8 +147,7 @@ class RunnerConnection:
         self._tasks = [loop.create_task(self._reader()), loop.create_task(self._heartbeat())]
 
     async def _send(self, type_: str, id_: int = 0, payload: bytes = b"", **meta: Any) -> None:
-        async with self._lock:  # seal and send under one lock: sequence numbers stay in order
-            await self._channel.send(self._sealer.seal(type_, id_, payload, **meta))
+        await self._writer.send(type_, id_, payload, **meta)
 
     async def start(self, kind: str, payload: bytes, *, link: bool, progress: bool, window: int,
                     on_finish: Callable[[], None]) -> RemoteCall:
@@ -191,18 +191,20 @@ class RunnerConnection:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                frame = self._opener.open(await self._channel.recv())
+                message = await self._channel.recv()
                 self._last_seen = loop.time()
-                if frame.type in TRANSFER:
-                    self.hub.handle(frame.type, frame.meta, frame.payload)
-                    continue
-                call = self._calls.get(frame.id) if frame.id else None
-                if call is not None:
-                    if frame.type in TERMINAL:
-                        del self._calls[frame.id]
-                    call.deliver(frame.type, frame.payload)
-                elif frame.type == "recycle":
-                    self._on_recycle(str(frame.meta.get("reason", "")))
+                for raw in split(message):
+                    frame = self._opener.open(raw)
+                    if frame.type in TRANSFER:
+                        self.hub.handle(frame.type, frame.meta, frame.payload)
+                        continue
+                    call = self._calls.get(frame.id) if frame.id else None
+                    if call is not None:
+                        if frame.type in TERMINAL:
+                            del self._calls[frame.id]
+                        call.deliver(frame.type, frame.payload)
+                    elif frame.type == "recycle":
+                        self._on_recycle(str(frame.meta.get("reason", "")))
         except ChannelClosed as exc:
             await self._lose(exc.reason)
         except FlameError as exc:

@@ -29,6 +29,7 @@ from flame_asgi._parent import ParentInfo, _local_parent, code_version
 from flame_asgi._pickling import dumps, loads, pack_exception
 from flame_asgi._progress import Sent, current_reporter
 from flame_asgi._transfer import TransferHub
+from flame_asgi._writer import FrameWriter, split
 
 log = logging.getLogger("flame_asgi.runner")
 
@@ -156,10 +157,9 @@ class RunnerSession:
         self.local = local
         self._opener = FrameOpener(make_signer(secret, info.runner_id, TO_RUNNER), info.max_payload)
         self._signer_out = make_signer(secret, info.runner_id, TO_PARENT)
-        self._sealer: FrameSealer | None = None
+        self._writer: FrameWriter | None = None
         self._work: dict[int, _Work] = {}
         self._executor = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="flame-work")
-        self._send_lock = asyncio.Lock()
         self._channel: Channel | None = None
         self._last_seen = 0.0
         self._recycle_asked = False
@@ -173,9 +173,8 @@ class RunnerSession:
         return len(self._work)
 
     async def send(self, type_: str, id_: int = 0, payload: bytes = b"", **meta: Any) -> None:
-        assert self._sealer is not None and self._channel is not None
-        async with self._send_lock:  # seal and send under one lock: sequence numbers stay in order
-            await self._channel.send(self._sealer.seal(type_, id_, payload, **meta))
+        assert self._writer is not None
+        await self._writer.send(type_, id_, payload, **meta)
 
     async def serve(self, channel: Channel) -> str:
         """Run the session to its end; return why it ended."""
@@ -206,7 +205,7 @@ class RunnerSession:
     async def _handshake(self, channel: Channel) -> None:
         hello = self._opener.open(await asyncio.wait_for(channel.recv(), self.info.failsafe_timeout))
         assert self._opener.session is not None
-        self._sealer = FrameSealer(self._signer_out, self._opener.session, self.info.max_payload)
+        self._writer = FrameWriter(channel, FrameSealer(self._signer_out, self._opener.session, self.info.max_payload))
         if hello.meta.get("runner") != self.info.runner_id:
             raise ProtocolError("hello for another runner refused")
         mine = self.info.code_version if self.local else code_version(self.info.app)
@@ -223,19 +222,20 @@ class RunnerSession:
     async def _read_loop(self, channel: Channel) -> None:
         try:
             while True:
-                data = await channel.recv()
+                message = await channel.recv()
                 self._last_seen = self.loop.time()
-                try:
-                    frame = self._opener.open(data)
-                except FlameError as exc:
-                    # A forged or replayed frame on an authenticated channel: stop trusting it.
-                    log.warning("runner %s refused a message: %s", self.info.runner_id, exc)
-                    self.end_reason = f"refused a message: {exc}"
-                    return
-                if frame.type == "stop":
-                    self.end_reason = "stopped by parent"
-                    return
-                self._dispatch(frame)
+                for data in split(message):
+                    try:
+                        frame = self._opener.open(data)
+                    except FlameError as exc:
+                        # A forged or replayed frame on an authenticated channel: stop trusting it.
+                        log.warning("runner %s refused a message: %s", self.info.runner_id, exc)
+                        self.end_reason = f"refused a message: {exc}"
+                        return
+                    if frame.type == "stop":
+                        self.end_reason = "stopped by parent"
+                        return
+                    self._dispatch(frame)
         except ChannelClosed as exc:
             self.end_reason = f"parent gone: {exc.reason}"
 
