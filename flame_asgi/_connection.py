@@ -125,8 +125,8 @@ class RunnerConnection:
 
     async def handshake(self, version: str) -> None:
         session = secrets.token_hex(16)
-        self._writer = FrameWriter(
-            self._channel, FrameSealer(make_signer(self._secret, self.runner_id, TO_RUNNER), session, self._max_payload))
+        sealer = FrameSealer(make_signer(self._secret, self.runner_id, TO_RUNNER), session, self._max_payload)
+        self._writer = FrameWriter(self._channel, sealer)
         self._opener = FrameOpener(make_signer(self._secret, self.runner_id, TO_PARENT), self._max_payload, session)
         try:
             await self._send("hello", runner=self.runner_id, v=version)
