@@ -1,10 +1,12 @@
-"""Signed frames between a parent and one runner, and the pickling rules for what they carry.
+"""Signed frames between a parent and one runner, and the checks before any unpickling.
 
-A frame is ``[u32 header length][signed header][payload]``. The header is JSON signed
-with itsdangerous (HMAC-SHA256, timestamped); it names the session, a per-direction
-sequence number and the SHA-256 of the payload. ``FrameOpener.open`` checks, in order:
-size, signature (constant-time), age, session, sequence, payload digest; only a frame
-that passes all of them has its payload handed to the unpickler.
+A frame is ``[u32 header length][header][signature][payload]``. The header is JSON: the
+session, a per-direction sequence number, the send time, the message type and the
+SHA-256 of the payload. The signature is HMAC-SHA256 over the header, computed and
+compared (in constant time) by itsdangerous' ``HMACAlgorithm`` with a key that
+itsdangerous derives from the secret and a per-runner, per-direction salt.
+``FrameOpener.open`` checks, in order: size, signature, age, session, sequence, payload
+digest; only a frame that passes all of them has its payload handed to the unpickler.
 """
 
 from __future__ import annotations
@@ -15,18 +17,21 @@ import hmac
 import json
 import os
 import struct
+import time
+from collections.abc import Callable
 from typing import Any
 
 import itsdangerous
+from itsdangerous.signer import HMACAlgorithm
 
 from flame_asgi._exceptions import PayloadTooLarge, ProtocolError
 
 MAX_AGE_SECONDS = 60
 DEFAULT_MAX_PAYLOAD = 512 * 1024 * 1024
 _LEN = struct.Struct(">I")
+_SIG = 32  # HMAC-SHA256
 _MAX_HEADER = 64 * 1024
-
-_RESERVED = frozenset({"s", "n", "t", "i", "d"})  # header fields the codec owns
+_RESERVED = frozenset({"s", "n", "t", "i", "d", "ts"})  # header fields the codec owns
 TO_RUNNER = "to-runner"
 TO_PARENT = "to-parent"
 
@@ -36,27 +41,29 @@ def max_payload_from_env() -> int:
     return int(value) if value else DEFAULT_MAX_PAYLOAD
 
 
-class _Signer(itsdangerous.TimestampSigner):
-    """A TimestampSigner whose derived keys are computed once, not per message."""
+class FrameKey:
+    """The key of one direction of one runner's channel, derived once by itsdangerous."""
+
+    _algorithm = HMACAlgorithm(hashlib.sha256)
 
     def __init__(self, secret: bytes, salt: str) -> None:
-        super().__init__(secret, salt=salt, key_derivation="hmac", digest_method=hashlib.sha256)
-        self._keys: dict[bytes, bytes] = {}
+        signer = itsdangerous.Signer(secret, salt=salt, key_derivation="hmac", digest_method=hashlib.sha256)
+        self._key = signer.derive_key()
 
-    def derive_key(self, secret_key: str | bytes | None = None) -> bytes:
-        raw = itsdangerous.encoding.want_bytes(
-            self.secret_keys[-1] if secret_key is None else secret_key
-        )
-        key = self._keys.get(raw)
-        if key is None:
-            key = self._keys[raw] = super().derive_key(raw)
-        return key
+    def sign(self, data: bytes) -> bytes:
+        return self._algorithm.get_signature(self._key, data)
+
+    def verify(self, data: bytes, signature: bytes) -> bool:
+        return self._algorithm.verify_signature(self._key, data, signature)  # constant time
+
+    def __repr__(self) -> str:
+        return "<FrameKey>"  # never the key
 
 
-def make_signer(secret: bytes, runner_id: str, direction: str) -> itsdangerous.TimestampSigner:
+def make_signer(secret: bytes, runner_id: str, direction: str) -> FrameKey:
     # The salt binds each key to one runner and one direction: a frame recorded on
     # one runner's channel is worthless on another's, and an echo is never valid.
-    return _Signer(secret, salt=f"flame-asgi:{runner_id}:{direction}")
+    return FrameKey(secret, f"flame-asgi:{runner_id}:{direction}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,33 +77,35 @@ class Frame:
 class FrameSealer:
     """Signs outgoing frames for one direction of one session."""
 
-    def __init__(self, signer: itsdangerous.TimestampSigner, session: str, max_payload: int) -> None:
-        self._signer = signer
+    def __init__(self, key: FrameKey, session: str, max_payload: int,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._key = key
         self.session = session
         self._seq = 0
         self._max_payload = max_payload
+        self._clock = clock
 
     def seal(self, type_: str, id_: int = 0, payload: bytes = b"", **meta: Any) -> bytes:
         if len(payload) > self._max_payload:
             raise PayloadTooLarge(
                 f"message of {len(payload):,} bytes exceeds the {self._max_payload:,}-byte limit "
-                "(FLAME_MAX_PAYLOAD); send a path or stream the data in pieces instead"
+                "(FLAME_MAX_PAYLOAD); send a path, or wrap the data in flame_asgi.Upload to stream it"
             )
-        self._seq += 1
         if _RESERVED.intersection(meta):
             raise ValueError(f"message fields {sorted(_RESERVED.intersection(meta))} are reserved")
-        header = {"s": self.session, "n": self._seq, "t": type_, "i": id_, **meta}
+        self._seq += 1
+        header = {"s": self.session, "n": self._seq, "ts": int(self._clock()), "t": type_, "i": id_, **meta}
         if payload:
             header["d"] = hashlib.sha256(payload).hexdigest()
-        signed = self._signer.sign(json.dumps(header, separators=(",", ":")))
-        return b"".join((_LEN.pack(len(signed)), signed, payload))
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        return b"".join((_LEN.pack(len(raw)), raw, self._key.sign(raw), payload))
 
 
 class FrameOpener:
     """Verifies incoming frames; the first one must be a ``hello`` that fixes the session."""
 
-    def __init__(self, signer: itsdangerous.TimestampSigner, max_payload: int, session: str | None = None) -> None:
-        self._signer = signer
+    def __init__(self, key: FrameKey, max_payload: int, session: str | None = None) -> None:
+        self._key = key
         self.session = session
         self._seq = 0
         self._max_payload = max_payload
@@ -105,24 +114,25 @@ class FrameOpener:
         if len(frame) < _LEN.size:
             raise ProtocolError("truncated frame")
         (hlen,) = _LEN.unpack_from(frame)
-        if hlen > _MAX_HEADER or _LEN.size + hlen > len(frame):
+        body = _LEN.size + hlen + _SIG
+        if hlen > _MAX_HEADER or body > len(frame):
             raise ProtocolError("malformed frame header")
-        payload = memoryview(frame)[_LEN.size + hlen :]
+        payload = memoryview(frame)[body:]
         if len(payload) > self._max_payload:
             raise PayloadTooLarge(
                 f"message of {len(payload):,} bytes exceeds the {self._max_payload:,}-byte limit"
             )
-        try:
-            raw = self._signer.unsign(frame[_LEN.size : _LEN.size + hlen], max_age=MAX_AGE_SECONDS)
-        except itsdangerous.SignatureExpired:
-            raise ProtocolError("stale message refused (signature older than "
-                                f"{MAX_AGE_SECONDS} s or from the future)") from None
-        except itsdangerous.BadSignature:
-            raise ProtocolError("message with a bad or missing signature refused") from None
+        raw = frame[_LEN.size : _LEN.size + hlen]
+        if not self._key.verify(raw, frame[_LEN.size + hlen : body]):
+            raise ProtocolError("message with a bad or missing signature refused")
         try:
             header = json.loads(raw)
         except ValueError:
             raise ProtocolError("signed header is not JSON") from None
+        age = time.time() - header.get("ts", 0)
+        if not -MAX_AGE_SECONDS <= age <= MAX_AGE_SECONDS:
+            raise ProtocolError(f"stale message refused (sent {age:.0f} s ago; more than {MAX_AGE_SECONDS} s "
+                                "apart, or the clocks disagree)")
         if self.session is None:
             if header.get("t") != "hello" or header.get("n") != 1:
                 raise ProtocolError("the first message of a session must be hello")
@@ -141,4 +151,6 @@ class FrameOpener:
         elif digest is not None:
             raise ProtocolError("payload missing")
         self._seq += 1
+        for field in ("s", "n", "ts"):
+            header.pop(field, None)
         return Frame(header.pop("t"), header.pop("i", 0), header, payload)

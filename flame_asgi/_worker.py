@@ -19,7 +19,6 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from flame_asgi._channel import Channel, ChannelClosed
@@ -28,6 +27,7 @@ from flame_asgi._exceptions import FlameError, ProtocolError
 from flame_asgi._parent import ParentInfo, _local_parent, code_version
 from flame_asgi._pickling import dumps, loads, pack_exception
 from flame_asgi._progress import Sent, current_reporter
+from flame_asgi._threads import ElasticThreadPool
 from flame_asgi._transfer import TransferHub
 from flame_asgi._writer import FrameWriter, split
 
@@ -159,7 +159,8 @@ class RunnerSession:
         self._signer_out = make_signer(secret, info.runner_id, TO_PARENT)
         self._writer: FrameWriter | None = None
         self._work: dict[int, _Work] = {}
-        self._executor = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="flame-work")
+        self._max_threads = max_threads
+        self._executor: ElasticThreadPool | None = None
         self._channel: Channel | None = None
         self._last_seen = 0.0
         self._recycle_asked = False
@@ -181,6 +182,7 @@ class RunnerSession:
         self._channel = channel
         self.loop = asyncio.get_running_loop()
         self.loop_thread = threading.get_ident()
+        self._executor = ElasticThreadPool(self.loop, max_workers=self._max_threads)
         if self.local:
             _local_parent.set(self.info)
         try:
@@ -323,6 +325,7 @@ class RunnerSession:
 
     async def _in_thread(self, work: _Work, fn: Callable[..., Any], *args: Any) -> Any:
         ctx = contextvars.copy_context()
+        assert self._executor is not None
         return await self.loop.run_in_executor(self._executor, work.thread_call, ctx, fn, args)
 
     async def _run_stream(self, work: _Work, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
@@ -370,7 +373,8 @@ class RunnerSession:
         self.hub.close(reason)
         if self._channel is not None:
             await self._channel.aclose(reason)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
     def abort(self, reason: str) -> None:
         """Stop everything at once (the local backend's stand-in for a killed process)."""

@@ -153,3 +153,15 @@ def make_file(path: str, megabytes: int) -> Any:
         for _ in range(megabytes):
             f.write(block)
     return Upload(path)
+
+
+def meet(folder: str, index: int, expected: int) -> int:
+    """Sync and blocking: mark arrival, then wait (sleeping) until ``expected`` calls arrived.
+    Only succeeds if that many sync calls run side by side on the runner."""
+    pathlib.Path(folder, str(index)).touch()
+    deadline = time.monotonic() + 20
+    while len(os.listdir(folder)) < expected:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(os.listdir(folder))} of {expected} calls ran at once")
+        time.sleep(0.01)
+    return index

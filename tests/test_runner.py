@@ -193,3 +193,11 @@ async def test_a_runner_built_from_other_code_is_refused_at_once(monkeypatch: py
         with pytest.raises(VersionSkew, match="runs code version build-1 but its parent runs build-2"):
             await pool.call(remote.works)
         assert asyncio.get_running_loop().time() - started < 10  # not retried until the deadline
+
+
+async def test_blocking_sync_calls_run_side_by_side(backend: BackendFactory, tmp_path: pathlib.Path) -> None:
+    # 16 sync calls that each block until all 16 have started: more than the runner's
+    # core worker threads, so this passes only if blocked calls get threads of their own.
+    async with FlamePool("blocking", backend=backend(), max_concurrency=16) as pool:
+        results = await asyncio.gather(*(pool.call(remote.meet, str(tmp_path), i, 16) for i in range(16)))
+    assert sorted(results) == list(range(16))

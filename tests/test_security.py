@@ -17,7 +17,7 @@ import websockets
 from websockets.asyncio.client import connect
 
 from flame_asgi import FlamePool, ParentInfo, PayloadTooLarge, ProcessBackend, ProtocolError
-from flame_asgi._codec import TO_PARENT, TO_RUNNER, FrameOpener, FrameSealer, _Signer, make_signer
+from flame_asgi._codec import TO_PARENT, TO_RUNNER, FrameOpener, FrameSealer, make_signer
 from flame_asgi._parent import code_version
 from flame_asgi.backends import RunnerSpec
 from flame_asgi.backends.process import ProcessRunnerHandle
@@ -36,9 +36,12 @@ class Evil:
         return (pathlib.Path(self.path).touch, ())
 
 
-class OldSigner(_Signer):
-    def get_timestamp(self) -> int:
-        return int(time.time()) - 3600
+def an_hour_ago() -> float:
+    return time.time() - 3600
+
+
+def in_an_hour() -> float:
+    return time.time() + 3600
 
 
 def test_codec_refuses_bad_frames_before_unpickling(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -58,7 +61,9 @@ def test_codec_refuses_bad_frames_before_unpickling(tmp_path: pathlib.Path, monk
         "other runner": [FrameSealer(make_signer(SECRET.encode(), "r2", TO_RUNNER), "session", 1 << 20).seal("hello")],
         "wrong direction": [
             FrameSealer(make_signer(SECRET.encode(), "r1", TO_PARENT), "session", 1 << 20).seal("hello")],
-        "expired": [FrameSealer(OldSigner(SECRET.encode(), "flame-asgi:r1:to-runner"), "s", 1 << 20).seal("hello")],
+        "expired": [FrameSealer(signer, "s", 1 << 20, clock=an_hour_ago).seal("hello")],
+        "from the future": [FrameSealer(signer, "s", 1 << 20, clock=in_an_hour).seal("hello")],
+        "signature cut off": [hello[:-40]],
         "tampered payload": [hello, call[:-1] + bytes([call[-1] ^ 1])],
         "replayed": [hello, call, call],
         "call before hello": [call],
@@ -134,7 +139,7 @@ async def test_runner_refuses_unsigned_forged_and_expired_hellos(runner: tuple[s
     assert handle.url is not None
     evil = pickle.dumps(Evil(str(tmp_path / "pwned")))
     forged = FrameSealer(make_signer(b"guessed-key", "sec-1", TO_RUNNER), "s", 1 << 20)
-    expired = FrameSealer(OldSigner(SECRET.encode(), "flame-asgi:sec-1:to-runner"), "s", 1 << 20)
+    expired = FrameSealer(make_signer(SECRET.encode(), "sec-1", TO_RUNNER), "s", 1 << 20, clock=an_hour_ago)
     for frames in ([evil], [forged.seal("hello", runner="sec-1", v=version), forged.seal("call", 1, evil)],
                    [expired.seal("hello", runner="sec-1", v=version)]):
         assert (await _session(handle.url, frames)).startswith("closed")
