@@ -1,4 +1,4 @@
-"""``python -m example_app``: serve the example on $PORT (default 8000) with uvicorn."""
+"""``python -m example_app``: serve the showcase on $HOST:$PORT (127.0.0.1:8000) with uvicorn."""
 
 import os
 

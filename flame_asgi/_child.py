@@ -39,6 +39,7 @@ class ChildHandle:
         self._room = asyncio.Event()
         self._room.set()
         self._ended = False
+        self._cancel_requested = False
         loop = asyncio.get_running_loop()
         self._result: asyncio.Future[Any] = loop.create_future()
         self._result.add_done_callback(_mark_retrieved)
@@ -98,7 +99,9 @@ class ChildHandle:
 
     def cancel(self) -> None:
         """Ask the runner to stop the child; its slot is freed once the runner has stopped it."""
-        if not self._ended:
+        if not self._ended and not self._cancel_requested:
+            # Once: a second request would cancel the child's own cleanup on the runner.
+            self._cancel_requested = True
             self._remote.request_cancel()
             self._room.set()
 

@@ -38,7 +38,9 @@ async def relay(websocket: WebSocket, work: ChildHandle | RemoteStream) -> Any:
         raise
     finally:
         watcher.cancel()
-    if forwarder not in done:  # the browser left or asked to cancel: stop the remote work
+    # The browser left or asked to cancel (sending to a browser that has gone raises
+    # WebSocketDisconnect, possibly before the watcher has seen it go): stop the remote work.
+    if forwarder not in done or isinstance(forwarder.exception(), WebSocketDisconnect):
         forwarder.cancel()
         _cancel(work)
         with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -92,5 +94,6 @@ async def _send(websocket: WebSocket, message: dict[str, Any]) -> None:
 
 async def _close(websocket: WebSocket, code: int) -> None:
     if websocket.application_state != WebSocketState.DISCONNECTED:
-        with contextlib.suppress(RuntimeError, OSError):
+        # WebSocketDisconnect: the browser has gone, which Starlette only learns by sending.
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
             await websocket.close(code)

@@ -130,6 +130,8 @@ class _Work:
                 self.thread_ident = None
 
     def cancel(self) -> None:
+        if self.cancelled:
+            return  # cancelling again would interrupt the work's own cleanup (except CancelledError: ...)
         self.cancelled = True
         # A task cancelled before its first step never enters _run's try block (nothing
         # would tell the parent); an unstarted one sees ``cancelled`` as it starts instead.

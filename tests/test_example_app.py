@@ -1,26 +1,197 @@
-"""The example app, served by a real uvicorn with the process backend."""
+"""The showcase end to end: a real uvicorn parent, ffmpeg on ProcessBackend runners, the database.
+
+Each test serves example_app with ``python -m uvicorn`` (tests/example_server.py), talks to
+it over HTTP and WebSocket as a browser would, and reads the database the runner wrote.
+"""
 
 from __future__ import annotations
 
-from fastapi.testclient import TestClient
+import asyncio
+import contextlib
+import glob
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
-from example_app.main import app
+import httpx
+import pytest
+import websockets
+
+from tests.example_server import ExampleServer, free_port, make_video, requires_ffmpeg, serve_example
+
+pytestmark = requires_ffmpeg
 
 
-def test_primes_run_on_a_runner_with_live_progress() -> None:
-    with TestClient(app) as client:
-        result = client.get("/primes", params={"n": 100_000}).json()
-        assert result["primes"] == 9592 and result["runner"].startswith("primes-")
-        with client.websocket_connect("/ws/primes") as ws:
-            ws.send_text("200000")
-            messages = []
-            while True:
-                message = ws.receive_json()
-                messages.append(message)
-                if "result" in message:
-                    break
-        progress = [m["progress"] for m in messages if "progress" in m]
-        assert progress == sorted(progress) and progress
-        assert messages[-1]["result"]["primes"] == 17984
-        assert client.get("/stats").json()["runners"][0]["id"] == result["runner"]
-        assert "Count primes" in client.get("/").text
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ExampleServer]:
+    with serve_example(tmp_path / "data") as served:
+        yield served
+
+
+async def follow(server: ExampleServer, live: str, *, stop_after: int | None = None) -> list[dict[str, Any]]:
+    """The messages of a job's WebSocket, up to its result or error (or ``stop_after`` messages)."""
+    messages: list[dict[str, Any]] = []
+    async with asyncio.timeout(60), websockets.connect(server.url.replace("http", "ws", 1) + live) as ws:
+        async for raw in ws:
+            messages.append(json.loads(raw))
+            if "result" in messages[-1] or "error" in messages[-1] or len(messages) == stop_after:
+                break
+    return messages
+
+
+async def test_an_uploaded_video_becomes_thumbnails_the_runner_writes_to_sqlite(
+        server: ExampleServer, tmp_path: Path) -> None:
+    video = make_video(tmp_path / "clip.mp4", seconds=5)
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        created = await http.post("/api/jobs", data={"count": "5"},
+                                  files={"file": ("clip.mp4", video.read_bytes(), "video/mp4")})
+        assert created.status_code == 201
+        job = created.json()
+        messages = await follow(server, job["live"])
+        assert len(messages) == 7, messages
+
+        # Live: a start event, then one event per thumbnail, in order, then the result.
+        events = [m["event"] for m in messages[:-1]]
+        assert events[0]["started"]["total"] == 5 and events[0]["started"]["duration"] == pytest.approx(5.0)
+        thumbnails = [e["thumbnail"] for e in events[1:]]
+        assert [e["index"] for e in events[1:]] == [0, 1, 2, 3, 4]
+        result = messages[-1]["result"]
+        assert result["thumbnails"] == 5 and result["runner"].startswith("thumbs-")
+        assert result["pid"] != server.pid  # made in another process: a runner
+
+        # The runner wrote the rows itself, into the app's SQLite file.
+        rows = server.sqlite('SELECT "index", timestamp, width, height, size, length(image), hex(substr(image, 1, 2)) '
+                             'FROM thumbnails WHERE job_id = ? ORDER BY "index"', job["id"])
+        assert [r[0] for r in rows] == [0, 1, 2, 3, 4]
+        assert [r[1] for r in rows] == pytest.approx([0.5, 1.5, 2.5, 3.5, 4.5])
+        assert all((w, h) == (320, 240) and size == length > 1000 and magic == "FFD8"
+                   for _, _, w, h, size, length, magic in rows)
+        assert server.sqlite("SELECT status, runner_id, duration, error FROM jobs WHERE id = ?", job["id"]) == [
+            ("done", result["runner"], 5.0, None)]
+        assert not list((server.data_dir / "uploads").iterdir())  # the runner removed the upload
+
+        # The web process lists them from the database and serves the images.
+        listed = {j["id"]: j for j in (await http.get("/api/jobs")).json()}[job["id"]]
+        assert listed["status"] == "done" and listed["thumbnails"] == thumbnails
+        image = await http.get(thumbnails[2]["url"])
+        assert image.headers["content-type"] == "image/jpeg" and len(image.content) == rows[2][4]
+
+        # The runner is the same app in runner mode: only /_flame answers there.
+        (runner,) = (await http.get("/api/stats")).json()["runners"]
+        assert runner["id"] == result["runner"]
+        assert (await http.get(runner["url"] + "/api/jobs")).status_code == 404
+        assert (await http.get(runner["url"] + "/")).status_code == 404
+        assert (await http.get(runner["url"] + "/_flame/health")).json()["runner_id"] == runner["id"]
+
+        # A job runs once: a second WebSocket for it is told so.
+        again = await follow(server, job["live"])
+        assert again == [{"error": {"type": "NotFound", "message": f"no pending job {job['id']}"}}]
+
+
+async def test_a_sample_is_generated_on_the_runner(server: ExampleServer) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        job = (await http.post("/api/jobs", data={"count": "3"})).json()
+    messages = await follow(server, job["live"])
+    assert messages[0]["event"]["stage"] == "generating a sample video"
+    assert messages[1]["event"]["started"]["duration"] == pytest.approx(10.0)
+    assert messages[-1]["result"]["thumbnails"] == 3
+    assert server.sqlite("SELECT count(*), min(width), min(height) FROM thumbnails WHERE job_id = ?",
+                         job["id"]) == [(3, 320, 180)]
+    assert server.sqlite("SELECT filename, status FROM jobs") == [("generated sample (testsrc2)", "done")]
+
+
+@pytest.mark.parametrize("how", ["leave", "cancel"])
+async def test_leaving_or_cancelling_stops_the_job_on_its_runner(server: ExampleServer, how: str) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        job = (await http.post("/api/jobs", data={"count": "60"})).json()
+        url = server.url.replace("http", "ws", 1) + job["live"]
+        async with asyncio.timeout(60), websockets.connect(url) as ws:
+            while "thumbnail" not in json.loads(await ws.recv()).get("event", {}):
+                pass
+            if how == "cancel":  # what the page's Cancel button sends
+                await ws.send("cancel")
+                rest = [json.loads(m) async for m in ws]  # the server closes the socket
+                assert all("event" in m for m in rest) and ws.close_code == 1000
+            # else: leave the page, closing the socket
+
+        deadline = time.monotonic() + 20
+        while server.sqlite("SELECT status FROM jobs WHERE id = ?", job["id"]) != [("cancelled",)]:
+            assert time.monotonic() < deadline, "the job was not cancelled"
+            await asyncio.sleep(0.05)
+        (made,) = server.sqlite("SELECT count(*) FROM thumbnails WHERE job_id = ?", job["id"])[0]
+        assert 1 <= made < 60
+        # Its slot is free again: the runner has stopped the child.
+        while (await http.get("/api/stats")).json()["runners"][0]["active"]:
+            assert time.monotonic() < deadline, "the cancelled child still holds its slot"
+            await asyncio.sleep(0.05)
+
+
+async def test_with_database_url_the_runner_writes_to_postgresql(tmp_path: Path, postgres_url: str) -> None:
+    asyncpg = pytest.importorskip("asyncpg")
+    with serve_example(tmp_path / "data", DATABASE_URL=postgres_url) as server:
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            job = (await http.post("/api/jobs", data={"count": "2"})).json()
+            messages = await follow(server, job["live"])
+            assert messages[-1]["result"]["thumbnails"] == 2
+            listed = (await http.get("/api/jobs")).json()
+        assert [len(j["thumbnails"]) for j in listed] == [2]
+    assert not (tmp_path / "data" / "thumbnails.db").exists()  # nothing went to SQLite
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        rows = await conn.fetch('SELECT j.status, j.runner_id, t."index", t.size FROM jobs j '
+                                'JOIN thumbnails t ON t.job_id = j.id ORDER BY t."index"')
+    finally:
+        await conn.close()
+    assert [(r["status"], r["index"]) for r in rows] == [("done", 0), ("done", 1)]
+    assert rows[0]["runner_id"] == messages[-1]["result"]["runner"]
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL server on a loopback high port (initdb runs as ``postgres``)."""
+    # Debian keeps the server binaries off PATH, under /usr/lib/postgresql/<version>/bin.
+    search = os.pathsep.join([os.environ.get("PATH", ""), *sorted(glob.glob("/usr/lib/postgresql/*/bin"))])
+    initdb, postgres = shutil.which("initdb", path=search), shutil.which("postgres", path=search)
+    if initdb is None or postgres is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    try:
+        user = pwd.getpwnam("postgres")
+    except KeyError:
+        pytest.skip("PostgreSQL is installed but there is no 'postgres' user to run it as")
+    if os.geteuid() != 0:
+        pytest.skip("starting PostgreSQL as the 'postgres' user needs root")
+    root = Path(tempfile.mkdtemp(prefix="flame-example-pg-"))
+    os.chown(root, user.pw_uid, user.pw_gid)
+    as_postgres: dict[str, Any] = {"user": user.pw_uid, "group": user.pw_gid, "cwd": root}
+    subprocess.run([initdb, "-D", str(root / "data"), "-U", "postgres", "--auth=trust", "--no-sync"],
+                   check=True, capture_output=True, **as_postgres)
+    port = free_port()
+    with open(root / "postgres.log", "wb") as log:
+        proc = subprocess.Popen([postgres, "-D", str(root / "data"), "-p", str(port), "-k", str(root),
+                                 "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"],
+                                stdout=log, stderr=subprocess.STDOUT, **as_postgres)
+    try:
+        deadline = time.monotonic() + 30
+        pg_isready = str(Path(os.path.realpath(postgres)).with_name("pg_isready"))
+        while subprocess.run([pg_isready, "-q", "-h", "127.0.0.1", "-p", str(port)]).returncode != 0:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"PostgreSQL did not start:\n{(root / 'postgres.log').read_text()}")
+            time.sleep(0.1)
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        proc.send_signal(signal.SIGINT)  # "fast" shutdown
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        with contextlib.suppress(OSError):
+            shutil.rmtree(root)

@@ -1,0 +1,95 @@
+"""Serve example_app with a real uvicorn (process backend) for the end-to-end and browser tests."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+requires_ffmpeg = pytest.mark.skipif(
+    shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None,
+    reason="ffmpeg is not installed: run .ci/media.sh (apt-get install ffmpeg)",
+)
+
+
+@dataclasses.dataclass
+class ExampleServer:
+    url: str
+    pid: int
+    data_dir: Path
+    log: Path
+
+    def sqlite(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
+        """Read the app's default SQLite database directly, as another client would."""
+        with contextlib.closing(sqlite3.connect(self.data_dir / "thumbnails.db")) as db:
+            return db.execute(query, params).fetchall()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serve_example(data_dir: Path, **env: str) -> Iterator[ExampleServer]:
+    """``python -m uvicorn example_app.main:app`` on a free port, stopped (and its runners) on exit."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    environ = {k: v for k, v in os.environ.items()
+               if k not in ("FLAME_BACKEND", "FLAME_PARENT", "FLAME_SECRET", "DATABASE_URL")}
+    environ.update(DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1", **env)
+    log = data_dir / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "example_app.main:app", "--host", "127.0.0.1",
+             "--port", str(port), "--no-access-log"],
+            cwd=REPO, env=environ, stdout=out, stderr=subprocess.STDOUT)
+    server = ExampleServer(f"http://127.0.0.1:{port}", proc.pid, data_dir, log)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the example app exited with {proc.returncode}:\n{log.read_text()}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(server.url + "/api/jobs", timeout=1).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the example app did not answer within 30 s:\n{log.read_text()}")
+            time.sleep(0.1)
+        yield server
+    except BaseException:
+        print(f"--- {log} ---\n{log.read_text()}")  # shown with the failing test's output
+        raise
+    finally:
+        proc.send_signal(signal.SIGTERM)  # graceful: the app's pools stop their runners
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    # Reached only when the test passed: errors the app logged (runner output included) fail it.
+    if "Traceback" in log.read_text():
+        raise AssertionError(f"the example app logged an error:\n{log.read_text()}")
+
+
+def make_video(path: Path, seconds: int = 5, size: str = "320x240") -> Path:
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-f", "lavfi",
+                    "-i", f"testsrc=duration={seconds}:size={size}:rate=10", "-pix_fmt", "yuv420p", "-y", str(path)],
+                   check=True)
+    return path
