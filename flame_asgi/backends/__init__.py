@@ -38,6 +38,11 @@ def backend_from_env() -> Backend:
         from flame_asgi.backends.docker import DockerBackend
 
         return DockerBackend.from_env()
+    if name == "kubernetes":
+        from flame_asgi.backends.kubernetes import KubernetesBackend
+
+        return KubernetesBackend.from_env()
     raise ValueError(
-        f"FLAME_BACKEND={name!r} is not a backend this version provides; use one of: local, process, docker, fly"
+        f"FLAME_BACKEND={name!r} is not a backend this version provides; use one of: local, process, docker, "
+        "kubernetes, fly"
     )

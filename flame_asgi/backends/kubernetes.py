@@ -153,6 +153,16 @@ class KubernetesBackend(Backend):
         if not runner_mode():  # a runner's own pools never boot: they need no configuration
             self._load_config()
 
+    async def start(self) -> None:
+        # Read the parent Pod now: the first boot saves a round trip, and a misconfiguration
+        # shows in the log at startup. Not fatal: the app may serve without its runners.
+        if runner_mode() or self._parent is not None:
+            return
+        try:
+            await asyncio.wait_for(self.parent(), 5.0)
+        except (BootError, TimeoutError) as exc:
+            log.warning("KubernetesBackend: runners will not boot until this is fixed: %s", exc or "API timeout")
+
     def app_import(self) -> str:
         return self._app or BARE_APP
 
@@ -269,8 +279,8 @@ class KubernetesBackend(Backend):
                 LABEL_PARENT: label(self.parent_pod), LABEL_BACKEND: self.id}
 
     def secret_manifest(self, spec: RunnerSpec, parent: Mapping[str, Any]) -> dict[str, Any]:
-        # Owned by the parent Pod, like the runner Pod, and named like it. (Owned by the runner
-        # Pod it would need a patch once that exists, and `patch secrets` reads every Secret.)
+        # Owned by the parent Pod, like the runner Pod, and named like it. Owned by the runner
+        # Pod, it would need a patch once that Pod exists, and `patch secrets` can read them all.
         return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "stringData": spec.env,
                 "metadata": {"name": runner_name(spec.runner_id), "namespace": self.namespace,
                              "labels": self.labels(spec), "ownerReferences": [owner_reference(parent)]}}
@@ -403,7 +413,7 @@ class KubernetesRunnerHandle(RunnerHandle):
                     raise
                 if loop.time() >= check_at:
                     check_at = loop.time() + 1.0
-                    pod = await self._get()
+                    pod = await self.backend.call("get", "pods", self._get())
                     if pod is None or pod_ended(pod):
                         why = describe_end(pod, self.name)
                         raise BootError(f"runner pod {self.name} ended during boot: {why}; see `kubectl logs -n "
@@ -434,11 +444,16 @@ class KubernetesRunnerHandle(RunnerHandle):
         if self._stopped:
             return None
         pod: dict[str, Any] | None = {}
+        # The channel often drops before the node has reported the exit: look again for a
+        # second (the pool gives us 1.5 s).
+        give_up = asyncio.get_running_loop().time() + 1.0
         with contextlib.suppress(Exception):
-            for _ in range(12):  # the channel often drops before the node has reported the exit
+            while True:
                 pod = await self._get()
                 if pod is None or pod_ended(pod) or (pod.get("metadata") or {}).get("deletionTimestamp"):
                     return describe_end(pod, self.name)
+                if asyncio.get_running_loop().time() >= give_up:
+                    break
                 await asyncio.sleep(0.1)
         phase = ((pod or {}).get("status") or {}).get("phase", "unknown")
         return f"runner pod {self.name} is still {phase}: its runner became unreachable"
