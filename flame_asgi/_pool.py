@@ -441,9 +441,13 @@ class FlamePool:
         )
         spec = RunnerSpec(pool=self.name, runner_id=rid, info=info, app=self._app_import,
                           boot_timeout=self.boot_timeout, secret=self._secret)
+        started = self.loop.time()
         handle = await self.backend.boot(spec)
         try:
-            channel = await handle.connect(self.boot_timeout)
+            # What boot() used is gone: connect gets the rest, so the backend can say why
+            # it timed out before the pool's own deadline does.
+            left = None if self.boot_timeout is None else max(0.1, self.boot_timeout - (self.loop.time() - started))
+            channel = await handle.connect(left)
             conn = RunnerConnection(
                 rid, channel, self._secret.encode(), max_payload=self._max_payload,
                 heartbeat_interval=self.backend.heartbeat_interval,
@@ -484,7 +488,7 @@ class FlamePool:
     async def _finish_stop(self, rid: str, runner: _Runner, reason: str) -> None:
         try:
             await runner.conn.aclose(reason)
-            await runner.handle.stop(5.0)
+            await runner.handle.stop(getattr(self.backend, "stop_timeout", 5.0))
         finally:
             # Removed only once stopped: a runner on its way out still counts against max.
             self._runners.pop(rid, None)
