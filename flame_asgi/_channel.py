@@ -29,6 +29,9 @@ class Channel(Protocol):
 
     async def aclose(self, reason: str = "closed") -> None: ...
 
+    def abort(self) -> None:
+        """Drop the channel at once, without a closing handshake (the peer is gone)."""
+
 
 class MemoryChannel:
     """One end of an in-process pair (LocalBackend)."""
@@ -63,6 +66,9 @@ class MemoryChannel:
     async def aclose(self, reason: str = "closed") -> None:
         self.close(reason)
 
+    def abort(self) -> None:
+        self.close("aborted")
+
     def close(self, reason: str = "closed") -> None:
         if self._closed is None:
             self._closed = ChannelClosed(reason)
@@ -95,6 +101,11 @@ class WebSocketClientChannel:
     async def aclose(self, reason: str = "closed") -> None:
         await self._ws.close(1000, reason[:100])
 
+    def abort(self) -> None:
+        # A closing handshake with a peer that is gone (killed, partitioned) would wait for
+        # websockets' close timeout (10 s) and keep the socket open past the pool's end.
+        self._ws.transport.abort()
+
 
 class ASGIWebSocketChannel:
     """The runner's end: an accepted ASGI WebSocket."""
@@ -124,6 +135,9 @@ class ASGIWebSocketChannel:
             data = message.get("bytes")
             if data is not None:
                 return bytes(data)
+
+    def abort(self) -> None:
+        self._closed = True  # the server owns the socket: it closes when the app returns
 
     async def aclose(self, reason: str = "closed") -> None:
         if not self._closed:

@@ -104,6 +104,7 @@ class RunnerConnection:
         describe_loss: Callable[[], Awaitable[str | None]],
         on_lost: Callable[[str], None],
         on_recycle: Callable[[str], None],
+        on_closing: Callable[[], None] = lambda: None,
     ) -> None:
         self.runner_id = runner_id
         self._channel = channel
@@ -114,6 +115,7 @@ class RunnerConnection:
         self._describe_loss = describe_loss
         self._on_lost = on_lost
         self._on_recycle = on_recycle
+        self._on_closing = on_closing
         self._calls: dict[int, RemoteCall] = {}
         self._ids = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
@@ -152,6 +154,7 @@ class RunnerConnection:
     async def start(self, kind: str, payload: bytes, *, link: bool, progress: bool, window: int,
                     on_finish: Callable[[], None]) -> RemoteCall:
         if self.closed is not None:
+            on_finish()  # nothing was sent: hand the slot back
             raise RunnerLost(f"runner {self.runner_id} is gone: {self.closed}", runner_id=self.runner_id,
                              reason=self.closed)
         call = RemoteCall(self, next(self._ids), window, on_finish)
@@ -161,6 +164,8 @@ class RunnerConnection:
         except ChannelClosed as exc:
             self._calls.pop(call.id, None)
             call.finish()
+            if self._closing(exc.reason):  # seen here before the reader saw it: report the loss now
+                self._spawn_loss(exc.reason)
             raise RunnerLost(f"runner {self.runner_id} went away while the call was sent: {exc.reason}",
                              runner_id=self.runner_id, reason=exc.reason) from None
         except BaseException:
@@ -219,10 +224,24 @@ class RunnerConnection:
                 return
             await self._send_quietly("ping")
 
-    async def _lose(self, reason: str) -> None:
+    def _closing(self, reason: str) -> bool:
+        """Mark the channel gone, synchronously: from now on no call is placed on this runner."""
         if self.closed is not None:
-            return
+            return False
         self.closed = reason
+        self._on_closing()
+        return True
+
+    def _spawn_loss(self, reason: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._report_loss(reason))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _lose(self, reason: str) -> None:
+        if self._closing(reason):
+            await self._report_loss(reason)
+
+    async def _report_loss(self, reason: str) -> None:
         current = asyncio.current_task()
         for task in self._tasks:
             if task is not current:
@@ -240,10 +259,7 @@ class RunnerConnection:
             call.deliver("lost", error)
         self.hub.close(why)
         self._on_lost(why)
-        try:
-            await self._channel.aclose("lost")
-        except Exception:
-            pass
+        self._channel.abort()  # no closing handshake with a runner that is gone
 
     @property
     def in_flight(self) -> int:

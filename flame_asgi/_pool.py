@@ -15,7 +15,7 @@ import itertools
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar, TypeVarTuple
+from typing import Any, TypeVar, TypeVarTuple, overload
 
 from flame_asgi._child import ChildHandle
 from flame_asgi._codec import max_payload_from_env
@@ -217,9 +217,19 @@ class FlamePool:
         return f"<FlamePool {self.name!r} {state} min={self.min} max={self.max}{live}>"
 
     # -- the public calls ---------------------------------------------------------------
-    async def call(self, fn: Callable[[*Ts], T] | Callable[[*Ts], Awaitable[T]], *args: *Ts,
+    # Two overloads, async first: with one union parameter mypy cannot tell whether T is
+    # the coroutine or its result, and rejects every async function.
+    @overload
+    async def call(self, fn: Callable[[*Ts], Awaitable[T]], *args: *Ts, timeout: float | None = None,
+                   link: bool = True, on_progress: Callable[[Any], Any] | None = None) -> T: ...
+
+    @overload
+    async def call(self, fn: Callable[[*Ts], T], *args: *Ts, timeout: float | None = None,
+                   link: bool = True, on_progress: Callable[[Any], Any] | None = None) -> T: ...
+
+    async def call(self, fn: Callable[[*Ts], Any], *args: *Ts,
                    timeout: float | None = None, link: bool = True,
-                   on_progress: Callable[[Any], Any] | None = None) -> T:
+                   on_progress: Callable[[Any], Any] | None = None) -> Any:
         """Run ``fn(*args)`` on a runner and return its result (see the module docs)."""
         tokens: list[str] = []
         payload = dumps((fn, args), f"the call to {_name(fn)}", tokens)
@@ -241,7 +251,7 @@ class FlamePool:
                         if inspect.isawaitable(result):
                             await result
                     elif type_ == "result":
-                        return loads(data, hub)  # type: ignore[no-any-return]
+                        return loads(data, hub)
                     else:
                         raise self._failure(rid, type_, data)
         except TimeoutError:
@@ -391,15 +401,16 @@ class FlamePool:
         self._last_attempt = self.loop.time()
         rid = f"{self.name}-{next(self._ids)}-{secrets.token_hex(3)}"
         meta = {"name": self.name, "count": count, "runner_id": rid}
+        stage = ["the backend was still starting it"]  # what the boot was waiting for, for the error
         try:
             await _call_hook(self.on_grow_start, meta)
             async with asyncio.timeout(self.boot_timeout) as scope:
-                runner = await self._start_runner(rid)
+                runner = await self._start_runner(rid, stage)
         except BaseException as exc:
             error = exc
             if isinstance(exc, TimeoutError) and scope.expired():
-                error = BootError(f"runner {rid} did not come up within boot_timeout={self.boot_timeout:g} s",
-                                  reason="boot timeout")
+                error = BootError(f"runner {rid} did not come up within boot_timeout={self.boot_timeout:g} s: "
+                                  f"{stage[-1]}", reason="boot timeout")
             elif not isinstance(exc, (BootError, asyncio.CancelledError)):
                 error = BootError(f"booting runner {rid} failed: {exc!r}", reason=repr(exc))
             decision = self._state.boot_failed(error)
@@ -430,7 +441,7 @@ class FlamePool:
             if not fut.done():
                 fut.set_exception(error)
 
-    async def _start_runner(self, rid: str) -> _Runner:
+    async def _start_runner(self, rid: str, stage: list[str]) -> _Runner:
         info = ParentInfo(
             pool=self.name, runner_id=rid, parent_address=parent_address(), backend=self.backend.name,
             code_version=self._version, app=self._app_import or "",
@@ -443,11 +454,15 @@ class FlamePool:
                           boot_timeout=self.boot_timeout, secret=self._secret)
         started = self.loop.time()
         handle = await self.backend.boot(spec)
+        stage.append(f"it was started, but the parent could not open its channel at {handle.url} (is that "
+                     "address reachable from the parent, and is the app serving there?)" if handle.url else
+                     "it was started, but its channel did not open")
         try:
             # What boot() used is gone: connect gets the rest, so the backend can say why
             # it timed out before the pool's own deadline does.
             left = None if self.boot_timeout is None else max(0.1, self.boot_timeout - (self.loop.time() - started))
             channel = await handle.connect(left)
+            stage.append("its channel opened, but it did not answer the handshake")
             conn = RunnerConnection(
                 rid, channel, self._secret.encode(), max_payload=self._max_payload,
                 heartbeat_interval=self.backend.heartbeat_interval,
@@ -455,12 +470,17 @@ class FlamePool:
                 describe_loss=handle.exit_reason,
                 on_lost=functools.partial(self._runner_lost, rid),
                 on_recycle=functools.partial(self._recycle, rid),
+                on_closing=functools.partial(self._runner_closing, rid),
             )
             await conn.handshake(self._version)
         except BaseException:
             await asyncio.shield(handle.stop(1.0))
             raise
         return _Runner(rid, handle, conn)
+
+    def _runner_closing(self, rid: str) -> None:
+        # Its channel is gone: place nothing more on it while the backend says how it ended.
+        self._state.fence(rid)
 
     def _runner_lost(self, rid: str, reason: str) -> None:
         runner = self._runners.pop(rid, None)

@@ -97,6 +97,13 @@ class PoolState(Generic[W]):
         slots.retired = True
         return Decision(boot=self._boots_needed(), stop=[rid] if slots.active == 0 else [])
 
+    def fence(self, rid: str) -> None:
+        """``rid``'s channel closed: give it no new work (``remove`` follows once the
+        backend has said how it ended)."""
+        slots = self.runners.get(rid)
+        if slots is not None:
+            slots.retired = True
+
     def remove(self, rid: str) -> Decision[W]:
         """The runner is gone (stopped or lost)."""
         self.runners.pop(rid, None)

@@ -15,6 +15,7 @@ import asyncio
 import collections
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -46,8 +47,10 @@ class ProcessBackend(Backend):
         heartbeat_interval: float = 1.0,
         heartbeat_timeout: float = 10.0,
         fork: bool = True,
+        memory_limit: int | None = None,
     ) -> None:
         self._app = app
+        self.memory_limit = memory_limit
         self.fork = fork
         self._forkserver: ForkServer | None = None
         self.host = host
@@ -93,7 +96,7 @@ class ProcessBackend(Backend):
                     forked = await self._forkserver.spawn(
                         env={**self.env, **spec.env}, listen=sock, log_level=self.log_level,
                         ws_max_size=spec.info.max_payload + 64 * 1024, graceful=graceful)
-                    return ProcessRunnerHandle(forked, url, spec, self.stop_timeout)
+                    return self._limited(ProcessRunnerHandle(forked, url, spec, self.stop_timeout))
                 except ForkUnavailable as exc:
                     log.warning("%s; booting a fresh interpreter", exc)
             env = {**os.environ, **self.env, **spec.env, "PYTHONPATH": _pythonpath()}
@@ -113,7 +116,21 @@ class ProcessBackend(Backend):
                 raise BootError(f"could not start {sys.executable}: {exc}", reason=str(exc)) from None
         finally:
             sock.close()  # the child holds its own copy now
-        return ProcessRunnerHandle(proc, url, spec, self.stop_timeout)
+        return self._limited(ProcessRunnerHandle(proc, url, spec, self.stop_timeout))
+
+    def _limited(self, handle: ProcessRunnerHandle) -> ProcessRunnerHandle:
+        if self.memory_limit is not None:
+            # RLIMIT_AS: past it allocations fail, so the user's code gets MemoryError (which
+            # reaches the caller) rather than the OOM killer picking a victim. It counts
+            # address space, not RSS: thread stacks and malloc arenas reserve plenty.
+            limit = (self.memory_limit, self.memory_limit)
+            try:
+                resource.prlimit(handle.proc.pid, resource.RLIMIT_AS, limit)
+            except (OSError, ValueError) as exc:
+                _signal_group(handle.proc.pid, signal.SIGKILL)  # not left running unlimited
+                raise BootError(f"could not limit the runner's memory to {self.memory_limit:,} bytes: {exc}",
+                                reason=str(exc)) from None
+        return handle
 
     def __repr__(self) -> str:
         return f"ProcessBackend(app={self.app_import()!r}, host={self.host!r})"
@@ -156,6 +173,12 @@ class ProcessRunnerHandle(RunnerHandle):
         if not connecting.done():
             connecting.cancel()
             connecting.add_done_callback(_consume)
+        try:
+            # A refused or broken connection usually means the runner is dying (its app
+            # failed to import, its lifespan raised): give it a moment to say so by exiting.
+            await asyncio.wait_for(self.proc.wait(), 0.5)
+        except TimeoutError:
+            pass
         await asyncio.sleep(0.05)  # let the stderr pump read the last lines
         tail = self.output_tail()
         if self.proc.returncode is not None:
