@@ -288,10 +288,11 @@ class FlamePool:
                       exc_info=exc if not isinstance(exc, FlameError) else None)
 
     def stream(self, fn: Callable[[*Ts], Any], *args: *Ts, timeout: float | None = None,
-               link: bool = True) -> RemoteStream:
-        """Iterate (``async for``) over what generator ``fn(*args)`` yields on a runner."""
+               link: bool = True, on_progress: Callable[[Any], Any] | None = None) -> RemoteStream:
+        """Iterate (``async for``) over what generator ``fn(*args)`` yields on a runner;
+        ``report(event)`` calls in it reach ``on_progress``, in order with the items."""
         payload = dumps((fn, args), f"the stream of {_name(fn)}")
-        return RemoteStream(self, fn, payload, timeout, link)
+        return RemoteStream(self, fn, payload, timeout, link, on_progress)
 
     async def place_child(self, fn: Callable[[*Ts], Any], *args: *Ts, link: bool = True,
                           on_progress: Callable[[Any], Any] | None = None) -> ChildHandle:

@@ -21,8 +21,8 @@ from flame_asgi._stream import RemoteStream
 async def relay(websocket: WebSocket, work: ChildHandle | RemoteStream) -> Any:
     """Forward ``work`` to an accepted ``websocket`` until it ends or the browser leaves.
 
-    Messages: ``{"event": e}`` per progress event of a child, ``{"item": x}`` per item
-    of a stream, then ``{"result": r}`` (``{"done": true}`` for a stream) or
+    Messages: ``{"event": e}`` per progress event (of a child, or of a stream not yet
+    started), ``{"item": x}`` per item of a stream, then ``{"result": r}`` (``{"done": true}`` for a stream) or
     ``{"error": {"type", "message"}}``; the socket is then closed (code 1000, or 1011
     after an error). Returns the child's result (``None`` for a stream, or when the
     browser left: the work is then cancelled); re-raises the work's error after telling
@@ -59,6 +59,7 @@ async def relay(websocket: WebSocket, work: ChildHandle | RemoteStream) -> Any:
 
 async def _forward(websocket: WebSocket, work: ChildHandle | RemoteStream) -> Any:
     if isinstance(work, RemoteStream):
+        work.forward_progress(lambda event: websocket.send_json({"event": jsonable_encoder(event)}))
         async for item in work:
             await websocket.send_json({"item": jsonable_encoder(item)})
         await websocket.send_json({"done": True})

@@ -9,6 +9,8 @@ consumer instead of filling the parent's memory.
 from __future__ import annotations
 
 import asyncio
+import inspect
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from flame_asgi._exceptions import CallTimeout
@@ -22,8 +24,10 @@ if TYPE_CHECKING:
 class RemoteStream:
     """Iterate with ``async for``; ``timeout`` bounds the wait for each next item."""
 
-    def __init__(self, pool: FlamePool, fn: Any, payload: bytes, timeout: float | None, link: bool) -> None:
+    def __init__(self, pool: FlamePool, fn: Any, payload: bytes, timeout: float | None, link: bool,
+                 on_progress: Callable[[Any], Any] | None = None) -> None:
         self._pool = pool
+        self._on_progress = on_progress
         self._fn = fn
         self._payload: bytes | None = payload
         self._timeout = timeout
@@ -45,11 +49,17 @@ class RemoteStream:
                 self._rid = await pool._checkout(wait)
                 assert self._payload is not None
                 self._remote = await pool._start(self._rid, "stream", self._payload, link=self._link,
-                                                 progress=False)
+                                                 progress=self._on_progress is not None)
                 self._payload = None
             per_item = pool.timeout if self._timeout is None else self._timeout
             async with asyncio.timeout(per_item) as scope:
                 type_, data = await self._remote.next()
+                while type_ == "event":  # progress reported between items
+                    assert self._on_progress is not None
+                    result = self._on_progress(loads(data, self._remote.hub))
+                    if inspect.isawaitable(result):
+                        await result
+                    type_, data = await self._remote.next()
         except TimeoutError:
             self._close()
             if scope.expired():
@@ -64,6 +74,11 @@ class RemoteStream:
         if type_ == "end":
             raise StopAsyncIteration
         raise pool._failure(self._rid, type_, data)
+
+    def forward_progress(self, on_progress: Callable[[Any], Any]) -> None:
+        """Send progress events to ``on_progress`` too, if the stream has not started yet."""
+        if self._remote is None and self._on_progress is None:
+            self._on_progress = on_progress
 
     def _close(self) -> None:
         self._done = True

@@ -165,3 +165,9 @@ def meet(folder: str, index: int, expected: int) -> int:
             raise TimeoutError(f"only {len(os.listdir(folder))} of {expected} calls ran at once")
         time.sleep(0.01)
     return index
+
+
+def count_with_progress(n: int) -> Iterator[int]:
+    for i in range(n):
+        report(f"making {i}")
+        yield i

@@ -40,7 +40,7 @@ def make_app(done: pathlib.Path, n: int, delay: float) -> tuple[FastAPI, dict[st
     @app.websocket("/ws/stream")
     async def items(ws: WebSocket, pool: Annotated[FlamePool, Depends(flame_pool("work"))]) -> None:
         await ws.accept()
-        await relay(ws, pool.stream(remote.count_up, 3))
+        await relay(ws, pool.stream(remote.count_with_progress, 3))
 
     @app.websocket("/ws/fail")
     async def fail(ws: WebSocket, pool: Annotated[FlamePool, Depends(flame_pool("work"))]) -> None:
@@ -63,7 +63,9 @@ def test_stream_items_and_errors_reach_the_browser(tmp_path: pathlib.Path) -> No
     app, _ = make_app(tmp_path / "done", 1, 0.0)
     with TestClient(app) as client:
         with client.websocket_connect("/ws/stream") as ws:
-            assert [ws.receive_json() for _ in range(4)] == [{"item": 0}, {"item": 1}, {"item": 2}, {"done": True}]
+            assert [ws.receive_json() for _ in range(7)] == [
+                {"event": "making 0"}, {"item": 0}, {"event": "making 1"}, {"item": 1},
+                {"event": "making 2"}, {"item": 2}, {"done": True}]
         with client.websocket_connect("/ws/fail") as ws:
             assert ws.receive_json() == {"error": {"type": "ValueError", "message": "remote boom"}}
 

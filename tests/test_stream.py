@@ -166,3 +166,11 @@ async def test_linked_child_stops_when_its_caller_ends(backend: BackendFactory, 
         assert not handles[1].done() and active(pool) == 1  # the unlinked child lives on
         handles[1].cancel()
         await until(lambda: active(pool) == 0)
+
+
+async def test_stream_progress_reaches_the_consumer_in_order(backend: BackendFactory) -> None:
+    seen: list[Any] = []
+    async with FlamePool("stream-progress", backend=backend()) as pool:
+        async for item in pool.stream(remote.count_with_progress, 3, on_progress=seen.append):
+            seen.append(item)
+    assert seen == ["making 0", 0, "making 1", 1, "making 2", 2]
