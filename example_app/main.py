@@ -32,6 +32,7 @@ from example_app.config import MAX_UPLOAD_BYTES, Settings
 from example_app.db import Job, database, job_json, open_database
 from example_app.thumbs import make_thumbnails
 from flame_asgi import Backend, FastAPI, FlameError, FlamePool, ProcessBackend, flame_pool, relay
+from flame_asgi.metrics import mount_metrics
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("example_app")
@@ -66,6 +67,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 app = FastAPI(title="flame_asgi showcase: video thumbnails", lifespan=lifespan)
 app.add_flame_pool("thumbs", backend=thumbs_backend(), max=2, max_concurrency=2, idle_shutdown_after=30)
 app.mount("/static", StaticFiles(directory=STATIC), name="static")
+with contextlib.suppress(ImportError):  # GET /metrics for Prometheus: pip install 'flame_asgi[prometheus]'
+    mount_metrics(app)
 Thumbs = Annotated[FlamePool, Depends(flame_pool("thumbs"))]
 
 

@@ -25,6 +25,7 @@ from flame_asgi._pool import FlamePool, PoolStats, RunnerInfo
 from flame_asgi._progress import report
 from flame_asgi._relay import relay
 from flame_asgi._stream import RemoteStream
+from flame_asgi._telemetry import subscribe
 from flame_asgi._transfer import RemoteBytes, TransferError, Upload
 from flame_asgi.backends import Backend, LocalBackend, ProcessBackend
 
@@ -71,4 +72,5 @@ __all__ = [
     "parent",
     "relay",
     "report",
+    "subscribe",
 ]

@@ -22,6 +22,7 @@ from starlette.types import Receive, Scope, Send
 from flame_asgi._parent import runner_mode
 from flame_asgi._pool import FlamePool
 from flame_asgi._runner_host import runner_host
+from flame_asgi._runner_logs import forward_runner_logs
 
 Lifespan = Callable[[Any], contextlib.AbstractAsyncContextManager[Mapping[str, Any] | None]]
 
@@ -51,6 +52,7 @@ class FastAPI(fastapi.FastAPI):
         self._flame_started = True
         if runner_mode():
             runner_host().arm_failsafe()
+            forward_runner_logs(runner_host().info)
         async with contextlib.AsyncExitStack() as stack:
             for pool in self.flame_pools.values():
                 await pool.start()

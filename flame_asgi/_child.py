@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Generator
 from typing import TYPE_CHECKING, Any
 
+from flame_asgi import _telemetry
 from flame_asgi._pickling import loads
 
 if TYPE_CHECKING:
@@ -29,8 +30,10 @@ class ChildHandle:
     """Await it for the result; ``async for`` over it for progress events; ``cancel()`` it."""
 
     def __init__(self, pool: FlamePool, rid: str, remote: RemoteCall, fn: Any, link: bool,
-                 on_progress: Callable[[Any], Any] | None) -> None:
+                 on_progress: Callable[[Any], Any] | None,
+                 obs: _telemetry.CallObserver = _telemetry.OFF) -> None:
         self.runner_id = rid
+        self._obs = obs
         self._pool = pool
         self._remote = remote
         self._on_progress = on_progress
@@ -82,6 +85,7 @@ class ChildHandle:
         finally:
             self._ended = True
             self._changed.set()
+            self._obs.settle(self._result)
 
     def __await__(self) -> Generator[Any, None, Any]:
         return asyncio.shield(self._result).__await__()

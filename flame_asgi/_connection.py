@@ -152,7 +152,7 @@ class RunnerConnection:
         await self._writer.send(type_, id_, payload, **meta)
 
     async def start(self, kind: str, payload: bytes, *, link: bool, progress: bool, window: int,
-                    on_finish: Callable[[], None]) -> RemoteCall:
+                    on_finish: Callable[[], None], trace: dict[str, str] | None = None) -> RemoteCall:
         if self.closed is not None:
             on_finish()  # nothing was sent: hand the slot back
             raise RunnerLost(f"runner {self.runner_id} is gone: {self.closed}", runner_id=self.runner_id,
@@ -160,7 +160,8 @@ class RunnerConnection:
         call = RemoteCall(self, next(self._ids), window, on_finish)
         self._calls[call.id] = call
         try:
-            await self._send("call", call.id, payload, k=kind, l=link, p=progress, w=window)
+            extra = {"tc": trace} if trace else {}  # the caller's trace context (W3C), when traced
+            await self._send("call", call.id, payload, k=kind, l=link, p=progress, w=window, **extra)
         except ChannelClosed as exc:
             self._calls.pop(call.id, None)
             call.finish()

@@ -17,6 +17,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, TypeVarTuple, overload
 
+from flame_asgi import _telemetry
 from flame_asgi._child import ChildHandle
 from flame_asgi._codec import max_payload_from_env
 from flame_asgi._connection import RemoteCall, RunnerConnection
@@ -153,6 +154,7 @@ class FlamePool:
         if runner_mode():
             self._state.min = 0  # a runner's own pools start empty: no chains of warm runners
         self._running = True
+        _telemetry.pool_started(self)
         self._reaper = self.loop.create_task(self._reap_idle())
         count = self._state.min
         counts = []
@@ -180,6 +182,7 @@ class FlamePool:
             return
         self._closed = True
         self._running = False
+        _telemetry.pool_stopped(self)
         if self._reaper is not None:
             self._reaper.cancel()
         for fut in list(self._state.waiters):
@@ -231,6 +234,11 @@ class FlamePool:
                    timeout: float | None = None, link: bool = True,
                    on_progress: Callable[[Any], Any] | None = None) -> Any:
         """Run ``fn(*args)`` on a runner and return its result (see the module docs)."""
+        with _telemetry.observe_call(self, "call", fn) as obs:
+            return await self._call(obs, fn, args, timeout, link, on_progress)
+
+    async def _call(self, obs: _telemetry.CallObserver, fn: Callable[..., Any], args: tuple[Any, ...],
+                    timeout: float | None, link: bool, on_progress: Callable[[Any], Any] | None) -> Any:
         tokens: list[str] = []
         payload = dumps((fn, args), f"the call to {_name(fn)}", tokens)
         try:
@@ -239,7 +247,7 @@ class FlamePool:
             forget(tokens)
             raise
         run = self.timeout if timeout is None else timeout
-        remote = await self._start(rid, "call", payload, link=link, progress=on_progress is not None)
+        remote = await self._start(rid, "call", payload, link=link, progress=on_progress is not None, obs=obs)
         hub = remote.hub
         try:
             async with asyncio.timeout(run) as scope:
@@ -271,9 +279,10 @@ class FlamePool:
         task.add_done_callback(self._casts.pop)
 
     async def _cast(self, fn: Any, payload: bytes, link: bool) -> None:
+        obs = _telemetry.observe_call(self, "cast", fn)
         try:
             rid = await self._checkout(self.boot_timeout)
-            remote = await self._start(rid, "cast", payload, link=link, progress=False)
+            remote = await self._start(rid, "cast", payload, link=link, progress=False, obs=obs)
             try:
                 async with asyncio.timeout(self.timeout):
                     type_, data = await remote.next()
@@ -281,11 +290,15 @@ class FlamePool:
                         raise self._failure(rid, type_, data)
             finally:
                 self._abandon(remote, link)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
+            obs.end(exc)
             raise
         except Exception as exc:
+            obs.end(exc)
             log.error("pool %r: cast of %s failed: %s", self.name, _name(fn), exc,
                       exc_info=exc if not isinstance(exc, FlameError) else None)
+        else:
+            obs.end()
 
     def stream(self, fn: Callable[[*Ts], Any], *args: *Ts, timeout: float | None = None,
                link: bool = True, on_progress: Callable[[Any], Any] | None = None) -> RemoteStream:
@@ -298,9 +311,14 @@ class FlamePool:
                           on_progress: Callable[[Any], Any] | None = None) -> ChildHandle:
         """Start long-running ``fn(*args)`` on a runner; it holds a slot until it ends."""
         payload = dumps((fn, args), f"the child {_name(fn)}")
-        rid = await self._checkout(self.boot_timeout)
-        remote = await self._start(rid, "child", payload, link=link, progress=True)
-        return ChildHandle(self, rid, remote, fn, link, on_progress)
+        obs = _telemetry.observe_call(self, "child", fn)
+        try:
+            rid = await self._checkout(self.boot_timeout)
+            remote = await self._start(rid, "child", payload, link=link, progress=True, obs=obs)
+        except BaseException as exc:
+            obs.end(exc)
+            raise
+        return ChildHandle(self, rid, remote, fn, link, on_progress, obs)
 
     # -- slots --------------------------------------------------------------------------
     def _ensure_running(self) -> None:
@@ -341,13 +359,15 @@ class FlamePool:
             f"busy, {s.booting} booting, max={self.max}, max_concurrency={self.max_concurrency}); "
             "raise the timeout, max or max_concurrency")
 
-    async def _start(self, rid: str, kind: str, payload: bytes, *, link: bool, progress: bool) -> RemoteCall:
+    async def _start(self, rid: str, kind: str, payload: bytes, *, link: bool, progress: bool,
+                     obs: _telemetry.CallObserver = _telemetry.OFF) -> RemoteCall:
+        obs.acquired(rid)
         runner = self._runners.get(rid)
         if runner is None:
             self._release(rid)
             raise RunnerLost(f"runner {rid} went away before the call started", runner_id=rid)
         remote = await runner.conn.start(kind, payload, link=link, progress=progress, window=WINDOW,
-                                         on_finish=functools.partial(self._finished, rid))
+                                         on_finish=functools.partial(self._finished, rid), trace=obs.trace)
         if not link:
             self._unlinked.add(remote)
         return remote
@@ -402,6 +422,7 @@ class FlamePool:
         self._last_attempt = self.loop.time()
         rid = f"{self.name}-{next(self._ids)}-{secrets.token_hex(3)}"
         meta = {"name": self.name, "count": count, "runner_id": rid}
+        began = _telemetry.boot_started(self, rid, count)
         stage = ["the backend was still starting it"]  # what the boot was waiting for, for the error
         try:
             await _call_hook(self.on_grow_start, meta)
@@ -416,6 +437,7 @@ class FlamePool:
                 error = BootError(f"booting runner {rid} failed: {exc!r}", reason=repr(exc))
             decision = self._state.boot_failed(error)
             self._boot_failures += 1
+            _telemetry.boot_ended(self, rid, began, error, len(self._runners) + self._state.booting)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             log.warning("pool %r: %s", self.name, error)
@@ -430,6 +452,7 @@ class FlamePool:
         self._runners[rid] = runner
         self._boot_failures = 0
         decision = self._state.boot_succeeded(rid, self.loop.time())
+        _telemetry.boot_ended(self, rid, began, None, len(self._runners) + self._state.booting)
         self._apply(decision)
         await _call_hook(self.on_grow_end, None, {**meta, "count": len(self._runners) + self._state.booting},
                          swallow=True)
@@ -489,6 +512,7 @@ class FlamePool:
             return
         log.warning("pool %r: runner %s lost: %s", self.name, rid, reason)
         self._apply(self._state.remove(rid))
+        _telemetry.runner_stopped(self, rid, f"lost: {reason}", len(self._runners))
         self._spawn(runner.handle.stop(1.0))
         self._spawn(_call_hook(self.on_shrink, {"name": self.name, "count": len(self._runners),
                                                 "runner_id": rid, "reason": f"lost: {reason}"}, swallow=True))
@@ -517,6 +541,7 @@ class FlamePool:
             decision = self._state.remove(rid)
             if self._running:
                 self._apply(decision)
+            _telemetry.runner_stopped(self, rid, reason, len(self._runners))
             await _call_hook(self.on_shrink, {"name": self.name, "count": len(self._runners),
                                               "runner_id": rid, "reason": reason}, swallow=True)
 

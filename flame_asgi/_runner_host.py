@@ -20,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from flame_asgi._channel import ASGIWebSocketChannel
 from flame_asgi._parent import ENV_SECRET, ParentInfo, parent
+from flame_asgi._telemetry import emit
 from flame_asgi._worker import RunnerSession
 
 log = logging.getLogger("flame_asgi.runner")
@@ -75,6 +76,7 @@ class RunnerHost:
         await send({"type": "websocket.accept"})
         session = RunnerSession(self.info, self._secret, on_ready=self._on_ready)
         reason = await session.serve(ASGIWebSocketChannel(receive, send))
+        emit("runner.session.end", pool=self.info.pool, runner=self.info.runner_id, reason=reason)
         if self.attached:
             log.info("runner %s: session ended (%s); exiting", self.info.runner_id, reason)
             self.exit(reason)

@@ -13,6 +13,7 @@ import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from flame_asgi import _telemetry
 from flame_asgi._exceptions import CallTimeout
 from flame_asgi._pickling import loads
 
@@ -35,6 +36,7 @@ class RemoteStream:
         self._remote: RemoteCall | None = None
         self._rid = ""
         self._done = False
+        self._obs = _telemetry.OFF
 
     def __aiter__(self) -> RemoteStream:
         return self
@@ -43,13 +45,15 @@ class RemoteStream:
         if self._done:
             raise StopAsyncIteration
         pool = self._pool
+        scope = None
         try:
             if self._remote is None:
+                self._obs = _telemetry.observe_call(pool, "stream", self._fn)
                 wait = pool.boot_timeout if self._timeout is None else self._timeout
                 self._rid = await pool._checkout(wait)
                 assert self._payload is not None
                 self._remote = await pool._start(self._rid, "stream", self._payload, link=self._link,
-                                                 progress=self._on_progress is not None)
+                                                 progress=self._on_progress is not None, obs=self._obs)
                 self._payload = None
             per_item = pool.timeout if self._timeout is None else self._timeout
             async with asyncio.timeout(per_item) as scope:
@@ -60,28 +64,35 @@ class RemoteStream:
                     if inspect.isawaitable(result):
                         await result
                     type_, data = await self._remote.next()
-        except TimeoutError:
-            self._close()
-            if scope.expired():
-                raise CallTimeout(f"stream did not yield its next item within {per_item:g} s") from None
+        except TimeoutError as exc:
+            # ``scope`` is None when the wait for a slot timed out (a CallTimeout already).
+            if scope is not None and scope.expired():
+                error = CallTimeout(f"stream did not yield its next item within {per_item:g} s")
+                self._close(error)
+                raise error from None
+            self._close(exc)
             raise
-        except BaseException:
-            self._close()
+        except BaseException as exc:
+            self._close(exc)
             raise
         if type_ == "item":
             return loads(data, self._remote.hub)
-        self._close()
         if type_ == "end":
+            self._close(None, "ok")
             raise StopAsyncIteration
-        raise pool._failure(self._rid, type_, data)
+        failure = pool._failure(self._rid, type_, data)
+        self._close(failure)
+        raise failure
 
     def forward_progress(self, on_progress: Callable[[Any], Any]) -> None:
         """Send progress events to ``on_progress`` too, if the stream has not started yet."""
         if self._remote is None and self._on_progress is None:
             self._on_progress = on_progress
 
-    def _close(self) -> None:
+    def _close(self, exc: BaseException | None = None, outcome: str = "stopped") -> None:
+        """Stop for good: ``exc`` ended the stream, or it ended (``ok``) or was dropped (``stopped``)."""
         self._done = True
+        self._obs.end(exc, None if exc is not None else outcome)
         if self._remote is not None:
             self._remote.abandon(self._link)
 

@@ -28,6 +28,7 @@ from flame_asgi._parent import ParentInfo, _local_parent, code_version
 from flame_asgi._pickling import dumps, loads, pack_exception
 from flame_asgi._progress import Sent, current_reporter
 from flame_asgi._threads import ElasticThreadPool
+from flame_asgi._tracing import remote_span
 from flame_asgi._transfer import TransferHub
 from flame_asgi._writer import FrameWriter, split
 
@@ -64,6 +65,7 @@ class _Work:
         self.link: bool = frame.meta.get("l", True)
         self.wants_progress: bool = frame.meta.get("p", False)
         self.credit: int = frame.meta.get("w", 32)
+        self.trace: dict[str, str] | None = frame.meta.get("tc")  # the caller's trace context
         self.task: asyncio.Task[None] | None = None
         self.started = False
         self.cancelled = False
@@ -289,11 +291,13 @@ class RunnerSession:
     async def _run(self, work: _Work, payload: memoryview) -> None:
         work.started = True
         current_reporter.set(work)
+        span = remote_span(self.info, work.kind, work.trace)
         try:
             if work.cancelled:
                 raise asyncio.CancelledError
             fn, args = loads(payload, self.hub)
             del payload
+            span.named(fn)
             if work.kind == "stream":
                 await self._run_stream(work, fn, args)
                 await work.emit("end")
@@ -307,9 +311,11 @@ class RunnerSession:
         except ChannelClosed:
             pass
         except BaseException as exc:  # everything the user's code raises goes back to the caller
+            span.failed(exc)
             await self._quiet(work, "error", pack_exception(exc))
         finally:
             self._work.pop(work.id, None)
+            span.end()
 
     async def _quiet(self, work: _Work, type_: str, data: bytes = b"") -> None:
         try:

@@ -195,3 +195,13 @@ def postgres_url() -> Iterator[str]:
             proc.wait()
         with contextlib.suppress(OSError):
             shutil.rmtree(root)
+
+
+async def test_the_metrics_page_counts_the_job(server: ExampleServer) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        job = (await http.post("/api/jobs", data={"count": "2"})).json()
+        await follow(server, job["live"])
+        page = (await http.get("/metrics")).text
+    assert 'flame_pool_max_runners{pool="thumbs"} 2.0' in page
+    assert 'flame_pool_runners{pool="thumbs"} 1.0' in page
+    assert 'flame_calls_total{kind="child",outcome="ok",pool="thumbs"} 1.0' in page

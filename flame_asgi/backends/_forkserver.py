@@ -87,6 +87,8 @@ def serve(app: str, ctrl: socket.socket) -> None:
             code = 1
             try:
                 code = _child(request, listen_fd, stderr_fd, ctrl)
+            except SystemExit as exc:  # uvicorn's own exit: its log already says why
+                code = exc.code if isinstance(exc.code, int) else 1
             except BaseException:
                 import traceback
 

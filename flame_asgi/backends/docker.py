@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from flame_asgi._channel import Channel
 from flame_asgi._exceptions import BootError
+from flame_asgi._runner_logs import RunnerOutput
 from flame_asgi.backends._base import Backend, RunnerHandle, RunnerSpec, connect_websocket
 from flame_asgi.backends.process import BARE_APP, find_import_string
 
@@ -323,12 +324,12 @@ class DockerRunnerHandle(RunnerHandle):
         self._logs = asyncio.get_running_loop().create_task(self._pump_logs())
 
     async def _pump_logs(self) -> None:
-        prefix = f"[{self.spec.pool}/{self.spec.runner_id}] "
+        output = RunnerOutput(self.spec.pool, self.spec.runner_id)  # tagged, rate-limited (_runner_logs)
         with contextlib.suppress(Exception):  # the stream ends, or breaks, with the container
             async for chunk in self.container.log(stdout=True, stderr=True, follow=True):
                 for line in chunk.rstrip("\n").splitlines():
-                    self._tail.append(line)
-                    log.warning("%s%s", prefix, line)
+                    self._tail.append(output.line(line))
+        output.close()
 
     def output_tail(self, lines: int = 15) -> str:
         return "\n".join(list(self._tail)[-lines:]) or "(nothing)"

@@ -24,6 +24,7 @@ from typing import Any
 
 from flame_asgi._channel import Channel
 from flame_asgi._exceptions import BootError
+from flame_asgi._runner_logs import RunnerOutput, relay_lines
 from flame_asgi.backends._base import Backend, RunnerHandle, RunnerSpec, connect_websocket
 from flame_asgi.backends._fork import ForkedProcess, ForkServer, ForkUnavailable
 
@@ -148,11 +149,8 @@ class ProcessRunnerHandle(RunnerHandle):
 
     async def _pump_stderr(self) -> None:
         assert self.proc.stderr is not None
-        prefix = f"[{self.spec.pool}/{self.spec.runner_id}] "
-        async for raw in self.proc.stderr:
-            line = raw.decode(errors="replace").rstrip()
-            self._tail.append(line)
-            log.warning("%s%s", prefix, line)
+        # Tagged, rate-limited; the runner's JSON log lines become records again (_runner_logs).
+        await relay_lines(self.proc.stderr, RunnerOutput(self.spec.pool, self.spec.runner_id), self._tail)
 
     def output_tail(self, lines: int = 15) -> str:
         return "\n".join(list(self._tail)[-lines:])
