@@ -31,7 +31,8 @@ from fastapi.staticfiles import StaticFiles
 from example_app.config import MAX_UPLOAD_BYTES, Settings
 from example_app.db import Job, database, job_json, open_database
 from example_app.thumbs import make_thumbnails
-from flame_asgi import Backend, FastAPI, FlameError, FlamePool, ProcessBackend, flame_pool, relay
+from example_app.tracing import tracing
+from flame_asgi import Backend, FastAPI, FlameError, FlamePool, ProcessBackend, flame_pool, parent, relay
 from flame_asgi.metrics import mount_metrics
 
 STATIC = Path(__file__).parent / "static"
@@ -60,8 +61,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = Settings.from_env()
     settings.uploads.mkdir(parents=True, exist_ok=True)
     app.state.settings = settings
-    async with open_database(settings.database_url):
-        yield
+    with tracing("thumbs-runner" if parent() else "thumbs-web"):  # off unless configured
+        async with open_database(settings.database_url):
+            yield
 
 
 app = FastAPI(title="flame_asgi showcase: video thumbnails", lifespan=lifespan)

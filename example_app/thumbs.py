@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from example_app.db import Thumbnail, database, thumbnail_json
+from example_app.tracing import span
 from flame_asgi import parent, report
 
 THUMB_WIDTH = 320
@@ -100,9 +101,10 @@ async def probe_video(path: str) -> Probe:
 
 async def grab_frame(path: str, timestamp: float, width: int, height: int) -> bytes:
     """One JPEG frame at ``timestamp`` (seeking before ``-i`` makes this quick)."""
-    jpeg = await run("ffmpeg", "-nostdin", "-v", "error", "-ss", f"{timestamp:.3f}", "-i", path,
-                     "-frames:v", "1", "-vf", f"scale={width}:{height}", "-q:v", "4",
-                     "-f", "image2pipe", "-c:v", "mjpeg", "pipe:1")
+    with span("ffmpeg frame", timestamp=timestamp):
+        jpeg = await run("ffmpeg", "-nostdin", "-v", "error", "-ss", f"{timestamp:.3f}", "-i", path,
+                         "-frames:v", "1", "-vf", f"scale={width}:{height}", "-q:v", "4",
+                         "-f", "image2pipe", "-c:v", "mjpeg", "pipe:1")
     if not jpeg:
         raise RuntimeError(f"ffmpeg found no frame at {timestamp:.3f} s")
     return jpeg

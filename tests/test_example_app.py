@@ -205,3 +205,26 @@ async def test_the_metrics_page_counts_the_job(server: ExampleServer) -> None:
     assert 'flame_pool_max_runners{pool="thumbs"} 2.0' in page
     assert 'flame_pool_runners{pool="thumbs"} 1.0' in page
     assert 'flame_calls_total{kind="child",outcome="ok",pool="thumbs"} 1.0' in page
+
+
+def test_a_thumbnail_job_is_one_trace_across_web_process_and_runner(tmp_path: Path) -> None:
+    spans_file = tmp_path / "spans.jsonl"
+    video = make_video(tmp_path / "clip.mp4", seconds=3)
+    with serve_example(tmp_path / "data", FLAME_EXAMPLE_TRACES=str(spans_file)) as server:
+        with video.open("rb") as f:
+            job = httpx.post(f"{server.url}/api/jobs", files={"video": ("clip.mp4", f, "video/mp4")},
+                             data={"count": "2"}, timeout=30).json()
+        asyncio.run(follow(server, job["live"]))
+    # The server has stopped: every process flushed its spans into the file.
+    spans = [json.loads(line) for line in spans_file.read_text().splitlines()]
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for s in spans:
+        by_name.setdefault(s["name"], []).append(s)
+    (call,) = by_name["flame.child make_thumbnails"]
+    (run,) = by_name["flame.run make_thumbnails"]
+    assert call["resource"]["attributes"]["service.name"] == "thumbs-web"
+    assert run["resource"]["attributes"]["service.name"] == "thumbs-runner"
+    assert run["context"]["trace_id"] == call["context"]["trace_id"]
+    assert run["parent_id"] == call["context"]["span_id"]  # the runner's span is the call's child
+    frames = by_name["ffmpeg frame"]
+    assert len(frames) == 2 and all(f["parent_id"] == run["context"]["span_id"] for f in frames)
