@@ -16,6 +16,7 @@ import sys
 import tempfile
 from typing import Any
 
+from bench import _proc
 from bench._measure import unavailable
 
 
@@ -51,17 +52,10 @@ async def run_json(module: str, args: list[str], timeout: float) -> dict[str, An
 def _kill_session(sid: int) -> None:
     """SIGKILL every process in session ``sid`` (started with ``start_new_session``): the
     subprocess and all it spawned, even those in process groups of their own (Ray's workers)."""
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
+    for pid, fields in _proc.stats():
         if int(fields[3]) == sid:  # fields: state, ppid, pgrp, session, ...
             try:
-                os.kill(int(entry.name), signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
 

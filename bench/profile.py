@@ -22,7 +22,7 @@ from typing import Any
 
 from websockets.asyncio.client import connect
 
-from bench import _components, _uvicorn, tasks
+from bench import _components, _proc, _uvicorn, tasks
 from bench._config import MB
 from bench.run import RESULTS
 from flame_asgi import FlamePool, ProcessBackend
@@ -33,14 +33,7 @@ TICK = os.sysconf("SC_CLK_TCK")
 def _children_cpu() -> float:
     """CPU seconds used so far by this process's direct children (the runners)."""
     me, total = os.getpid(), 0.0
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
+    for _, fields in _proc.stats():
         if int(fields[1]) == me:  # fields[1] is the parent pid
             total += (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
     return total
