@@ -126,7 +126,7 @@ class FlamePool:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._boots: set[asyncio.Task[Any]] = set()
         self._casts: dict[asyncio.Task[None], bool] = {}  # task -> link
-        self._unlinked: set[RemoteCall] = set()
+        self._unlinked = 0  # link=False calls still running remotely (closing waits for them)
         self._stopping: set[str] = set()
         self._ids = itertools.count(1)
         self._last_attempt = -BOOT_RETRY_INTERVAL
@@ -267,7 +267,7 @@ class FlamePool:
                 raise CallTimeout(_overran(fn, run, link)) from None
             raise
         finally:
-            self._abandon(remote, link)
+            remote.abandon(link)
             forget(tokens)
 
     def cast(self, fn: Callable[[*Ts], Any], *args: *Ts, link: bool = True) -> None:
@@ -289,7 +289,7 @@ class FlamePool:
                     if type_ != "result":
                         raise self._failure(rid, type_, data)
             finally:
-                self._abandon(remote, link)
+                remote.abandon(link)
         except asyncio.CancelledError as exc:
             obs.end(exc)
             raise
@@ -366,18 +366,15 @@ class FlamePool:
         if runner is None:
             self._release(rid)
             raise RunnerLost(f"runner {rid} went away before the call started", runner_id=rid)
-        remote = await runner.conn.start(kind, payload, link=link, progress=progress, window=WINDOW,
-                                         on_finish=functools.partial(self._finished, rid), trace=obs.trace)
         if not link:
-            self._unlinked.add(remote)
-        return remote
+            self._unlinked += 1  # every path out of conn.start calls on_finish exactly once
+        return await runner.conn.start(kind, payload, link=link, progress=progress, window=WINDOW,
+                                       on_finish=functools.partial(self._finished, rid, link), trace=obs.trace)
 
-    def _finished(self, rid: str) -> None:
-        self._unlinked = {c for c in self._unlinked if not c.finished}
+    def _finished(self, rid: str, link: bool) -> None:
+        if not link:
+            self._unlinked -= 1
         self._release(rid)
-
-    def _abandon(self, remote: RemoteCall, link: bool) -> None:
-        remote.abandon(link)
 
     def _release(self, rid: str) -> None:
         self._apply(self._state.release(rid, self.loop.time()))
