@@ -106,10 +106,14 @@ async def test_a_fast_reporter_waits_for_a_slow_consumer(backend: BackendFactory
         assert received == list(range(5000))
 
 
-def test_report_outside_a_runner_is_a_noop() -> None:
+async def test_report_outside_a_runner_is_a_noop(backend: BackendFactory) -> None:
     from flame_asgi import report
 
-    assert report("nobody listens") is not None
+    await asyncio.wait_for(report("nobody listens"), 0.1)  # awaitable, done at once
+    report("nobody listens")  # and fine not awaited
+    # Inside a call without on_progress it is a no-op too: nothing is sent, nothing blocks.
+    async with FlamePool("noop", backend=backend()) as pool:
+        assert await pool.call(remote.report_steps, 10_000, timeout=10) == "reported"
 
 
 async def test_place_child_holds_a_slot_and_buffers_events(backend: BackendFactory, tmp_path: pathlib.Path) -> None:
