@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Generator
 from typing import TYPE_CHECKING, Any
@@ -22,14 +21,13 @@ if TYPE_CHECKING:
     from flame_asgi._connection import RemoteCall
     from flame_asgi._pool import FlamePool
 
-log = logging.getLogger("flame_asgi.pool")
 EVENT_BUFFER = 1024  # events held for a handle nobody iterates yet, before back-pressure applies
 
 
 class ChildHandle:
     """Await it for the result; ``async for`` over it for progress events; ``cancel()`` it."""
 
-    def __init__(self, pool: FlamePool, rid: str, remote: RemoteCall, fn: Any, link: bool,
+    def __init__(self, pool: FlamePool, rid: str, remote: RemoteCall, link: bool,
                  on_progress: Callable[[Any], Any] | None,
                  obs: _telemetry.CallObserver = _telemetry.OFF) -> None:
         self.runner_id = rid

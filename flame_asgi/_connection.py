@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -19,8 +18,6 @@ from flame_asgi._codec import TO_PARENT, TO_RUNNER, FrameOpener, FrameSealer, ma
 from flame_asgi._exceptions import BootError, FlameError, RunnerLost, VersionSkew
 from flame_asgi._transfer import TransferHub
 from flame_asgi._writer import FrameWriter, split
-
-log = logging.getLogger("flame_asgi.pool")
 
 TERMINAL = frozenset({"result", "error", "end", "cancelled"})
 TRANSFER = frozenset({"pull", "chunk", "eof", "abort", "drop"})
@@ -58,11 +55,11 @@ class RemoteCall:
         elif type_ in ("event", "item"):
             self._conn.grant(self.id, 1)  # nobody listens: keep the remote side unblocked
 
-    def abandon(self, link: bool, release: bool = True) -> None:
+    def abandon(self, link: bool) -> None:
         """The caller stops listening: cancel the remote work if linked.
 
-        The slot is freed now for a linked cancel (``release``), or when the runner
-        reports the end of the work otherwise.
+        The slot is freed now for a linked cancel, or when the runner reports the end of
+        the work otherwise.
         """
         if self.detached:
             return
@@ -75,8 +72,7 @@ class RemoteCall:
             return
         if link:
             self._conn.cancel(self.id)
-            if release:
-                self.finish()
+            self.finish()
 
     def request_cancel(self) -> None:
         """Ask the runner to stop the work, and keep reading until it says it has."""
@@ -122,7 +118,6 @@ class RunnerConnection:
         self._background: set[asyncio.Task[None]] = set()
         self._last_seen = 0.0
         self.closed: str | None = None
-        self.ready_meta: dict[str, Any] = {}
         self.hub = TransferHub(self._send, max_payload)
 
     async def handshake(self, version: str) -> None:
@@ -143,7 +138,6 @@ class RunnerConnection:
             raise VersionSkew(f"runner {self.runner_id} refused: {reason}", reason=reason)
         if reply.type != "ready":
             raise BootError(f"runner {self.runner_id} sent {reply.type!r} instead of ready")
-        self.ready_meta = reply.meta
         loop = asyncio.get_running_loop()
         self._last_seen = loop.time()
         self._tasks = [loop.create_task(self._reader()), loop.create_task(self._heartbeat())]
@@ -255,33 +249,33 @@ class RunnerConnection:
             detail = None
         why = f"{reason}; {detail}" if detail else reason
         error = RunnerLost(f"runner {self.runner_id} was lost: {why}", runner_id=self.runner_id, reason=why)
+        self._fail_calls(error, why)
+        self._on_lost(why)
+        self._writer.close()
+        self._channel.abort()  # no closing handshake with a runner that is gone
+
+    def _fail_calls(self, error: RunnerLost, reason: str) -> None:
         calls, self._calls = self._calls, {}
         for call in calls.values():
             call.deliver("lost", error)
-        self.hub.close(why)
-        self._on_lost(why)
-        self._channel.abort()  # no closing handshake with a runner that is gone
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._calls)
+        self.hub.close(reason)
 
     async def aclose(self, reason: str) -> None:
         """Tell the runner to stop and close the channel; calls still in flight are lost."""
         if self.closed is not None:
             return
-        try:  # a runner that stopped reading must not hold up the shutdown
-            await asyncio.wait_for(self._send_quietly("stop"), 2.0)
-        except TimeoutError:
-            pass
+        # Marked closed first: a loss noticed while "stop" is on its way is not a second end.
         self.closed = reason
         for task in self._tasks:
             task.cancel()
-        error = RunnerLost(f"runner {self.runner_id} was stopped ({reason})", runner_id=self.runner_id, reason=reason)
-        calls, self._calls = self._calls, {}
-        for call in calls.values():
-            call.deliver("lost", error)
-        self.hub.close(reason)
+        try:  # a runner that stopped reading must not hold up the shutdown
+            await self._writer.send("stop")
+            await asyncio.wait_for(self._writer.flush(), 2.0)
+        except (TimeoutError, ChannelClosed, FlameError):
+            pass
+        self._writer.close()
+        self._fail_calls(RunnerLost(f"runner {self.runner_id} was stopped ({reason})", runner_id=self.runner_id,
+                                    reason=reason), reason)
         try:
             await self._channel.aclose(reason)
         except Exception:

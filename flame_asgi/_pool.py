@@ -318,7 +318,7 @@ class FlamePool:
         except BaseException as exc:
             obs.end(exc)
             raise
-        return ChildHandle(self, rid, remote, fn, link, on_progress, obs)
+        return ChildHandle(self, rid, remote, link, on_progress, obs)
 
     # -- slots --------------------------------------------------------------------------
     def _ensure_running(self) -> None:
@@ -421,13 +421,14 @@ class FlamePool:
         meta = {"name": self.name, "count": count, "runner_id": rid}
         began = _telemetry.boot_started(self, rid, count)
         stage = ["the backend was still starting it"]  # what the boot was waiting for, for the error
+        scope: asyncio.Timeout | None = None  # a hook may raise TimeoutError before it exists
         try:
             await _call_hook(self.on_grow_start, meta)
             async with asyncio.timeout(self.boot_timeout) as scope:
                 runner = await self._start_runner(rid, stage)
         except BaseException as exc:
             error = exc
-            if isinstance(exc, TimeoutError) and scope.expired():
+            if isinstance(exc, TimeoutError) and scope is not None and scope.expired():
                 error = BootError(f"runner {rid} did not come up within boot_timeout={self.boot_timeout:g} s: "
                                   f"{stage[-1]}", reason="boot timeout")
             elif not isinstance(exc, (BootError, asyncio.CancelledError)):
@@ -445,7 +446,8 @@ class FlamePool:
                 self._fail_waiters(error)
             elif self._running:
                 self._apply(decision)
-            return error if isinstance(error, BootError) else BootError(str(error))
+            assert isinstance(error, BootError)  # everything but cancellation became one above
+            return error
         self._runners[rid] = runner
         self._boot_failures = 0
         decision = self._state.boot_succeeded(rid, self.loop.time())
@@ -530,7 +532,7 @@ class FlamePool:
     async def _finish_stop(self, rid: str, runner: _Runner, reason: str) -> None:
         try:
             await runner.conn.aclose(reason)
-            await runner.handle.stop(getattr(self.backend, "stop_timeout", 5.0))
+            await runner.handle.stop(self.backend.stop_timeout)
         finally:
             # Removed only once stopped: a runner on its way out still counts against max.
             self._runners.pop(rid, None)

@@ -21,7 +21,6 @@ class Slots:
     id: str
     capacity: int
     active: int = 0
-    uses: int = 0
     retired: bool = False  # takes no new work (single use spent, recycling, stopping)
     idle_since: float | None = None
 
@@ -136,7 +135,6 @@ class PoolState(Generic[W]):
         if best is None:
             return None
         best.active += 1
-        best.uses += 1
         best.idle_since = None
         if self.single_use:
             best.retired = True  # one call per runner: it stops when that call ends
@@ -159,7 +157,3 @@ class PoolState(Generic[W]):
         if room <= 0 or uncovered <= 0:
             return 0
         return min(room, -(-uncovered // self.capacity))
-
-    @property
-    def active(self) -> int:
-        return sum(s.active for s in self.runners.values())

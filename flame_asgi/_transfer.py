@@ -17,8 +17,9 @@ import contextvars
 import os
 import secrets
 import threading
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO
 
 from flame_asgi._exceptions import FlameError, PayloadTooLarge
 
@@ -150,10 +151,6 @@ def _next(it: Iterator[Any], end: object) -> Any:
     return next(it, end)
 
 
-class Sender(Protocol):
-    async def send(self, type_: str, id_: int = 0, payload: bytes = b"", **meta: Any) -> None: ...
-
-
 class TransferHub:
     """One channel end's transfers: sources it serves, RemoteBytes it reads."""
 
@@ -162,7 +159,8 @@ class TransferHub:
         self._max_payload = max_payload
         self._serving: dict[str, tuple[asyncio.Task[None], list[int]]] = {}
         self._credit_events: dict[str, asyncio.Event] = {}
-        self._reading: dict[str, RemoteBytes] = {}
+        # Weak: a RemoteBytes the remote code dropped unread must not stay for the session.
+        self._reading: weakref.WeakValueDictionary[str, RemoteBytes] = weakref.WeakValueDictionary()
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def remote(self, token: str, size: int | None, limit: int) -> RemoteBytes:

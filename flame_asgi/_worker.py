@@ -23,7 +23,7 @@ from typing import Any
 
 from flame_asgi._channel import Channel, ChannelClosed
 from flame_asgi._codec import TO_PARENT, TO_RUNNER, Frame, FrameOpener, FrameSealer, make_signer
-from flame_asgi._exceptions import FlameError, ProtocolError
+from flame_asgi._exceptions import FlameError, PayloadTooLarge, ProtocolError
 from flame_asgi._parent import ParentInfo, _local_parent, code_version
 from flame_asgi._pickling import dumps, loads, pack_exception
 from flame_asgi._progress import Sent, current_reporter
@@ -80,6 +80,9 @@ class _Work:
         if not self.wants_progress or self.cancelled:
             return Sent()
         data = dumps(event, "a progress event")
+        if len(data) > self.session.info.max_payload:  # fail in the reporting code, not the sender
+            raise PayloadTooLarge(f"progress event of {len(data):,} bytes exceeds FLAME_MAX_PAYLOAD; "
+                                  "report a path or an Upload instead")
         loop = self.session.loop
         if threading.get_ident() == self.session.loop_thread:
             return Sent(self.enqueue("event", data))
@@ -193,6 +196,7 @@ class RunnerSession:
             await self._handshake(channel)
         except (ProtocolError, ChannelClosed) as exc:
             reason = f"handshake failed: {exc}"
+            await self._flush()  # a "refused" answer must reach the parent before the close
             await channel.aclose(reason)
             self._executor.shutdown(wait=False)
             return reason
@@ -320,6 +324,9 @@ class RunnerSession:
     async def _quiet(self, work: _Work, type_: str, data: bytes = b"") -> None:
         try:
             await self.send(type_, work.id, data)
+        except PayloadTooLarge as exc:  # an exception too big to send: say so instead
+            too_big = PayloadTooLarge(f"the remote error could not be sent: {exc}")
+            await self._quiet(work, "error", pack_exception(too_big))
         except ChannelClosed:
             pass
 
@@ -379,10 +386,19 @@ class RunnerSession:
             for work in list(self._work.values()):
                 work.cancel()
         self.hub.close(reason)
+        await self._flush()
         if self._channel is not None:
             await self._channel.aclose(reason)
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _flush(self) -> None:
+        if self._writer is not None:
+            try:
+                await asyncio.wait_for(self._writer.flush(), 2.0)
+            except TimeoutError:
+                pass
+            self._writer.close()
 
     def abort(self, reason: str) -> None:
         """Stop everything at once (the local backend's stand-in for a killed process)."""

@@ -1,11 +1,13 @@
 """Ordered frame writing with coalescing: one channel message can carry many frames.
 
-Every frame is sealed (signed, numbered) the moment it is sent, in the caller's order.
-The first sender writes; frames sent while it writes queue up and go out together as
-one batch message, so a burst of calls or results costs one write and one wake-up of
-the peer instead of one per frame. A batch is ``0xFF`` followed by ``u32 length +
-frame`` repeated; a lone frame starts with its header length (< 64 KiB), so its first
-byte is ``0x00`` and the two never mix up. Each frame in a batch is verified on its own.
+Every frame is sealed (signed, numbered) the moment it is sent, in the callers' order,
+and queued; one writer task per channel end writes the queue out. Frames queued while
+it writes go out together as one batch message, so a burst of calls or results costs one
+write and one wake-up of the peer instead of one per frame. Because a task of its own
+does the writing, a caller cancelled mid-send cannot strand frames numbered after its
+own (the peer would refuse them as out of order and end the session). A batch is
+``0xFF`` followed by ``u32 length + frame`` repeated; a lone frame starts with its header
+length (< 64 KiB), so its first byte is ``0x00``. Each frame in a batch is verified alone.
 """
 
 from __future__ import annotations
@@ -30,37 +32,54 @@ class FrameWriter:
         self._sealer = sealer
         self._queue: list[bytes] = []
         self._queued = 0
-        self._writing = False
-        self._drained = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._drained = asyncio.Event()  # set whenever the writer has taken the queue
+        self._idle = asyncio.Event()  # set when everything queued has been written
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
         self._error: ChannelClosed | None = None
 
     async def send(self, type_: str, id_: int = 0, payload: bytes = b"", **meta: Any) -> None:
+        """Queue a frame; wait only while too much is queued (back-pressure)."""
         if self._error is not None:
             raise self._error
         frame = self._sealer.seal(type_, id_, payload, **meta)
-        if self._writing:
-            self._queue.append(frame)
-            self._queued += len(frame)
-            while self._writing and self._queued > HIGH_WATER:
-                self._drained.clear()
-                await self._drained.wait()
-            if self._error is not None:
-                raise self._error
-            return
-        self._writing = True
+        self._queue.append(frame)
+        self._queued += len(frame)
+        self._idle.clear()
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._write())
+        self._wake.set()
+        while self._queued > HIGH_WATER and self._error is None:
+            self._drained.clear()
+            await self._drained.wait()
+        if self._error is not None:
+            raise self._error
+
+    async def _write(self) -> None:
         try:
-            await self._channel.send(frame)
-            while self._queue:
-                frames, self._queue, self._queued = self._queue, [], 0
-                self._drained.set()
-                for message in _pack(frames):
-                    await self._channel.send(message)
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._queue:
+                    frames, self._queue, self._queued = self._queue, [], 0
+                    self._drained.set()
+                    for message in _pack(frames):
+                        await self._channel.send(message)
+                self._idle.set()
         except ChannelClosed as exc:
             self._error = exc
-            raise
         finally:
-            self._writing = False
             self._drained.set()
+            self._idle.set()
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far has been written (or the channel failed)."""
+        await self._idle.wait()
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
 
 
 def _pack(frames: list[bytes]) -> Iterator[bytes]:

@@ -61,6 +61,7 @@ class Backend(abc.ABC):
     name: ClassVar[str]
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 10.0
+    stop_timeout: float = 5.0  # how long a stopping runner gets before it is killed
 
     def bind(self, pool: str, app: Any | None) -> None:  # noqa: B027 - optional hook
         """Called once by the pool that owns this backend, with the app it serves (if any)."""
