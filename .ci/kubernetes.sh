@@ -5,7 +5,7 @@
 #   2. fetch Debian's source package of Kubernetes 1.20.2 (vendored Go dependencies, so no
 #      Go proxy is needed) through a deb-src line for the machine's configured mirror, with
 #      a private apt state dir so the system's apt lists are left alone;
-#   3. unpack it into a GOPATH tree and `make WHAT=cmd/kube-apiserver` (~5 min on 2 cores);
+#   3. unpack it into a GOPATH tree and `make WHAT=cmd/kube-apiserver` (5–8 min on 2 cores);
 #   4. cache the binary under ~/.cache/flame-asgi/kube-apiserver-1.20.2/ (outside the repo).
 # A cached binary makes the script return at once. Prints the binary's path on stdout.
 # Exits non-zero, with the reason on stderr, when any step fails: 3 when the tools or the

@@ -17,7 +17,7 @@ import pytest
 from fastapi import Depends
 from fastapi.testclient import TestClient
 
-from flame_asgi import FastAPI, FlamePool, LocalBackend, ParentInfo, flame_pool
+from flame_asgi import FastAPI, FlamePool, LocalBackend, ParentInfo, PoolClosed, flame_pool
 from tests import remote
 
 
@@ -36,7 +36,7 @@ def _alive(pid: int) -> bool:
 
 
 @contextmanager
-def served_app() -> Iterator[str]:
+def served_app() -> Iterator[tuple[str, int]]:
     """The demo app under a real uvicorn process (the parent), stopped with SIGTERM."""
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "tests.apps.demo_app:app", "--host", "127.0.0.1",
@@ -52,15 +52,16 @@ def served_app() -> Iterator[str]:
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise
                 time.sleep(0.05)
-        yield url
+        yield url, proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
 
 
 def test_route_with_pool_dependency_runs_on_a_runner_through_uvicorn() -> None:
-    with served_app() as url:
+    with served_app() as (url, web_pid):
         first = httpx.get(url + "/square/7", timeout=30).json()
+        assert first["pid"] != web_pid  # it ran in a runner process, not in the web process
         assert first["square"] == 49
         assert first["pool"] == "work" and first["runner"].startswith("work-")
         assert first["db"] == f"opened in {first['pid']}"  # the runner ran the app's own lifespan
@@ -125,7 +126,8 @@ async def test_add_flame_pool_lifespan_and_dependency_in_process() -> None:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         events.append(f"user start, pool running: {app.flame_pools['sq'].stats().runners != []}")
         yield
-        events.append("user stop")
+        # The pools close after the user's teardown, which can still use them.
+        events.append(f"user stop, pool answers: {await app.flame_pools['sq'].call(remote.square, 2)}")
 
     app = FastAPI(lifespan=lifespan)
     pool = app.add_flame_pool("sq", backend=LocalBackend(), min=1)
@@ -145,7 +147,9 @@ async def test_add_flame_pool_lifespan_and_dependency_in_process() -> None:
         assert client.get("/sq/9").json() == 81
         with pytest.raises(RuntimeError, match=r"no flame pool named 'nope'.*registered: sq"):
             client.get("/missing")
-    assert events == ["user start, pool running: True", "user stop"]
+    assert events == ["user start, pool running: True", "user stop, pool answers: 4"]
+    with pytest.raises(PoolClosed):  # and then they are closed
+        await pool.call(remote.square, 1)
     with TestClient(app) as client:  # a second lifespan (one per test, say) starts the pools again
         assert client.get("/sq/3").json() == 9
     assert os.environ.get("FLAME_PARENT") is None

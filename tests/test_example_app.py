@@ -212,7 +212,7 @@ def test_a_thumbnail_job_is_one_trace_across_web_process_and_runner(tmp_path: Pa
     video = make_video(tmp_path / "clip.mp4", seconds=3)
     with serve_example(tmp_path / "data", FLAME_EXAMPLE_TRACES=str(spans_file)) as server:
         with video.open("rb") as f:
-            job = httpx.post(f"{server.url}/api/jobs", files={"video": ("clip.mp4", f, "video/mp4")},
+            job = httpx.post(f"{server.url}/api/jobs", files={"file": ("clip.mp4", f, "video/mp4")},
                              data={"count": "2"}, timeout=30).json()
         asyncio.run(follow(server, job["live"]))
     # The server has stopped: every process flushed its spans into the file.

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from flame_asgi import Backend, BootError, CallTimeout, FlamePool, RemoteError, SerializationError
+from flame_asgi import Backend, BootError, CallTimeout, FlamePool, PoolStats, RemoteError, SerializationError
 from flame_asgi.backends import RunnerHandle, RunnerSpec
 from tests import remote
 from tests.conftest import BackendFactory, until
@@ -111,9 +111,11 @@ async def test_idle_shutdown_without_and_with_a_prior_call(backend: BackendFacto
 
 
 async def test_idle_none_keeps_runners(backend: BackendFactory) -> None:
-    async with FlamePool("keep", backend=backend(), idle_shutdown_after=None) as pool:
+    # min_idle_shutdown_after=0.1 makes the reaper look every 20 ms; this runner is not a
+    # min runner, so it follows idle_shutdown_after=None: it must stay.
+    async with FlamePool("keep", backend=backend(), idle_shutdown_after=None, min_idle_shutdown_after=0.1) as pool:
         await pool.call(remote.works)
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(1.5)
         assert len(pool.stats().runners) == 1
 
 
@@ -144,7 +146,7 @@ async def test_unpicklable_closure_names_the_object_before_sending() -> None:
     async with FlamePool("pickle") as pool:
         with pytest.raises(SerializationError, match=r"closure variable 'lock' of .*uses_lock.*_thread\.lock"):
             await pool.call(uses_lock)
-        assert not pool.stats().runners  # failed in the caller: nothing was booted or sent
+        assert pool.stats() == PoolStats(runners=[], booting=0, waiting=0)  # failed before anything started
         with pytest.raises(SerializationError, match="argument 1 of the call to square"):
             await pool.call(remote.square, 3, lock)  # type: ignore[call-arg]
 

@@ -54,6 +54,10 @@ def test_codec_refuses_bad_frames_before_unpickling(tmp_path: pathlib.Path, monk
     good = FrameSealer(signer, "session", 1 << 20)
     hello = good.seal("hello", runner="r1")
     call = good.seal("call", 1, evil)
+    skipper = FrameSealer(signer, "session", 1 << 20)
+    skipper.seal("hello", runner="r1")
+    skipper.seal("call", 1, evil)  # sequence 2, never delivered
+    skipped = skipper.seal("call", 2, evil)  # sequence 3 right after 1: a frame went missing
     cases = {
         "unsigned": [evil],
         "garbage header": [b"\x00\x00\x00\x05hello" + evil],
@@ -66,6 +70,7 @@ def test_codec_refuses_bad_frames_before_unpickling(tmp_path: pathlib.Path, monk
         "signature cut off": [hello[:-40]],
         "tampered payload": [hello, call[:-1] + bytes([call[-1] ^ 1])],
         "replayed": [hello, call, call],
+        "skipped sequence": [hello, skipped],
         "call before hello": [call],
     }
     loaded: list[Any] = []
