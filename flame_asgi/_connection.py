@@ -16,7 +16,7 @@ from typing import Any
 from flame_asgi._channel import Channel, ChannelClosed
 from flame_asgi._codec import TO_PARENT, TO_RUNNER, FrameOpener, FrameSealer, make_signer
 from flame_asgi._exceptions import BootError, FlameError, RunnerLost, VersionSkew
-from flame_asgi._transfer import TransferHub
+from flame_asgi._transfer import TransferHub, forget
 from flame_asgi._writer import FrameWriter, split
 
 TERMINAL = frozenset({"result", "error", "end", "cancelled"})
@@ -33,6 +33,7 @@ class RemoteCall:
         self._on_finish = on_finish
         self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self.hub = conn.hub  # results may carry Uploads, read back over this runner's channel
+        self.tokens: list[str] = []  # Uploads this call sends: forgotten when it ends
         self._consumed = 0
         self.finished = False  # the runner is done with it (or gone): the slot is free
         self.detached = False  # nobody reads any more
@@ -82,6 +83,7 @@ class RemoteCall:
     def finish(self) -> None:
         if not self.finished:
             self.finished = True
+            forget(self.tokens)
             self._on_finish()
 
 
@@ -146,12 +148,15 @@ class RunnerConnection:
         await self._writer.send(type_, id_, payload, **meta)
 
     async def start(self, kind: str, payload: bytes, *, link: bool, progress: bool, window: int,
-                    on_finish: Callable[[], None], trace: dict[str, str] | None = None) -> RemoteCall:
+                    on_finish: Callable[[], None], trace: dict[str, str] | None = None,
+                    tokens: list[str] | None = None) -> RemoteCall:
         if self.closed is not None:
+            forget(tokens or [])
             on_finish()  # nothing was sent: hand the slot back
             raise RunnerLost(f"runner {self.runner_id} is gone: {self.closed}", runner_id=self.runner_id,
                              reason=self.closed)
         call = RemoteCall(self, next(self._ids), window, on_finish)
+        call.tokens = tokens or []
         self._calls[call.id] = call
         try:
             extra = {"tc": trace} if trace else {}  # the caller's trace context (W3C), when traced

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import cloudpickle  # type: ignore[import-untyped]
 
 from flame_asgi._exceptions import RemoteError, SerializationError
-from flame_asgi._transfer import collecting_tokens, receiving_through
+from flame_asgi._transfer import collecting_tokens, forget, receiving_through
 
 if TYPE_CHECKING:
     from flame_asgi._transfer import TransferHub
@@ -25,18 +25,24 @@ def dumps(obj: Any, what: str, tokens: list[str] | None = None) -> bytes:
     Uploads inside ``obj`` are registered for the other side to pull; their tokens are
     appended to ``tokens`` so the caller can forget them when the call ends.
     """
+    collected: list[str] = []
     try:
-        with collecting_tokens(tokens):
+        with collecting_tokens(collected):
             data: bytes = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        return data
     except Exception as exc:  # pickling raises TypeError, PicklingError, AttributeError...
-        culprit = _find_culprit(obj, what, depth=0, seen=set())
+        forget(collected)  # nothing will be sent: nobody will pull these
+        with collecting_tokens(collected := []):  # the search pickles parts again
+            culprit = _find_culprit(obj, what, depth=0, seen=set())
+        forget(collected)
         path, bad, reason = culprit if culprit else (what, obj, exc)
         raise SerializationError(
             f"cannot send {what}: {path} ({type(bad).__module__}.{type(bad).__qualname__}) "
             f"cannot be pickled: {reason}. Create it inside the function on the runner, or "
             "pass the plain data needed to rebuild it."
         ) from exc
+    if tokens is not None:
+        tokens.extend(collected)
+    return data
 
 
 def loads(data: bytes | memoryview, hub: TransferHub | None = None) -> Any:

@@ -241,13 +241,10 @@ class FlamePool:
                     timeout: float | None, link: bool, on_progress: Callable[[Any], Any] | None) -> Any:
         tokens: list[str] = []
         payload = dumps((fn, args), f"the call to {_name(fn)}", tokens)
-        try:
-            rid = await self._checkout(self.boot_timeout if timeout is None else timeout)
-        except BaseException:
-            forget(tokens)
-            raise
+        rid = await self._checkout_for(tokens, self.boot_timeout if timeout is None else timeout)
         run = self.timeout if timeout is None else timeout
-        remote = await self._start(rid, "call", payload, link=link, progress=on_progress is not None, obs=obs)
+        remote = await self._start(rid, "call", payload, link=link, progress=on_progress is not None, obs=obs,
+                                   tokens=tokens)
         hub = remote.hub
         try:
             async with asyncio.timeout(run) as scope:
@@ -268,21 +265,25 @@ class FlamePool:
             raise
         finally:
             remote.abandon(link)
-            forget(tokens)
 
     def cast(self, fn: Callable[[*Ts], Any], *args: *Ts, link: bool = True) -> None:
         """Schedule ``fn(*args)`` on a runner and return at once; failures are logged."""
-        payload = dumps((fn, args), f"the cast of {_name(fn)}")
-        self._ensure_running()
-        task = self.loop.create_task(self._cast(fn, payload, link))
+        tokens: list[str] = []
+        payload = dumps((fn, args), f"the cast of {_name(fn)}", tokens)
+        try:
+            self._ensure_running()
+        except PoolClosed:
+            forget(tokens)
+            raise
+        task = self.loop.create_task(self._cast(fn, payload, tokens, link))
         self._casts[task] = link
         task.add_done_callback(self._casts.pop)
 
-    async def _cast(self, fn: Any, payload: bytes, link: bool) -> None:
+    async def _cast(self, fn: Any, payload: bytes, tokens: list[str], link: bool) -> None:
         obs = _telemetry.observe_call(self, "cast", fn)
         try:
-            rid = await self._checkout(self.boot_timeout)
-            remote = await self._start(rid, "cast", payload, link=link, progress=False, obs=obs)
+            rid = await self._checkout_for(tokens, self.boot_timeout)
+            remote = await self._start(rid, "cast", payload, link=link, progress=False, obs=obs, tokens=tokens)
             try:
                 async with asyncio.timeout(self.timeout):
                     type_, data = await remote.next()
@@ -304,17 +305,19 @@ class FlamePool:
                link: bool = True, on_progress: Callable[[Any], Any] | None = None) -> RemoteStream:
         """Iterate (``async for``) over what generator ``fn(*args)`` yields on a runner;
         ``report(event)`` calls in it reach ``on_progress``, in order with the items."""
-        payload = dumps((fn, args), f"the stream of {_name(fn)}")
-        return RemoteStream(self, fn, payload, timeout, link, on_progress)
+        tokens: list[str] = []
+        payload = dumps((fn, args), f"the stream of {_name(fn)}", tokens)
+        return RemoteStream(self, fn, payload, tokens, timeout, link, on_progress)
 
     async def place_child(self, fn: Callable[[*Ts], Any], *args: *Ts, link: bool = True,
                           on_progress: Callable[[Any], Any] | None = None) -> ChildHandle:
         """Start long-running ``fn(*args)`` on a runner; it holds a slot until it ends."""
-        payload = dumps((fn, args), f"the child {_name(fn)}")
+        tokens: list[str] = []
+        payload = dumps((fn, args), f"the child {_name(fn)}", tokens)
         obs = _telemetry.observe_call(self, "child", fn)
         try:
-            rid = await self._checkout(self.boot_timeout)
-            remote = await self._start(rid, "child", payload, link=link, progress=True, obs=obs)
+            rid = await self._checkout_for(tokens, self.boot_timeout)
+            remote = await self._start(rid, "child", payload, link=link, progress=True, obs=obs, tokens=tokens)
         except BaseException as exc:
             obs.end(exc)
             raise
@@ -359,17 +362,28 @@ class FlamePool:
             f"busy, {s.booting} booting, max={self.max}, max_concurrency={self.max_concurrency}); "
             "raise the timeout, max or max_concurrency")
 
+    async def _checkout_for(self, tokens: list[str], wait: float | None) -> str:
+        """``_checkout``; if no slot comes, the call's Uploads will never be pulled: forget them."""
+        try:
+            return await self._checkout(wait)
+        except BaseException:
+            forget(tokens)
+            raise
+
     async def _start(self, rid: str, kind: str, payload: bytes, *, link: bool, progress: bool,
-                     obs: _telemetry.CallObserver = _telemetry.OFF) -> RemoteCall:
+                     obs: _telemetry.CallObserver, tokens: list[str]) -> RemoteCall:
+        """Send the work to its runner; the RemoteCall then owns the slot and the Upload tokens."""
         obs.acquired(rid)
         runner = self._runners.get(rid)
         if runner is None:
             self._release(rid)
+            forget(tokens)
             raise RunnerLost(f"runner {rid} went away before the call started", runner_id=rid)
         if not link:
             self._unlinked += 1  # every path out of conn.start calls on_finish exactly once
         return await runner.conn.start(kind, payload, link=link, progress=progress, window=WINDOW,
-                                       on_finish=functools.partial(self._finished, rid, link), trace=obs.trace)
+                                       on_finish=functools.partial(self._finished, rid, link), trace=obs.trace,
+                                       tokens=tokens)
 
     def _finished(self, rid: str, link: bool) -> None:
         if not link:

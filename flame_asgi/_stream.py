@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from flame_asgi import _telemetry
 from flame_asgi._exceptions import CallTimeout
 from flame_asgi._pickling import loads
+from flame_asgi._transfer import forget
 
 if TYPE_CHECKING:
     from flame_asgi._connection import RemoteCall
@@ -25,10 +26,12 @@ if TYPE_CHECKING:
 class RemoteStream:
     """Iterate with ``async for``; ``timeout`` bounds the wait for each next item."""
 
-    def __init__(self, pool: FlamePool, fn: Any, payload: bytes, timeout: float | None, link: bool,
+    def __init__(self, pool: FlamePool, fn: Any, payload: bytes, tokens: list[str], timeout: float | None,
+                 link: bool,
                  on_progress: Callable[[Any], Any] | None = None) -> None:
         self._pool = pool
         self._on_progress = on_progress
+        self._tokens = tokens
         self._fn = fn
         self._payload: bytes | None = payload
         self._timeout = timeout
@@ -50,10 +53,11 @@ class RemoteStream:
             if self._remote is None:
                 self._obs = _telemetry.observe_call(pool, "stream", self._fn)
                 wait = pool.boot_timeout if self._timeout is None else self._timeout
-                self._rid = await pool._checkout(wait)
+                self._rid = await pool._checkout_for(self._tokens, wait)
                 assert self._payload is not None
                 self._remote = await pool._start(self._rid, "stream", self._payload, link=self._link,
-                                                 progress=self._on_progress is not None, obs=self._obs)
+                                                 progress=self._on_progress is not None, obs=self._obs,
+                                                 tokens=self._tokens)
                 self._payload = None
             per_item = pool.timeout if self._timeout is None else self._timeout
             async with asyncio.timeout(per_item) as scope:
@@ -107,7 +111,9 @@ class RemoteStream:
         self._close()
 
     def __del__(self) -> None:
-        if not self._done and self._remote is not None:
+        if self._remote is None:
+            forget(self._tokens)  # never started: its Uploads will never be pulled
+        elif not self._done:
             try:
                 self._close()
             except RuntimeError:  # no running loop any more: the pool is gone too

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import pathlib
 
@@ -99,3 +100,27 @@ async def test_200_mb_through_a_process_runner_with_bounded_parent_memory(tmp_pa
     assert h.hexdigest() == hashlib.sha256((tmp_path / "made.bin").read_bytes()).hexdigest()
     print(f"parent peak RSS growth over 400 MB of transfers: {growth:.1f} MB")
     assert growth < 60  # a few chunks in flight, not the file
+
+
+async def test_uploads_are_forgotten_when_their_call_ends(backend: BackendFactory, tmp_path: pathlib.Path) -> None:
+    import threading
+
+    from flame_asgi import _transfer
+
+    src = tmp_path / "in.bin"
+    _file(src, 1)
+    before = set(_transfer._sources)
+    async with FlamePool("tokens", backend=backend(), max_concurrency=4) as pool:
+        await pool.call(remote.digest_upload, Upload(src))
+        with pytest.raises(TypeError):  # the remote call fails before reading the upload
+            await pool.call(remote.raise_value_error, Upload(src))  # type: ignore[call-arg]
+        with pytest.raises(Exception):  # noqa: B017 - unpicklable: nothing is sent
+            await pool.call(remote.digest_upload, (Upload(src), threading.Lock()))
+        handle = await pool.place_child(remote.digest_upload, Upload(src))
+        await handle
+        stream = pool.stream(remote.count_up, 2)
+        assert [x async for x in stream] == [0, 1]
+        pool.cast(remote.digest_upload, Upload(src))
+        while pool._casts:
+            await asyncio.sleep(0.01)
+    assert set(_transfer._sources) == before  # none left registered in the parent
