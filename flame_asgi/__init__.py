@@ -1,13 +1,14 @@
-"""flame_asgi: run any function of your FastAPI app in a short-lived copy of the whole app.
+"""flame_asgi: run any function of your FastAPI or Starlette app in a short-lived copy of the whole app.
 
-    pool = app.add_flame_pool("thumbs", backend=ProcessBackend(), max=4)
+    pool = add_flame_pool(app, "thumbs", backend=ProcessBackend(), max=4)
     result = await pool.call(make_thumbnails, video_path)
 
 The public surface is exactly ``__all__``; everything else is private.
 """
 
-from flame_asgi._app import FastAPI, flame_pool
+from flame_asgi._app import FastAPI
 from flame_asgi._child import ChildHandle
+from flame_asgi._dependencies import flame_pool, flame_runner
 from flame_asgi._exceptions import (
     BootError,
     CallTimeout,
@@ -20,6 +21,8 @@ from flame_asgi._exceptions import (
     SerializationError,
     VersionSkew,
 )
+from flame_asgi._extension import add_flame_pool
+from flame_asgi._lease import FlameRunner
 from flame_asgi._parent import ParentInfo, parent
 from flame_asgi._pool import FlamePool, PoolStats, RunnerInfo
 from flame_asgi._progress import report
@@ -50,6 +53,7 @@ __all__ = [
     "FastAPI",
     "FlameError",
     "FlamePool",
+    "FlameRunner",
     "FlyBackend",
     "KubernetesBackend",
     "LocalBackend",
@@ -68,7 +72,9 @@ __all__ = [
     "TransferError",
     "Upload",
     "VersionSkew",
+    "add_flame_pool",
     "flame_pool",
+    "flame_runner",
     "parent",
     "relay",
     "report",

@@ -13,6 +13,7 @@ import functools
 import inspect
 import itertools
 import logging
+import os
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, TypeVarTuple, overload
@@ -22,6 +23,8 @@ from flame_asgi._child import ChildHandle
 from flame_asgi._codec import max_payload_from_env
 from flame_asgi._connection import RemoteCall, RunnerConnection
 from flame_asgi._exceptions import BootError, CallTimeout, FlameError, PoolClosed, RunnerLost, VersionSkew
+from flame_asgi._lease import FlameRunner, Placement
+from flame_asgi._options import check_options
 from flame_asgi._parent import ParentInfo, code_version, parent_address, runner_mode
 from flame_asgi._pickling import dumps, loads, unpack_exception
 from flame_asgi._pool_state import Decision, PoolState
@@ -50,9 +53,12 @@ class RunnerInfo:
 
 @dataclasses.dataclass(frozen=True)
 class PoolStats:
+    """A pool's state in *this* process: ``pid`` tells server workers' pools apart."""
+
     runners: list[RunnerInfo]
     booting: int
     waiting: int
+    pid: int = dataclasses.field(default_factory=os.getpid)
 
 
 @dataclasses.dataclass
@@ -99,12 +105,11 @@ class FlamePool:
         on_grow_end: Hook | None = None,
         on_shrink: Hook | None = None,
     ) -> None:
-        if max < 1:
-            raise ValueError(f"FlamePool {name!r}: max must be at least 1 (got {max})")
-        if not 0 <= min <= max:
-            raise ValueError(f"FlamePool {name!r}: min must be between 0 and max={max} (got {min})")
-        if max_concurrency < 1:
-            raise ValueError(f"FlamePool {name!r}: max_concurrency must be at least 1 (got {max_concurrency})")
+        check_options(name, dict(
+            backend=backend, min=min, max=max, max_concurrency=max_concurrency,
+            idle_shutdown_after=idle_shutdown_after, min_idle_shutdown_after=min_idle_shutdown_after,
+            boot_timeout=boot_timeout, timeout=timeout, shutdown_timeout=shutdown_timeout, single_use=single_use,
+            on_grow_start=on_grow_start, on_grow_end=on_grow_end, on_shrink=on_shrink))
         self.name = name
         self.backend = backend if backend is not None else backend_from_env()
         self.min = min
@@ -134,6 +139,9 @@ class FlamePool:
         self._running = False
         self._closed = False
         self._reaper: asyncio.Task[None] | None = None
+        self._backend_started = False
+        self._starting: asyncio.Task[None] | None = None  # a start on first use, under way
+        self._placement = Placement(self._checkout_for, self._release)
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -146,7 +154,11 @@ class FlamePool:
                                     single_use=self.single_use)
         self.loop = asyncio.get_running_loop()
         self.backend.bind(self.name, self.app)
-        await self.backend.start()
+        self._backend_started = False
+        if not runner_mode():
+            # A runner's own pools start nothing (no fork server, no client) until they
+            # boot something: most runners never call a pool.
+            await self._start_backend()
         self._app_import = self.backend.app_import()
         self._version = code_version(self._app_import or "")
         self._secret = channel_secret()
@@ -200,7 +212,13 @@ class FlamePool:
             await asyncio.wait(set(self._tasks), timeout=30.0)
         await asyncio.gather(*(self._stop_runner(rid, "shutdown") for rid in list(self._runners)),
                              return_exceptions=True)
-        await self.backend.aclose()
+        if self._backend_started:
+            await self.backend.aclose()
+
+    async def _start_backend(self) -> None:
+        if not self._backend_started:
+            self._backend_started = True
+            await self.backend.start()
 
     async def _drain_unlinked(self) -> None:
         deadline = None if self.shutdown_timeout is None else self.loop.time() + self.shutdown_timeout
@@ -211,13 +229,20 @@ class FlamePool:
     def stats(self) -> PoolStats:
         runners = [RunnerInfo(r.id, r.handle.url, self._state.runners[r.id].active)
                    for r in self._runners.values() if r.id in self._state.runners]
-        return PoolStats(runners=runners, booting=self._state.booting, waiting=len(self._state.waiters))
+        return PoolStats(runners=runners, booting=self._state.booting, waiting=len(self._state.waiters),
+                         pid=os.getpid())
 
     def __repr__(self) -> str:
         s = self.stats() if self._running else None
         live = f" runners={len(s.runners)} booting={s.booting} waiting={s.waiting}" if s else ""
         state = "running" if self._running else ("closed" if self._closed else "new")
-        return f"<FlamePool {self.name!r} {state} min={self.min} max={self.max}{live}>"
+        return f"<FlamePool {self.name!r} {state} min={self.min} max={self.max} pid={os.getpid()}{live}>"
+
+    def runner(self, *, timeout: float | None = None) -> FlameRunner:
+        """Lease one runner slot: ``async with pool.runner() as runner:``; every call made
+        through ``runner`` runs on that one runner. ``timeout`` bounds the wait for the slot
+        (default ``boot_timeout``)."""
+        return FlameRunner(self, self.boot_timeout if timeout is None else timeout)
 
     # -- the public calls ---------------------------------------------------------------
     # Two overloads, async first: with one union parameter mypy cannot tell whether T is
@@ -235,16 +260,17 @@ class FlamePool:
                    on_progress: Callable[[Any], Any] | None = None) -> Any:
         """Run ``fn(*args)`` on a runner and return its result (see the module docs)."""
         with _telemetry.observe_call(self, "call", fn) as obs:
-            return await self._call(obs, fn, args, timeout, link, on_progress)
+            return await self._call(obs, fn, args, timeout, link, on_progress, self._placement)
 
     async def _call(self, obs: _telemetry.CallObserver, fn: Callable[..., Any], args: tuple[Any, ...],
-                    timeout: float | None, link: bool, on_progress: Callable[[Any], Any] | None) -> Any:
+                    timeout: float | None, link: bool, on_progress: Callable[[Any], Any] | None,
+                    placement: Placement) -> Any:
         tokens: list[str] = []
         payload = dumps((fn, args), f"the call to {_name(fn)}", tokens)
-        rid = await self._checkout_for(tokens, self.boot_timeout if timeout is None else timeout)
+        rid = await placement.checkout(tokens, self.boot_timeout if timeout is None else timeout)
         run = self.timeout if timeout is None else timeout
         remote = await self._start(rid, "call", payload, link=link, progress=on_progress is not None, obs=obs,
-                                   tokens=tokens)
+                                   tokens=tokens, placement=placement)
         hub = remote.hub
         try:
             async with asyncio.timeout(run) as scope:
@@ -268,6 +294,9 @@ class FlamePool:
 
     def cast(self, fn: Callable[[*Ts], Any], *args: *Ts, link: bool = True) -> None:
         """Schedule ``fn(*args)`` on a runner and return at once; failures are logged."""
+        self._cast_on(self._placement, fn, args, link)
+
+    def _cast_on(self, placement: Placement, fn: Callable[..., Any], args: tuple[Any, ...], link: bool) -> None:
         tokens: list[str] = []
         payload = dumps((fn, args), f"the cast of {_name(fn)}", tokens)
         try:
@@ -275,15 +304,17 @@ class FlamePool:
         except PoolClosed:
             forget(tokens)
             raise
-        task = self.loop.create_task(self._cast(fn, payload, tokens, link))
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._cast(fn, payload, tokens, link, placement))
         self._casts[task] = link
         task.add_done_callback(self._casts.pop)
 
-    async def _cast(self, fn: Any, payload: bytes, tokens: list[str], link: bool) -> None:
+    async def _cast(self, fn: Any, payload: bytes, tokens: list[str], link: bool, placement: Placement) -> None:
         obs = _telemetry.observe_call(self, "cast", fn)
         try:
-            rid = await self._checkout_for(tokens, self.boot_timeout)
-            remote = await self._start(rid, "cast", payload, link=link, progress=False, obs=obs, tokens=tokens)
+            rid = await placement.checkout(tokens, self.boot_timeout)
+            remote = await self._start(rid, "cast", payload, link=link, progress=False, obs=obs, tokens=tokens,
+                                       placement=placement)
             try:
                 async with asyncio.timeout(self.timeout):
                     type_, data = await remote.next()
@@ -305,19 +336,28 @@ class FlamePool:
                link: bool = True, on_progress: Callable[[Any], Any] | None = None) -> RemoteStream:
         """Iterate (``async for``) over what generator ``fn(*args)`` yields on a runner;
         ``report(event)`` calls in it reach ``on_progress``, in order with the items."""
+        return self._stream_on(self._placement, fn, args, timeout, link, on_progress)
+
+    def _stream_on(self, placement: Placement, fn: Callable[..., Any], args: tuple[Any, ...],
+                   timeout: float | None, link: bool, on_progress: Callable[[Any], Any] | None) -> RemoteStream:
         tokens: list[str] = []
         payload = dumps((fn, args), f"the stream of {_name(fn)}", tokens)
-        return RemoteStream(self, fn, payload, tokens, timeout, link, on_progress)
+        return RemoteStream(self, fn, payload, tokens, timeout, link, on_progress, placement)
 
     async def place_child(self, fn: Callable[[*Ts], Any], *args: *Ts, link: bool = True,
                           on_progress: Callable[[Any], Any] | None = None) -> ChildHandle:
         """Start long-running ``fn(*args)`` on a runner; it holds a slot until it ends."""
+        return await self._place_child_on(self._placement, fn, args, link, on_progress)
+
+    async def _place_child_on(self, placement: Placement, fn: Callable[..., Any], args: tuple[Any, ...],
+                              link: bool, on_progress: Callable[[Any], Any] | None) -> ChildHandle:
         tokens: list[str] = []
         payload = dumps((fn, args), f"the child {_name(fn)}", tokens)
         obs = _telemetry.observe_call(self, "child", fn)
         try:
-            rid = await self._checkout_for(tokens, self.boot_timeout)
-            remote = await self._start(rid, "child", payload, link=link, progress=True, obs=obs, tokens=tokens)
+            rid = await placement.checkout(tokens, self.boot_timeout)
+            remote = await self._start(rid, "child", payload, link=link, progress=True, obs=obs, tokens=tokens,
+                                       placement=placement)
         except BaseException as exc:
             obs.end(exc)
             raise
@@ -325,12 +365,34 @@ class FlamePool:
 
     # -- slots --------------------------------------------------------------------------
     def _ensure_running(self) -> None:
-        if not self._running:
+        if not self._running and not self._startable_on_use():
             state = "closed" if self._closed else "not started"
-            raise PoolClosed(f"pool {self.name!r} is {state}: use `async with pool` or register it "
-                             "with app.add_flame_pool() and run the app's lifespan")
+            raise PoolClosed(f"pool {self.name!r} is {state}: use `async with pool`, or register it "
+                             "with add_flame_pool(app, ...) and run the app's lifespan")
+
+    def _startable_on_use(self) -> bool:
+        # A pool registered on an app whose lifespan never ran it: a mounted sub-app (Starlette
+        # does not run their lifespans) or an app whose lifespan_context was replaced later.
+        # Closed pools stay closed: their app has shut down.
+        return self.app is not None and not self._closed and not self._running
+
+    async def _start_on_use(self) -> None:
+        if self._starting is None:
+            log.warning(
+                "pool %r started on first use: the lifespan of its app did not start it (a mounted sub-app's "
+                "lifespan does not run, or app.router.lifespan_context was replaced after add_flame_pool). "
+                "Its runners stop when this process exits; to start and stop it with your server, register "
+                "the pool on the top-level app, or run `async with pool:` in your own lifespan.", self.name)
+            self._starting = asyncio.get_running_loop().create_task(self.start())
+        try:
+            await asyncio.shield(self._starting)
+        finally:
+            if self._starting is not None and self._starting.done():
+                self._starting = None
 
     async def _checkout(self, wait: float | None) -> str:
+        if self._startable_on_use():
+            await self._start_on_use()
         self._ensure_running()
         fut: asyncio.Future[str | None] = self.loop.create_future()
         rid, decision = self._state.acquire(fut, self.loop.time())
@@ -371,24 +433,24 @@ class FlamePool:
             raise
 
     async def _start(self, rid: str, kind: str, payload: bytes, *, link: bool, progress: bool,
-                     obs: _telemetry.CallObserver, tokens: list[str]) -> RemoteCall:
+                     obs: _telemetry.CallObserver, tokens: list[str], placement: Placement) -> RemoteCall:
         """Send the work to its runner; the RemoteCall then owns the slot and the Upload tokens."""
         obs.acquired(rid)
         runner = self._runners.get(rid)
         if runner is None:
-            self._release(rid)
+            placement.release(rid)
             forget(tokens)
             raise RunnerLost(f"runner {rid} went away before the call started", runner_id=rid)
         if not link:
             self._unlinked += 1  # every path out of conn.start calls on_finish exactly once
         return await runner.conn.start(kind, payload, link=link, progress=progress, window=WINDOW,
-                                       on_finish=functools.partial(self._finished, rid, link), trace=obs.trace,
-                                       tokens=tokens)
+                                       on_finish=functools.partial(self._finished, rid, link, placement),
+                                       trace=obs.trace, tokens=tokens)
 
-    def _finished(self, rid: str, link: bool) -> None:
+    def _finished(self, rid: str, link: bool, placement: Placement) -> None:
         if not link:
             self._unlinked -= 1
-        self._release(rid)
+        placement.release(rid)
 
     def _release(self, rid: str) -> None:
         self._apply(self._state.release(rid, self.loop.time()))
@@ -490,6 +552,7 @@ class FlamePool:
         spec = RunnerSpec(pool=self.name, runner_id=rid, info=info, app=self._app_import,
                           boot_timeout=self.boot_timeout, secret=self._secret)
         started = self.loop.time()
+        await self._start_backend()
         handle = await self.backend.boot(spec)
         stage.append(f"it was started, but the parent could not open its channel at {handle.url} (is that "
                      "address reachable from the parent, and is the app serving there?)" if handle.url else

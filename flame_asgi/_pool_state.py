@@ -55,6 +55,15 @@ class PoolState(Generic[W]):
         self.waiters.append(waiter)
         return None, Decision(boot=self._boots_needed())
 
+    def take_on(self, rid: str) -> bool:
+        """Take one more slot on runner ``rid`` (a lease's concurrent call), if it has room."""
+        slots = self.runners.get(rid)
+        if slots is None or slots.retired or slots.active >= slots.capacity:
+            return False
+        slots.active += 1
+        slots.idle_since = None
+        return True
+
     def forget_waiter(self, waiter: W) -> None:
         try:
             self.waiters.remove(waiter)

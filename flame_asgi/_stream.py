@@ -20,6 +20,7 @@ from flame_asgi._transfer import forget
 
 if TYPE_CHECKING:
     from flame_asgi._connection import RemoteCall
+    from flame_asgi._lease import Placement
     from flame_asgi._pool import FlamePool
 
 
@@ -27,9 +28,9 @@ class RemoteStream:
     """Iterate with ``async for``; ``timeout`` bounds the wait for each next item."""
 
     def __init__(self, pool: FlamePool, fn: Any, payload: bytes, tokens: list[str], timeout: float | None,
-                 link: bool,
-                 on_progress: Callable[[Any], Any] | None = None) -> None:
+                 link: bool, on_progress: Callable[[Any], Any] | None, placement: Placement) -> None:
         self._pool = pool
+        self._placement = placement
         self._on_progress = on_progress
         self._tokens = tokens
         self._fn = fn
@@ -53,11 +54,11 @@ class RemoteStream:
             if self._remote is None:
                 self._obs = _telemetry.observe_call(pool, "stream", self._fn)
                 wait = pool.boot_timeout if self._timeout is None else self._timeout
-                self._rid = await pool._checkout_for(self._tokens, wait)
+                self._rid = await self._placement.checkout(self._tokens, wait)
                 assert self._payload is not None
                 self._remote = await pool._start(self._rid, "stream", self._payload, link=self._link,
                                                  progress=self._on_progress is not None, obs=self._obs,
-                                                 tokens=self._tokens)
+                                                 tokens=self._tokens, placement=self._placement)
                 self._payload = None
             per_item = pool.timeout if self._timeout is None else self._timeout
             async with asyncio.timeout(per_item) as scope:
