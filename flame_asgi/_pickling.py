@@ -5,9 +5,12 @@ Only ``loads`` unpickles, and it is only ever given payloads that ``FrameOpener`
 
 from __future__ import annotations
 
+import io
+import marshal
 import pickle
 import traceback
 import types
+from collections import ChainMap
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle  # type: ignore[import-untyped]
@@ -19,6 +22,38 @@ if TYPE_CHECKING:
     from flame_asgi._transfer import TransferHub
 
 
+def _reduce_code(code: types.CodeType) -> tuple[Any, tuple[Any, ...]]:
+    try:
+        return marshal.loads, (marshal.dumps(code),)
+    except ValueError:  # a hand-made code object whose constants marshal refuses
+        reduced: tuple[Any, tuple[Any, ...]] = cloudpickle.Pickler.dispatch_table[types.CodeType](code)
+        return reduced
+
+
+class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle ships no types
+    """cloudpickle's Pickler, except that the code of by-value functions keeps its real file name.
+
+    Why: since cloudpickle 3.1.3 (its PR #560, which makes pickles deterministic across notebook
+    sessions), the code of every function pickled by value (closures, lambdas, nested functions,
+    functions of ``__main__`` or of tests) is renamed ``<dynamic-code>``, so a remote traceback
+    through user code reads ``File "<dynamic-code>", line 8`` with no source line. Our payloads
+    are sent once and need not be deterministic, so code objects go through ``marshal``, the
+    standard library's own format for code (that of .pyc files): it keeps ``co_filename``, the
+    line table and every other field on any Python version, with no constructor signature to
+    follow. The runner runs the same Python on the same source files, so ``linecache`` there
+    prints the user's lines. Like the rest of a payload, this is only loaded after ``FrameOpener``
+    verified it.
+    """
+
+    dispatch_table = ChainMap({types.CodeType: _reduce_code}, cloudpickle.Pickler.dispatch_table)
+
+
+def _dumps(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buffer.getvalue()
+
+
 def dumps(obj: Any, what: str, tokens: list[str] | None = None) -> bytes:
     """Pickle ``obj``; on failure, raise SerializationError naming the object that failed.
 
@@ -28,7 +63,7 @@ def dumps(obj: Any, what: str, tokens: list[str] | None = None) -> bytes:
     collected: list[str] = []
     try:
         with collecting_tokens(collected):
-            data: bytes = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+            data = _dumps(obj)
     except Exception as exc:  # pickling raises TypeError, PicklingError, AttributeError...
         forget(collected)  # nothing will be sent: nobody will pull these
         with collecting_tokens(collected := []):  # the search pickles parts again
@@ -57,7 +92,7 @@ def _find_culprit(obj: Any, path: str, depth: int, seen: set[int]) -> tuple[str,
         return None
     seen.add(id(obj))
     try:
-        cloudpickle.dumps(obj)
+        _dumps(obj)
         return None
     except Exception as exc:
         for child_path, child in _children(obj, path):
@@ -121,12 +156,11 @@ def pack_exception(exc: BaseException) -> bytes:
     qualname = f"{type(exc).__module__}.{type(exc).__qualname__}"
     pickled: bytes | None
     try:
-        pickled = cloudpickle.dumps(exc.with_traceback(None))
+        pickled = _dumps(exc.with_traceback(None))
         pickle.loads(pickled)  # some exceptions pickle but cannot be rebuilt: test it here
     except Exception:
         pickled = None
-    data: bytes = cloudpickle.dumps({"type": qualname, "message": str(exc), "traceback": text, "pickled": pickled})
-    return data
+    return _dumps({"type": qualname, "message": str(exc), "traceback": text, "pickled": pickled})
 
 
 def unpack_exception(data: bytes | memoryview, runner_id: str) -> BaseException:
