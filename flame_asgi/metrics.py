@@ -7,24 +7,29 @@ or ``instrument(registry)`` to fill a registry you serve yourself. Gauges are re
 the live pools at scrape time; counters and histograms come from pool events
 (``flame_asgi.subscribe``), so they count from the moment ``instrument`` is called.
 
+Every metric carries ``pid``, the process whose pools it describes: under ``uvicorn
+--workers N``, gunicorn or hypercorn each worker has its own pools (``max`` is per
+worker), and its series stay apart from the other workers'.
+
 | metric | type | labels |
 | --- | --- | --- |
-| ``flame_pool_runners`` | gauge: booted runners | pool |
-| ``flame_pool_booting`` | gauge: runners being booted | pool |
-| ``flame_pool_waiting`` | gauge: callers queued for a slot | pool |
-| ``flame_pool_active`` | gauge: calls, streams and children running | pool |
-| ``flame_pool_max_runners`` | gauge: the pool's ``max`` | pool |
-| ``flame_runner_boots_total`` | counter: runners booted | pool, backend |
-| ``flame_runner_boot_failures_total`` | counter: boots that failed | pool, backend |
-| ``flame_runner_stops_total`` | counter: runners gone, by reason | pool, reason |
-| ``flame_calls_total`` | counter: finished work, by outcome | pool, kind, outcome |
-| ``flame_runner_boot_seconds`` | histogram: boot time | pool, backend |
-| ``flame_call_queue_seconds`` | histogram: wait for a slot | pool, kind |
-| ``flame_call_run_seconds`` | histogram: run time on the runner | pool, kind |
+| ``flame_pool_runners`` | gauge: booted runners | pool, pid |
+| ``flame_pool_booting`` | gauge: runners being booted | pool, pid |
+| ``flame_pool_waiting`` | gauge: callers queued for a slot | pool, pid |
+| ``flame_pool_active`` | gauge: calls, streams and children running | pool, pid |
+| ``flame_pool_max_runners`` | gauge: the pool's ``max`` | pool, pid |
+| ``flame_runner_boots_total`` | counter: runners booted | pool, backend, pid |
+| ``flame_runner_boot_failures_total`` | counter: boots that failed | pool, backend, pid |
+| ``flame_runner_stops_total`` | counter: runners gone, by reason | pool, reason, pid |
+| ``flame_calls_total`` | counter: finished work, by outcome | pool, kind, outcome, pid |
+| ``flame_runner_boot_seconds`` | histogram: boot time | pool, backend, pid |
+| ``flame_call_queue_seconds`` | histogram: wait for a slot | pool, kind, pid |
+| ``flame_call_run_seconds`` | histogram: run time on the runner | pool, kind, pid |
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -53,38 +58,39 @@ class Instrumentation:
         prometheus = _prometheus()
         self.registry = registry
         kw: dict[str, Any] = {"registry": registry}
-        self.boots = prometheus.Counter("flame_runner_boots", "Runners booted", ["pool", "backend"], **kw)
+        self.boots = prometheus.Counter("flame_runner_boots", "Runners booted", ["pool", "backend", "pid"], **kw)
         self.boot_failures = prometheus.Counter("flame_runner_boot_failures", "Runner boots that failed",
-                                                ["pool", "backend"], **kw)
+                                                ["pool", "backend", "pid"], **kw)
         self.stops = prometheus.Counter("flame_runner_stops", "Runners that left the pool, by reason",
-                                        ["pool", "reason"], **kw)
+                                        ["pool", "reason", "pid"], **kw)
         self.calls = prometheus.Counter("flame_calls", "Calls, casts, streams and children, by outcome",
-                                        ["pool", "kind", "outcome"], **kw)
+                                        ["pool", "kind", "outcome", "pid"], **kw)
         self.boot_time = prometheus.Histogram("flame_runner_boot_seconds", "Time to boot a runner",
-                                              ["pool", "backend"], buckets=BOOT_BUCKETS, **kw)
+                                              ["pool", "backend", "pid"], buckets=BOOT_BUCKETS, **kw)
         self.queue_time = prometheus.Histogram("flame_call_queue_seconds", "Time waiting for a runner slot",
-                                               ["pool", "kind"], buckets=CALL_BUCKETS, **kw)
+                                               ["pool", "kind", "pid"], buckets=CALL_BUCKETS, **kw)
         self.run_time = prometheus.Histogram("flame_call_run_seconds", "Time from slot to the caller's end",
-                                             ["pool", "kind"], buckets=CALL_BUCKETS, **kw)
+                                             ["pool", "kind", "pid"], buckets=CALL_BUCKETS, **kw)
         self._collector = _PoolCollector()
         registry.register(self._collector)
         self._unsubscribe = _telemetry.subscribe(self._on_event)
 
     def _on_event(self, name: str, f: dict[str, Any]) -> None:
+        pid = str(os.getpid())  # read each time: a worker forked after instrument() has its own
         if name == "call.end" or name == "call.exception":
-            self.calls.labels(f["pool"], f["kind"], f["outcome"]).inc()
-            self.queue_time.labels(f["pool"], f["kind"]).observe(f["queue_time"])
+            self.calls.labels(f["pool"], f["kind"], f["outcome"], pid).inc()
+            self.queue_time.labels(f["pool"], f["kind"], pid).observe(f["queue_time"])
             if f["run_time"] is not None:
-                self.run_time.labels(f["pool"], f["kind"]).observe(f["run_time"])
+                self.run_time.labels(f["pool"], f["kind"], pid).observe(f["run_time"])
         elif name == "runner.boot.end":
             if f["ok"]:
-                self.boots.labels(f["pool"], f["backend"]).inc()
+                self.boots.labels(f["pool"], f["backend"], pid).inc()
                 if f["duration"] is not None:
-                    self.boot_time.labels(f["pool"], f["backend"]).observe(f["duration"])
+                    self.boot_time.labels(f["pool"], f["backend"], pid).observe(f["duration"])
             elif f["reason"] != "cancelled":  # a boot cut short by the pool closing is no failure
-                self.boot_failures.labels(f["pool"], f["backend"]).inc()
+                self.boot_failures.labels(f["pool"], f["backend"], pid).inc()
         elif name == "runner.stop":
-            self.stops.labels(f["pool"], f["reason"]).inc()
+            self.stops.labels(f["pool"], f["reason"], pid).inc()
 
     def close(self) -> None:
         self._unsubscribe()
@@ -109,10 +115,11 @@ class _PoolCollector:
 
     def describe(self) -> Iterator[Any]:
         for key, doc in self.GAUGES:
-            yield self._family(f"flame_pool_{key}", doc, labels=["pool"])
+            yield self._family(f"flame_pool_{key}", doc, labels=["pool", "pid"])
 
     def collect(self) -> Iterator[Any]:
         totals: dict[str, dict[str, float]] = {}
+        pid = str(os.getpid())
         for pool in _telemetry.pools():
             s = _stats(pool)
             if s is None:
@@ -124,9 +131,9 @@ class _PoolCollector:
             row["active"] += sum(r.active for r in s.runners)
             row["max_runners"] += pool.max
         for key, doc in self.GAUGES:
-            family = self._family(f"flame_pool_{key}", doc, labels=["pool"])
+            family = self._family(f"flame_pool_{key}", doc, labels=["pool", "pid"])
             for name, row in sorted(totals.items()):
-                family.add_metric([name], row[key])
+                family.add_metric([name, pid], row[key])
             yield family
 
 
