@@ -37,7 +37,7 @@ from flame_asgi._channel import Channel
 from flame_asgi._exceptions import BootError
 from flame_asgi._runner_logs import RunnerOutput
 from flame_asgi.backends._base import Backend, RunnerHandle, RunnerSpec, connect_websocket
-from flame_asgi.backends.process import BARE_APP, find_import_string
+from flame_asgi.backends.process import BARE_APP, app_import_for
 
 if TYPE_CHECKING:
     import aiodocker
@@ -149,7 +149,7 @@ class DockerBackend(Backend):
 
     def bind(self, pool: str, app: Any | None) -> None:
         if self._app is None and app is not None:
-            self._app = find_import_string(app)
+            self._app = app_import_for(app, pool)
 
     def app_import(self) -> str:
         return self._app or BARE_APP

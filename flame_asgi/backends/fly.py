@@ -28,7 +28,7 @@ from flame_asgi._channel import Channel
 from flame_asgi._exceptions import BootError
 from flame_asgi._parent import ENV_CODE_VERSION, runner_mode
 from flame_asgi.backends._base import Backend, RunnerHandle, RunnerSpec, connect_websocket
-from flame_asgi.backends.process import BARE_APP, find_import_string
+from flame_asgi.backends.process import BARE_APP, app_import_for
 
 log = logging.getLogger("flame_asgi.fly")
 DEFAULT_API_URL = "https://api.machines.dev"
@@ -139,7 +139,7 @@ class FlyBackend(Backend):
     # -- the Backend contract ---------------------------------------------------------
     def bind(self, pool: str, app: Any | None) -> None:
         if self._app_import is None and app is not None:
-            self._app_import = find_import_string(app)
+            self._app_import = app_import_for(app, pool)
         if not runner_mode():  # a runner's own pools never boot; its machine may lack the token
             self.require_settings()
 

@@ -39,7 +39,7 @@ from flame_asgi._channel import Channel
 from flame_asgi._exceptions import BootError
 from flame_asgi._parent import ENV_CODE_VERSION, runner_mode
 from flame_asgi.backends._base import Backend, RunnerHandle, RunnerSpec, connect_websocket
-from flame_asgi.backends.process import BARE_APP, find_import_string
+from flame_asgi.backends.process import BARE_APP, app_import_for
 
 if TYPE_CHECKING:
     from lightkube import AsyncClient, KubeConfig
@@ -149,7 +149,7 @@ class KubernetesBackend(Backend):
 
     def bind(self, pool: str, app: Any | None) -> None:
         if self._app is None and app is not None:
-            self._app = find_import_string(app)
+            self._app = app_import_for(app, pool)
         if not runner_mode():  # a runner's own pools never boot: they need no configuration
             self._load_config()
 

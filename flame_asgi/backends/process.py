@@ -63,7 +63,7 @@ class ProcessBackend(Backend):
 
     def bind(self, pool: str, app: Any | None) -> None:
         if self._app is None and app is not None:
-            self._app = find_import_string(app)
+            self._app = app_import_for(app, pool)
 
     def app_import(self) -> str:
         return self._app or BARE_APP
@@ -237,6 +237,19 @@ def _pythonpath() -> str:
     extra = [p for p in sys.path if p and not any(p.startswith(x) for x in prefixes)]
     current = os.environ.get("PYTHONPATH")
     return os.pathsep.join([os.getcwd(), *extra, *([current] if current else [])])
+
+
+def app_import_for(app: Any, pool: str) -> str | None:
+    """``find_import_string``, saying so when the app cannot be found (runners would boot an
+    empty app, without the user's lifespan)."""
+    found = find_import_string(app)
+    if found is None:
+        log.warning(
+            "pool %r: cannot find an import string for %r among the imported modules (an app built by a "
+            "factory, or bound to a private name?); its runners boot an empty app without your lifespan. "
+            "Pass the backend app='package.module:app' (an attribute holding the app) to boot your own app.",
+            pool, app)
+    return found
 
 
 def find_import_string(app: Any) -> str | None:
