@@ -394,6 +394,14 @@ class FlamePool:
         if self._startable_on_use():
             await self._start_on_use()
         self._ensure_running()
+        if asyncio.get_running_loop() is not self.loop:
+            # Its runners' channels live on the loop it started in: nothing on this one
+            # would ever read their replies.
+            gone = ", which has closed" if self.loop.is_closed() else ""
+            raise PoolClosed(
+                f"pool {self.name!r} was started in another event loop{gone}; a pool serves the loop it started "
+                "in. With Starlette's TestClient, use `with TestClient(app) as client:` so the app's lifespan "
+                "starts its pools in the loop that serves the requests.")
         fut: asyncio.Future[str | None] = self.loop.create_future()
         rid, decision = self._state.acquire(fut, self.loop.time())
         self._apply(decision)

@@ -209,6 +209,20 @@ async def test_replaced_lifespan_context_starts_pools_on_first_use() -> None:
         await pool.call(remote.square, 2)
 
 
+def test_a_pool_used_from_another_event_loop_says_why_it_cannot_answer() -> None:
+    app = FastAPI()
+    app.add_flame_pool("sq", backend=LocalBackend())
+
+    @app.get("/sq/{x}")
+    async def sq(x: int, pool: Annotated[FlamePool, Depends(flame_pool("sq"))]) -> int:
+        return await pool.call(remote.square, x)
+
+    client = TestClient(app)  # no `with`: no lifespan, and each request runs in a loop of its own
+    assert client.get("/sq/3").json() == 9  # started on first use, in the first request's loop
+    with pytest.raises(PoolClosed, match=r"started in another event loop, which has closed.*with TestClient"):
+        client.get("/sq/4")
+
+
 async def test_a_pool_on_no_app_is_not_started_on_use() -> None:
     with pytest.raises(PoolClosed, match="not started"):
         await FlamePool("alone", backend=LocalBackend()).call(remote.square, 2)
