@@ -38,14 +38,15 @@ def command(server: str, app: str, port: int, workers: int = 1) -> list[str]:
 
 @contextmanager
 def serve(app: str, *, server: str = "uvicorn", workers: int = 1, probe: str = "/_flame_probe",
-          env: Mapping[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen[bytes], set[int]]]:
+          env: Mapping[str, str] | None = None,
+          cwd: str | None = None) -> Iterator[tuple[str, subprocess.Popen[bytes], set[int]]]:
     """Serve ``app``; yield its URL, the server process and a set the test may add pids to.
 
     On exit the server gets SIGTERM, and every process it had below it (workers, fork
     servers, runners), plus every pid the test added, must be gone within 15 s.
     """
     port = free_port()
-    proc = subprocess.Popen(command(server, app, port, workers), env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(command(server, app, port, workers), env={**os.environ, **(env or {})}, cwd=cwd)
     url = f"http://127.0.0.1:{port}"
     watched: set[int] = set()
     try:
