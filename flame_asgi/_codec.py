@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import hmac
 import json
-import os
 import struct
 import time
 from collections.abc import Callable
@@ -27,18 +26,12 @@ from itsdangerous.signer import HMACAlgorithm
 from flame_asgi._exceptions import PayloadTooLarge, ProtocolError
 
 MAX_AGE_SECONDS = 60
-DEFAULT_MAX_PAYLOAD = 512 * 1024 * 1024
 _LEN = struct.Struct(">I")
 _SIG = 32  # HMAC-SHA256
 _MAX_HEADER = 64 * 1024
 _RESERVED = frozenset({"s", "n", "t", "i", "d", "ts"})  # header fields the codec owns
 TO_RUNNER = "to-runner"
 TO_PARENT = "to-parent"
-
-
-def max_payload_from_env() -> int:
-    value = os.environ.get("FLAME_MAX_PAYLOAD")
-    return int(value) if value else DEFAULT_MAX_PAYLOAD
 
 
 class FrameKey:

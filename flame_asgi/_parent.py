@@ -17,9 +17,12 @@ import os
 import pathlib
 import socket
 
-ENV_PARENT = "FLAME_PARENT"
-ENV_SECRET = "FLAME_SECRET"
-ENV_CODE_VERSION = "FLAME_CODE_VERSION"
+from flame_asgi._settings import CODE_VERSION, MAX_PAYLOAD, PARENT, SECRET
+
+# The names, for modules that pass these variables on to runners.
+ENV_PARENT = PARENT.name
+ENV_SECRET = SECRET.name
+ENV_CODE_VERSION = CODE_VERSION.name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +39,7 @@ class ParentInfo:
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 10.0
     shutdown_timeout: float | None = 30.0
-    max_payload: int = 512 * 1024 * 1024
+    max_payload: int = MAX_PAYLOAD.default
 
     def encode(self) -> str:
         raw = json.dumps(dataclasses.asdict(self), separators=(",", ":")).encode()
@@ -66,8 +69,8 @@ def parent() -> ParentInfo | None:
     info = _local_parent.get()
     if info is not None:
         return info
-    value = os.environ.get(ENV_PARENT)
-    return _decode_cached(value) if value else None
+    value = PARENT.read()
+    return _decode_cached(value) if value is not None else None
 
 
 @functools.lru_cache(maxsize=8)
@@ -77,7 +80,7 @@ def _decode_cached(value: str) -> ParentInfo:
 
 def runner_mode() -> bool:
     """True when this process was booted as a runner (``FLAME_PARENT`` is set)."""
-    return bool(os.environ.get(ENV_PARENT))
+    return PARENT.read() is not None
 
 
 def parent_address() -> str:
@@ -90,8 +93,7 @@ def code_version(app_import: str) -> str:
     ``FLAME_CODE_VERSION`` (a git sha, an image tag) replaces it when set, for
     deployments that name their builds and where hashing source files is not meaningful.
     """
-    override = os.environ.get(ENV_CODE_VERSION)
-    return override or _source_fingerprint(app_import)
+    return CODE_VERSION.read() or _source_fingerprint(app_import)
 
 
 @functools.lru_cache(maxsize=32)

@@ -20,7 +20,6 @@ from typing import Any, TypeVar, TypeVarTuple, overload
 
 from flame_asgi import _telemetry
 from flame_asgi._child import ChildHandle
-from flame_asgi._codec import max_payload_from_env
 from flame_asgi._connection import RemoteCall, RunnerConnection
 from flame_asgi._exceptions import BootError, CallTimeout, FlameError, PoolClosed, RunnerLost, VersionSkew
 from flame_asgi._lease import FlameRunner, Placement
@@ -29,6 +28,7 @@ from flame_asgi._parent import ParentInfo, code_version, parent_address, runner_
 from flame_asgi._pickling import dumps, loads, unpack_exception
 from flame_asgi._pool_state import Decision, PoolState
 from flame_asgi._secret import channel_secret
+from flame_asgi._settings import MAX_PAYLOAD
 from flame_asgi._stream import RemoteStream
 from flame_asgi._transfer import forget
 from flame_asgi.backends import Backend, RunnerHandle, RunnerSpec, backend_from_env
@@ -162,7 +162,7 @@ class FlamePool:
         self._app_import = self.backend.app_import()
         self._version = code_version(self._app_import or "")
         self._secret = channel_secret()
-        self._max_payload = max_payload_from_env()
+        self._max_payload = MAX_PAYLOAD.read()
         if runner_mode():
             self._state.min = 0  # a runner's own pools start empty: no chains of warm runners
         self._running = True

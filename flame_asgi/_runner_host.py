@@ -19,7 +19,8 @@ import threading
 from starlette.types import Receive, Scope, Send
 
 from flame_asgi._channel import ASGIWebSocketChannel
-from flame_asgi._parent import ENV_SECRET, ParentInfo, parent
+from flame_asgi._parent import ParentInfo, parent
+from flame_asgi._settings import SECRET
 from flame_asgi._telemetry import emit
 from flame_asgi._worker import RunnerSession
 
@@ -112,7 +113,7 @@ def runner_host() -> RunnerHost:
     if info is None:
         raise RuntimeError("runner_host() outside runner mode")
     if _host is None or _host.info != info:
-        secret = os.environ.get(ENV_SECRET)
+        secret = SECRET.read()
         if not secret:
             raise RuntimeError(
                 "FLAME_PARENT is set but FLAME_SECRET is not: a runner needs the channel key its "

@@ -24,12 +24,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from flame_asgi._parent import ParentInfo
+from flame_asgi._settings import RUNNER_LOG_BURST, RUNNER_LOG_RATE, RUNNER_LOGS
 
 log = logging.getLogger("flame_asgi.runner")
 MARK = '{"flame_log":'
 FORWARDED_BACKENDS = frozenset({"process", "docker"})  # their runners' output reaches the parent
-DEFAULT_RATE = 200.0  # lines per second, sustained
-DEFAULT_BURST = 1000  # lines at once
 MAX_LINE = 32 * 1024  # bytes of one line kept; the rest is cut
 _STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 _SCALARS = (str, int, float, bool, type(None))
@@ -78,7 +77,7 @@ def forward_runner_logs(info: ParentInfo) -> None:
     handlers keeps them (their lines reach the parent as text). ``FLAME_RUNNER_LOGS=text``
     turns this off.
     """
-    if info.backend not in FORWARDED_BACKENDS or os.environ.get("FLAME_RUNNER_LOGS", "").lower() == "text":
+    if info.backend not in FORWARDED_BACKENDS or RUNNER_LOGS.read() == "text":
         return
     if isinstance(logging.lastResort, JsonLineHandler):
         return
@@ -107,8 +106,8 @@ class RunnerOutput:
     def __init__(self, pool: str, runner: str, *, rate: float | None = None, burst: int | None = None) -> None:
         self.tags = {"flame_pool": pool, "flame_runner": runner}
         self.prefix = f"[{pool}/{runner}] "
-        self.rate = rate if rate is not None else float(os.environ.get("FLAME_RUNNER_LOG_RATE") or DEFAULT_RATE)
-        self.burst = burst if burst is not None else int(os.environ.get("FLAME_RUNNER_LOG_BURST") or DEFAULT_BURST)
+        self.rate = rate if rate is not None else RUNNER_LOG_RATE.read()  # lines per second, sustained
+        self.burst = burst if burst is not None else RUNNER_LOG_BURST.read()  # lines at once
         self._tokens = float(self.burst)
         self._stamp = time.monotonic()
         self.dropped = 0  # since the last report

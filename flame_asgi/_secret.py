@@ -6,17 +6,16 @@ never logged, shown in a repr, or put in an error message.
 
 from __future__ import annotations
 
-import os
 import secrets
 
-from flame_asgi._parent import ENV_SECRET
+from flame_asgi._settings import SECRET
 
 _generated: str | None = None
 
 
 def channel_secret() -> str:
     global _generated
-    configured = os.environ.get(ENV_SECRET)
+    configured = SECRET.read()
     if configured:
         return configured
     if _generated is None:

@@ -22,17 +22,12 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from typing import Any, BinaryIO
 
 from flame_asgi._exceptions import FlameError, PayloadTooLarge
+from flame_asgi._settings import MAX_TRANSFER
 
 CHUNK_SIZE = 1 << 20
 WINDOW = 4  # chunks in flight per transfer
-DEFAULT_LIMIT = 16 << 30
 
 Source = str | os.PathLike[str] | bytes | bytearray | memoryview | BinaryIO | Any
-
-
-def _limit_from_env() -> int:
-    value = os.environ.get("FLAME_MAX_TRANSFER")
-    return int(value) if value else DEFAULT_LIMIT
 
 
 class TransferError(FlameError):
@@ -50,7 +45,7 @@ class Upload:
     def __init__(self, source: Source, *, chunk_size: int = CHUNK_SIZE, limit: int | None = None) -> None:
         self.source = source
         self.chunk_size = chunk_size
-        self.limit = _limit_from_env() if limit is None else limit
+        self.limit = MAX_TRANSFER.read() if limit is None else limit
         self.size: int | None = None
         if isinstance(source, (str, os.PathLike)):
             self.size = os.path.getsize(source)

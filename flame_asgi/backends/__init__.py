@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-
+from flame_asgi._settings import BACKEND, PROCESS_APP
 from flame_asgi.backends._base import Backend, RunnerHandle, RunnerSpec
 from flame_asgi.backends.local import LocalBackend
 from flame_asgi.backends.process import ProcessBackend
@@ -25,11 +24,11 @@ def __getattr__(name: str) -> object:
 
 def backend_from_env() -> Backend:
     """The backend named by ``FLAME_BACKEND`` (``local`` when unset), configured from env."""
-    name = os.environ.get("FLAME_BACKEND", "local").strip().lower() or "local"
+    name = BACKEND.read()
     if name == "local":
         return LocalBackend()
     if name == "process":
-        return ProcessBackend(app=os.environ.get("FLAME_PROCESS_APP") or None)
+        return ProcessBackend(app=PROCESS_APP.read())
     if name == "fly":
         from flame_asgi.backends.fly import FlyBackend
 
@@ -42,7 +41,4 @@ def backend_from_env() -> Backend:
         from flame_asgi.backends.kubernetes import KubernetesBackend
 
         return KubernetesBackend.from_env()
-    raise ValueError(
-        f"FLAME_BACKEND={name!r} is not a backend this version provides; use one of: local, process, docker, "
-        "kubernetes, fly"
-    )
+    raise AssertionError(name)  # BACKEND.read() accepts nothing else
