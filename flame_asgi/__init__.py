@@ -19,6 +19,7 @@ from flame_asgi._exceptions import (
     RemoteError,
     RunnerLost,
     SerializationError,
+    TransferError,
     VersionSkew,
 )
 from flame_asgi._extension import add_flame_pool
@@ -29,7 +30,7 @@ from flame_asgi._progress import report
 from flame_asgi._relay import relay
 from flame_asgi._stream import RemoteStream
 from flame_asgi._telemetry import subscribe
-from flame_asgi._transfer import RemoteBytes, TransferError, Upload
+from flame_asgi._transfer import RemoteBytes, Upload
 from flame_asgi.backends import Backend, LocalBackend, ProcessBackend
 
 __version__ = "0.1.0"

@@ -2,17 +2,22 @@
 
     FlameError
     ├── BootError            the backend could not start a runner (reason attached)
-    │   └── VersionSkew      the runner runs different code than its parent
+    │   ├── VersionSkew      the runner runs different code than its parent
+    │   └── FlyAPIError      the Fly Machines API refused a request (status, detail)
     ├── CallTimeout          (also TimeoutError) no slot in time, or the run overran
     ├── RunnerLost           the runner died or became unreachable during the call
     ├── RemoteError          the remote code raised something that cannot be rebuilt here
     ├── SerializationError   (also TypeError) a closure, argument or result cannot be pickled
     ├── PayloadTooLarge      (also ValueError) a message exceeds the configured size limit
     ├── ProtocolError        a message failed verification (bad signature, stale, replayed)
+    ├── TransferError        an Upload's source failed on the sending side, or its channel ended
     └── PoolClosed           the pool is not running (never started, or closed)
 
-Errors of httpx, websockets and the backends' client libraries are translated into
-this tree at the boundary where they happen, so callers catch one family.
+FlyAPIError is still defined in backends/fly.py (placeholder: it moves here). Errors of
+httpx, websockets and the backends' client libraries are translated into this tree at
+the boundary where they happen, so callers catch one family. (``ForkUnavailable``, a
+FlameError in backends/_fork.py, never reaches a caller: ProcessBackend catches it and
+boots a fresh interpreter instead.)
 """
 
 from __future__ import annotations
@@ -73,6 +78,10 @@ class PayloadTooLarge(FlameError, ValueError):
 
 class ProtocolError(FlameError):
     """A message failed verification and was dropped without being unpickled."""
+
+
+class TransferError(FlameError):
+    """A transfer failed on the sending side (its source raised) or its channel ended."""
 
 
 class PoolClosed(FlameError):

@@ -21,17 +21,13 @@ import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, BinaryIO
 
-from flame_asgi._exceptions import FlameError, PayloadTooLarge
+from flame_asgi._exceptions import PayloadTooLarge, TransferError
 from flame_asgi._settings import MAX_TRANSFER
 
 CHUNK_SIZE = 1 << 20
 WINDOW = 4  # chunks in flight per transfer
 
 Source = str | os.PathLike[str] | bytes | bytearray | memoryview | BinaryIO | Any
-
-
-class TransferError(FlameError):
-    """A transfer failed on the sending side (its source raised) or its channel ended."""
 
 
 class Upload:
