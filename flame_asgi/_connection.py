@@ -11,13 +11,17 @@ import asyncio
 import itertools
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flame_asgi._channel import Channel, ChannelClosed
 from flame_asgi._codec import TO_PARENT, TO_RUNNER, FrameOpener, FrameSealer, make_signer
 from flame_asgi._exceptions import BootError, FlameError, RunnerLost, VersionSkew
+from flame_asgi._telemetry import loss_label
 from flame_asgi._transfer import TransferHub, forget
 from flame_asgi._writer import FrameWriter, split
+
+if TYPE_CHECKING:
+    from flame_asgi.backends._base import ExitReason
 
 TERMINAL = frozenset({"result", "error", "end", "cancelled"})
 TRANSFER = frozenset({"pull", "chunk", "eof", "abort", "drop"})
@@ -99,8 +103,8 @@ class RunnerConnection:
         max_payload: int,
         heartbeat_interval: float,
         heartbeat_timeout: float,
-        describe_loss: Callable[[], Awaitable[str | None]],
-        on_lost: Callable[[str], None],
+        describe_loss: Callable[[], Awaitable[ExitReason | None]],
+        on_lost: Callable[[str, str], None],
         on_recycle: Callable[[str], None],
         on_closing: Callable[[], None] = lambda: None,
     ) -> None:
@@ -220,7 +224,8 @@ class RunnerConnection:
         while True:
             await asyncio.sleep(self._interval)
             if loop.time() - self._last_seen > self._timeout:
-                await self._lose(f"no heartbeat for {self._timeout:g} s (network partition or hung runner)")
+                await self._lose(f"no heartbeat for {self._timeout:g} s (network partition or hung runner)",
+                                 unreachable=True)
                 return
             await self._send_quietly("ping")
 
@@ -237,11 +242,11 @@ class RunnerConnection:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _lose(self, reason: str) -> None:
+    async def _lose(self, reason: str, *, unreachable: bool = False) -> None:
         if self._closing(reason):
-            await self._report_loss(reason)
+            await self._report_loss(reason, unreachable=unreachable)
 
-    async def _report_loss(self, reason: str) -> None:
+    async def _report_loss(self, reason: str, *, unreachable: bool = False) -> None:
         current = asyncio.current_task()
         for task in self._tasks:
             if task is not current:
@@ -249,13 +254,13 @@ class RunnerConnection:
         try:
             # Long enough for a backend to ask its API how the runner ended; a process
             # backend answers in milliseconds.
-            detail = await asyncio.wait_for(self._describe_loss(), 1.5)
+            ended = await asyncio.wait_for(self._describe_loss(), 1.5)
         except (TimeoutError, Exception):
-            detail = None
-        why = f"{reason}; {detail}" if detail else reason
+            ended = None
+        why = f"{reason}; {ended}" if ended else reason
         error = RunnerLost(f"runner {self.runner_id} was lost: {why}", runner_id=self.runner_id, reason=why)
         self._fail_calls(error, why)
-        self._on_lost(why)
+        self._on_lost(why, loss_label(ended, unreachable))
         self._writer.close()
         self._channel.abort()  # no closing handshake with a runner that is gone
 

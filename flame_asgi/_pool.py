@@ -590,13 +590,13 @@ class FlamePool:
         # Its channel is gone: place nothing more on it while the backend says how it ended.
         self._state.fence(rid)
 
-    def _runner_lost(self, rid: str, reason: str) -> None:
+    def _runner_lost(self, rid: str, reason: str, label: str) -> None:
         runner = self._runners.pop(rid, None)
         if runner is None:
             return
         log.warning("pool %r: runner %s lost: %s", self.name, rid, reason)
         self._apply(self._state.remove(rid))
-        _telemetry.runner_stopped(self, rid, f"lost: {reason}", len(self._runners))
+        _telemetry.runner_stopped(self, rid, f"lost: {reason}", len(self._runners), label)
         self._spawn(runner.handle.stop(1.0))
         self._spawn(_call_hook(self.on_shrink, {"name": self.name, "count": len(self._runners),
                                                 "runner_id": rid, "reason": f"lost: {reason}"}, swallow=True))

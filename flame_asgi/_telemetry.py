@@ -21,6 +21,7 @@ from flame_asgi._exceptions import BootError, PoolClosed, RunnerLost
 
 if TYPE_CHECKING:
     from flame_asgi._pool import FlamePool
+    from flame_asgi.backends._base import ExitReason
 
 Handler = Callable[[str, dict[str, Any]], object]
 
@@ -110,32 +111,24 @@ def boot_ended(pool: FlamePool, runner: str, began: float, error: BaseException 
          duration=duration, ok=error is None, reason=reason, error=None if error is None else str(error))
 
 
-def runner_stopped(pool: FlamePool, runner: str, reason: str, count: int) -> None:
-    """A runner left the pool: ``reason`` as the core gives it (``idle``, ``lost: …``)."""
+def runner_stopped(pool: FlamePool, runner: str, reason: str, count: int, label: str | None = None) -> None:
+    """A runner left the pool: ``reason`` as the core gives it (``idle``, ``lost: …``), and for
+    a lost runner its ``label`` (see ``loss_label``)."""
     if active():
-        kind = stop_reason(reason)
         emit("runner.stop", pool=pool.name, runner=runner, backend=pool.backend.name, count=count,
-             reason=kind, detail=reason)
+             reason=label or reason, detail=reason)
 
 
-def stop_reason(reason: str) -> str:
-    """Map the core's stop reasons onto a short, stable vocabulary (a metrics label).
+def loss_label(ended: ExitReason | None, unreachable: bool) -> str:
+    """A lost runner's metrics label, from the structured reason its backend gave.
 
-    ``idle``, ``single_use``, ``recycled``, ``shutdown`` stay; a lost runner becomes ``oom``
-    (the backend saw an out-of-memory kill), ``crash`` (it exited or was killed by a
-    signal), ``unreachable`` (no heartbeat) or ``lost`` (its channel closed, or it sent an
-    invalid message).
+    ``oom`` (killed for memory), ``crash`` (it exited, was killed by a signal, or vanished),
+    ``unreachable`` (no heartbeat, or its backend says it still runs) or ``lost`` (its
+    channel closed and its backend cannot say more). Rewording a message changes none.
     """
-    if not reason.startswith("lost"):
-        return reason
-    text = reason.lower()
-    if "was killed: out of memory" in text or "oomkilled" in text or "oom_killed" in text:
-        return "oom"
-    if "killed by sig" in text or "exited with code" in text or "exited during" in text:
-        return "crash"
-    if "no heartbeat" in text:
-        return "unreachable"
-    return "lost"
+    if ended is None:
+        return "unreachable" if unreachable else "lost"
+    return {"oom": "oom", "signal": "crash", "exit": "crash", "gone": "crash"}.get(ended.kind, "unreachable")
 
 
 # -- calls ------------------------------------------------------------------------------

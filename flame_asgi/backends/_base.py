@@ -3,14 +3,17 @@
 A backend is one small class; each implementation lives in its own module beside this
 one. The pool owns scaling and the channel protocol; a backend only starts processes
 (or containers, Pods, machines) and hands back a ``RunnerHandle`` that can open the
-channel, describe how the runner ended, and stop it.
+channel, say how the runner ended (an ``ExitReason``), and stop it. What several
+backends share (the runner's command line, finding the app, waiting for it to answer)
+lives in ``_toolkit``.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, ClassVar
+import signal
+from typing import Any, ClassVar, Literal
 
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidHandshake, InvalidStatus
@@ -37,6 +40,42 @@ class RunnerSpec:
         return {"FLAME_PARENT": self.info.encode(), "FLAME_SECRET": self.secret}
 
 
+ExitKind = Literal["oom", "signal", "exit", "gone", "unreachable"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitReason:
+    """How a runner ended, as its backend saw it.
+
+    ``kind`` is a stable word for metrics and code: ``oom`` (killed for memory), ``signal``
+    (killed by ``signal``), ``exit`` (its process exited with ``code``), ``gone`` (it
+    vanished: deleted, destroyed, its exit status lost), ``unreachable`` (still running as
+    far as the backend knows, but its channel is gone). ``detail`` is the sentence users
+    read; rewording it changes no label.
+    """
+
+    kind: ExitKind
+    detail: str
+    code: int | None = None
+    signal: str | None = None
+
+    def __str__(self) -> str:
+        return self.detail
+
+    @classmethod
+    def from_status(cls, subject: str, code: int, *, shell_codes: bool = False) -> ExitReason:
+        """From an exit status: ``code < 0`` is a signal (``subprocess``' convention); with
+        ``shell_codes``, ``128 + n`` is too (the convention of containers)."""
+        number = -code if code < 0 else (code - 128 if shell_codes and code > 128 else None)
+        if number is not None and number in signal.valid_signals():
+            name = signal.Signals(number).name
+            if shell_codes:
+                return cls("signal", f"{subject} was killed by {name} (exit code {code})", code, name)
+            hint = " (killed: out of memory, or by an operator)" if number == signal.SIGKILL else ""
+            return cls("signal", f"{subject} killed by {name}{hint}", code, name)
+        return cls("exit", f"{subject} exited with code {code}", code)
+
+
 class RunnerHandle(abc.ABC):
     """A booted (or booting) runner as its backend sees it."""
 
@@ -50,7 +89,7 @@ class RunnerHandle(abc.ABC):
     async def stop(self, timeout: float) -> None:
         """Stop the runner (gracefully, then by force after ``timeout``) and release it."""
 
-    async def exit_reason(self) -> str | None:
+    async def exit_reason(self) -> ExitReason | None:
         """How the runner ended (exit code, signal, OOM), when the backend can tell."""
         return None
 
@@ -62,16 +101,28 @@ class Backend(abc.ABC):
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 10.0
     stop_timeout: float = 5.0  # how long a stopping runner gets before it is killed
+    boots_app: ClassVar[bool] = True  # runners boot the app by its import string (not LocalBackend)
+    _app: str | None = None  # the import string given as app=, or found by bind()
 
-    def bind(self, pool: str, app: Any | None) -> None:  # noqa: B027 - optional hook
-        """Called once by the pool that owns this backend, with the app it serves (if any)."""
+    def bind(self, pool: str, app: Any | None) -> None:
+        """Called by the pool that owns this backend, with the app it serves (if any)."""
+        if self.boots_app and self._app is None and app is not None:
+            from flame_asgi.backends._toolkit import app_import_for
+
+            self._app = app_import_for(app, pool)
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Called when the owning pool starts (after ``bind``): prepare what boots need."""
 
     def app_import(self) -> str | None:
-        """The import string runners boot ("pkg.module:app"), when this backend has one."""
-        return None
+        """The import string runners boot ("pkg.module:app"), ``None`` if they boot no app."""
+        return self.runner_app() if self.boots_app else None
+
+    def runner_app(self) -> str:
+        """The app a runner boots: the pool's app, else an empty one that serves only ``/_flame``."""
+        from flame_asgi.backends._toolkit import BARE_APP
+
+        return self._app or BARE_APP
 
     @abc.abstractmethod
     async def boot(self, spec: RunnerSpec) -> RunnerHandle:

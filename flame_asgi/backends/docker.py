@@ -15,19 +15,17 @@ container's inspect data cannot after AutoRemove has deleted it.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import collections
 import contextlib
 import dataclasses
+import functools
 import http.client
 import importlib.util
 import json
 import logging
 import math
 import os
-import re
 import secrets
-import signal
 import socket
 import urllib.parse
 from collections.abc import Mapping, Sequence
@@ -36,19 +34,35 @@ from typing import TYPE_CHECKING, Any
 from flame_asgi._channel import Channel
 from flame_asgi._exceptions import BootError
 from flame_asgi._runner_logs import RunnerOutput
-from flame_asgi.backends._base import Backend, RunnerHandle, RunnerSpec, connect_websocket
-from flame_asgi.backends.process import BARE_APP, app_import_for
+from flame_asgi.backends._base import Backend, ExitReason, RunnerHandle, RunnerSpec
+from flame_asgi.backends._docker_config import (
+    LABEL_BACKEND,
+    LABEL_PARENT,
+    LABEL_POOL,
+    LABEL_RUNNER,
+    container_config,
+    container_id_in,
+    container_name,
+    describe_exit,
+    engine_error,
+    own_container_id,
+    parse_memory,
+    published_url,
+)
+from flame_asgi.backends._toolkit import (
+    connect_when_up,
+    forwarded_env,
+    sweep_at_exit,
+    uvicorn_command,
+)
 
 if TYPE_CHECKING:
     import aiodocker
     from aiodocker.containers import DockerContainer
 
-log = logging.getLogger("flame_asgi.runner")
+__all__ = ["LABEL_BACKEND", "LABEL_PARENT", "DockerBackend", "container_id_in", "parent_id"]
+log = logging.getLogger("flame_asgi.backends.docker")
 INSTALL_HINT = "DockerBackend needs aiodocker: pip install 'flame_asgi[docker]'"
-LABEL_PARENT, LABEL_POOL, LABEL_RUNNER, LABEL_BACKEND = (
-    "flame_asgi.parent", "flame_asgi.pool", "flame_asgi.runner", "flame_asgi.backend")
-FORWARDED_ENV = ("FLAME_CODE_VERSION",)  # the runner must compute the same code version
-_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
 def parent_id() -> str:
@@ -147,13 +161,6 @@ class DockerBackend(Backend):
             working_dir=get("WORKDIR"), host_ip=None if host_ip.lower() in ("", "none") else host_ip,
         )
 
-    def bind(self, pool: str, app: Any | None) -> None:
-        if self._app is None and app is not None:
-            self._app = app_import_for(app, pool)
-
-    def app_import(self) -> str:
-        return self._app or BARE_APP
-
     # -- the Engine -----------------------------------------------------------------------
     async def _client(self) -> aiodocker.Docker:
         async with self._lock:
@@ -168,7 +175,9 @@ class DockerBackend(Backend):
                     raise engine_error(f"cannot reach the Docker Engine at {self.docker_url}", exc) from None
                 self._docker = docker
                 self._events = asyncio.get_running_loop().create_task(self._watch(docker))
-                sweep_at_exit(self.docker_url, f"{LABEL_PARENT}={parent_id()}")
+                label = f"{LABEL_PARENT}={parent_id()}"
+                sweep_at_exit(f"docker-{self.docker_url}-{label}", functools.partial(remove_labelled, self.docker_url,
+                                                                                     label))
                 # Wait (briefly) until the event stream is open: a runner that dies during
                 # boot must not do so before anyone listens for its exit code.
                 for _ in range(100):
@@ -208,27 +217,15 @@ class DockerBackend(Backend):
         image = self.image or await self._own_image(docker)
         host_mode = self.network == "host"
         port = free_port() if host_mode else self.port
-        env = {"PYTHONUNBUFFERED": "1", **{k: os.environ[k] for k in FORWARDED_ENV if k in os.environ},
-               **self.env, **spec.env}
-        hc: dict[str, Any] = {"AutoRemove": True, "Init": self.init, "Binds": self.binds}
-        if self.network:
-            hc["NetworkMode"] = self.network
-        if not host_mode and self.host_ip is not None:
-            hc["PortBindings"] = {f"{port}/tcp": [{"HostIp": self.host_ip, "HostPort": ""}]}
-        if self.cpus is not None:
-            hc["NanoCpus"] = int(self.cpus * 1e9)
-        if self.memory is not None:
-            hc["Memory"] = hc["MemorySwap"] = self.memory  # equal: no swap, so the limit is real
-        hc.update(self.host_config)
-        config: dict[str, Any] = {
-            "Image": image, "Cmd": self.command or self._command(spec, port, host_mode),
-            "Env": [f"{k}={v}" for k, v in env.items()], "ExposedPorts": {f"{port}/tcp": {}},
-            "Labels": {**self.labels, LABEL_PARENT: parent_id(), LABEL_POOL: spec.pool,
-                       LABEL_RUNNER: spec.runner_id, LABEL_BACKEND: self.id},
-            "HostConfig": hc,
-        }
-        if self.working_dir:
-            config["WorkingDir"] = self.working_dir
+        command = self.command or uvicorn_command(
+            self.python, self.runner_app(), host="127.0.0.1" if host_mode else "0.0.0.0", port=port,
+            log_level=self.log_level, max_payload=spec.info.max_payload, stop_timeout=self.stop_timeout)
+        config = container_config(
+            image=image, command=command, env={"PYTHONUNBUFFERED": "1", **forwarded_env(), **self.env, **spec.env},
+            port=port, labels={**self.labels, LABEL_PARENT: parent_id(), LABEL_POOL: spec.pool,
+                               LABEL_RUNNER: spec.runner_id, LABEL_BACKEND: self.id},
+            network=self.network, host_ip=self.host_ip, binds=self.binds, init=self.init, cpus=self.cpus,
+            memory=self.memory, working_dir=self.working_dir, host_config=self.host_config)
         try:
             container = await docker.containers.create(config, name=container_name(spec.runner_id))
         except Exception as exc:
@@ -246,15 +243,6 @@ class DockerBackend(Backend):
             raise engine_error(f"cannot start runner container {handle.name}", exc) from None
         return handle
 
-    def _command(self, spec: RunnerSpec, port: int, host_mode: bool) -> list[str]:
-        return [
-            self.python, "-m", "uvicorn", self.app_import(),
-            "--host", "127.0.0.1" if host_mode else "0.0.0.0", "--port", str(port),
-            "--lifespan", "on", "--log-level", self.log_level, "--no-access-log",
-            "--ws-max-size", str(spec.info.max_payload + 64 * 1024), "--ws-per-message-deflate", "false",
-            "--timeout-graceful-shutdown", str(int(self.stop_timeout) or 1),
-        ]
-
     async def _address(self, handle: DockerRunnerHandle, port: int, host_mode: bool) -> str:
         if host_mode:
             return f"http://127.0.0.1:{port}"
@@ -262,17 +250,10 @@ class DockerBackend(Backend):
             settings = (await handle.container.show())["NetworkSettings"]
         except Exception as exc:
             raise await handle.boot_failure(f"cannot inspect runner container {handle.name}", exc) from None
-        if self.host_ip is None:
-            networks: dict[str, Any] = settings.get("Networks") or {}
-            net: dict[str, Any] = networks.get(self.network or "bridge") or next(iter(networks.values()), {})
-            if net.get("IPAddress"):
-                return f"http://{net['IPAddress']}:{port}"
-        else:
-            published = (settings.get("Ports") or {}).get(f"{port}/tcp") or []
-            if published:
-                host = self.host_ip if self.host_ip not in ("", "0.0.0.0") else "127.0.0.1"
-                return f"http://{host}:{published[0]['HostPort']}"
-        raise await handle.boot_failure(f"runner container {handle.name} has no address for port {port}", None)
+        url = published_url(settings, port, host_ip=self.host_ip, network=self.network)
+        if url is None:
+            raise await handle.boot_failure(f"runner container {handle.name} has no address for port {port}", None)
+        return url
 
     # -- cleanup --------------------------------------------------------------------------
     async def aclose(self) -> None:
@@ -297,7 +278,7 @@ class DockerBackend(Backend):
             await docker.close()
 
     def __repr__(self) -> str:
-        return f"DockerBackend(image={self.image!r}, app={self.app_import()!r}, docker_url={self.docker_url!r})"
+        return f"DockerBackend(image={self.image!r}, app={self.runner_app()!r}, docker_url={self.docker_url!r})"
 
 
 @dataclasses.dataclass
@@ -338,50 +319,33 @@ class DockerRunnerHandle(RunnerHandle):
         # docker-proxy accepts on the published port before the app listens, then drops the
         # connection: a failed attempt means "not yet", until the deadline or the container exits.
         assert self.url is not None
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        while True:
-            left = None if deadline is None else deadline - loop.time()
-            attempt = asyncio.ensure_future(connect_websocket(self.url, left, self.spec.info.max_payload))
-            exited = asyncio.ensure_future(self.exit.event.wait())
-            try:
-                await asyncio.wait({attempt, exited}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                exited.cancel()
-                if not attempt.done():
-                    attempt.cancel()
-            if attempt.done() and not attempt.cancelled() and attempt.exception() is None:
-                return attempt.result()
-            if self.exit.event.is_set():
-                raise await self.boot_failure(f"runner container {self.name} exited during boot", None)
-            error = attempt.exception()
-            if not isinstance(error, BootError) or error.reason.startswith("HTTP "):
-                assert error is not None
-                raise error
-            if deadline is not None and loop.time() + 0.05 >= deadline:
-                raise BootError(f"{error}\nrunner output so far:\n{self.output_tail()}", reason=error.reason)
-            await asyncio.sleep(0.05)
+
+        async def ended() -> ExitReason | None:
+            if not self.exit.event.is_set():
+                return None
+            await self._drain_logs()
+            return self.describe()
+
+        return await connect_when_up(self.url, timeout, self.spec.info.max_payload, ended=ended, check_every=0.0,
+                                     what=f"runner container {self.name}", output=self.output_tail)
 
     async def boot_failure(self, what: str, exc: Exception | None) -> BootError:
         """A BootError that says how the container ended, with its last output."""
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.exit.event.wait(), 2.0)
+        await self._drain_logs()
+        why = str(self.describe()) if self.exit.event.is_set() else (str(exc) if exc else "unknown")
+        return BootError(f"{what} ({why}); its last output:\n{self.output_tail()}", reason=why)
+
+    async def _drain_logs(self) -> None:
         if self._logs is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(asyncio.shield(self._logs), 0.5)  # the last lines
-        why = self.describe() if self.exit.event.is_set() else (str(exc) if exc else "unknown")
-        return BootError(f"{what} ({why}); its last output:\n{self.output_tail()}", reason=why)
 
-    def describe(self) -> str:
-        code = self.exit.code
-        if self.exit.oom:
-            limit = f" of {self.backend.memory / 2**20:g} MiB" if self.backend.memory else ""
-            return f"container {self.name} was killed: out of memory (OOMKilled, memory limit{limit})"
-        if code is not None and code > 128 and code - 128 in signal.valid_signals():
-            return f"container {self.name} was killed by {signal.Signals(code - 128).name} (exit code {code})"
-        return f"container {self.name} exited with code {code}"
+    def describe(self) -> ExitReason:
+        return describe_exit(self.name, self.exit.code, oom=self.exit.oom, memory=self.backend.memory)
 
-    async def exit_reason(self) -> str | None:
+    async def exit_reason(self) -> ExitReason | None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.exit.event.wait(), 1.0)
         if not self.exit.event.is_set():  # no event (yet): ask the Engine, before AutoRemove does
@@ -415,46 +379,6 @@ class DockerRunnerHandle(RunnerHandle):
                 self._logs.cancel()
 
 
-def engine_error(what: str, exc: BaseException) -> BootError:
-    """Translate an aiodocker/aiohttp error into a BootError that says what to do."""
-    status, message = getattr(exc, "status", None), getattr(exc, "message", None) or str(exc) or repr(exc)
-    hint = ""
-    if status == 900 or isinstance(exc, OSError):
-        hint = "; is dockerd running? set docker_url= or DOCKER_HOST"
-    elif status == 404 and "image" in message.lower():
-        hint = "; build or load the image on that Docker host (runners never pull)"
-    return BootError(f"{what}: {message}{hint}", reason=f"docker: {message}")
-
-
-def parse_memory(value: int | str | None) -> int | None:
-    """``512m``, ``1g``, ``256MiB`` or bytes, as ``docker run --memory`` takes them."""
-    if value is None or isinstance(value, int):
-        return value
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", value.lower())
-    if match is None:
-        raise ValueError(f"memory={value!r}: use bytes or a size such as '512m' or '2g'")
-    return int(float(match[1]) * _UNITS[match[2]])
-
-
-def container_name(runner_id: str) -> str:
-    return "flame-" + re.sub(r"[^a-zA-Z0-9_.-]", "-", runner_id)
-
-
-def own_container_id() -> str | None:
-    """The id of the container this process runs in, from its mount table (cgroup v1 and v2)."""
-    for path in ("/proc/self/mountinfo", "/proc/self/cgroup"):
-        with contextlib.suppress(OSError), open(path) as f:
-            found = container_id_in(f.read())
-            if found:
-                return found
-    return None
-
-
-def container_id_in(text: str) -> str | None:
-    match = re.search(r"/containers/([0-9a-f]{64})/|/docker[/-]([0-9a-f]{64})", text)
-    return (match[1] or match[2]) if match else None
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -462,22 +386,6 @@ def free_port() -> int:
 
 
 # -- the last guard: at interpreter exit, remove whatever this process still has running --
-_sweeps: set[tuple[int, str, str]] = set()  # (pid, docker_url, label)
-
-
-def sweep_at_exit(url: str, label: str) -> None:
-    if not _sweeps:
-        atexit.register(_sweep)
-    _sweeps.add((os.getpid(), url, label))
-
-
-def _sweep() -> None:
-    for pid, url, label in list(_sweeps):
-        if pid == os.getpid():  # a forked child must not remove its parent's runners
-            with contextlib.suppress(Exception):
-                remove_labelled(url, label)
-
-
 def remove_labelled(url: str, label: str, timeout: float = 2.0) -> int:
     """Force-remove every container with ``label`` (plain HTTP, no event loop needed)."""
     scheme, _, address = url.partition("://")

@@ -17,8 +17,7 @@ import logging
 import math
 import os
 import random
-import re
-import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -26,14 +25,13 @@ import httpx
 
 from flame_asgi._channel import Channel
 from flame_asgi._exceptions import BootError
-from flame_asgi._parent import ENV_CODE_VERSION, runner_mode
-from flame_asgi.backends._base import Backend, RunnerHandle, RunnerSpec, connect_websocket
-from flame_asgi.backends.process import BARE_APP, app_import_for
+from flame_asgi._parent import runner_mode
+from flame_asgi.backends._base import Backend, ExitReason, RunnerHandle, RunnerSpec, connect_websocket
+from flame_asgi.backends._toolkit import dns_name, forwarded_env, same_python, uvicorn_command
 
-log = logging.getLogger("flame_asgi.fly")
+log = logging.getLogger("flame_asgi.backends.fly")
 DEFAULT_API_URL = "https://api.machines.dev"
 RETRY_CREATE = frozenset({409, 412, 422, 429})  # conflicts, capacity, rate limits: worth another try
-FORWARDED_ENV = (ENV_CODE_VERSION, "FLAME_MAX_PAYLOAD")  # settings a runner must share with its parent
 DOWN_STATES = frozenset({"stopping", "stopped", "suspending", "suspended", "destroying", "destroyed",
                          "failed", "launch_failed"})
 HOST_FIELDS = ("id", "name", "private_ip", "region", "instance_id", "app")
@@ -54,8 +52,10 @@ class FlyBackend(Backend):
 
     Every option defaults from the environment Fly gives an app's machines:
 
-    - ``token`` (``FLY_API_TOKEN``), ``app`` (``FLY_APP_NAME``), ``image`` (``FLY_IMAGE_REF``):
-      required; ``region`` (``FLY_REGION``): where runners boot, the parent's region.
+    - ``token`` (``FLY_API_TOKEN``), ``fly_app`` (``FLY_APP_NAME``), ``image`` (``FLY_IMAGE_REF``):
+      required (``app=`` for the Fly app name still works, deprecated: in every other
+      backend ``app=`` is the import string, which here is ``app_import=``);
+      ``region`` (``FLY_REGION``): where runners boot, the parent's region.
     - ``cpu_kind``, ``cpus``, ``memory_mb``, ``gpu_kind``, ``gpus``: the guest size
       (``FLAME_FLY_CPU_KIND`` ... ``FLAME_FLY_GPUS``; default a performance-1x, 2048 MB).
     - ``env``: extra variables for runners. Runners never inherit the parent's environment;
@@ -80,6 +80,7 @@ class FlyBackend(Backend):
         *,
         app_import: str | None = None,
         token: str | None = None,
+        fly_app: str | None = None,
         app: str | None = None,
         image: str | None = None,
         region: str | None = None,
@@ -100,9 +101,13 @@ class FlyBackend(Backend):
         heartbeat_timeout: float = 10.0,
     ) -> None:
         environ = os.environ
-        self._app_import = app_import
+        if app is not None:
+            warnings.warn("FlyBackend(app=...) names the Fly app: pass fly_app= instead (app= is the import string "
+                          "in every other backend; here that is app_import=)", DeprecationWarning, stacklevel=2)
+            fly_app = fly_app or app
+        self._app = app_import
         self.token = token or environ.get("FLY_API_TOKEN", "")
-        self.app = app or environ.get("FLY_APP_NAME", "")
+        self.fly_app = fly_app or environ.get("FLY_APP_NAME", "")
         self.image = image or environ.get("FLY_IMAGE_REF", "")
         self.region = region or environ.get("FLY_REGION") or None
         self.cpu_kind = cpu_kind or environ.get("FLAME_FLY_CPU_KIND") or "performance"
@@ -138,25 +143,21 @@ class FlyBackend(Backend):
 
     # -- the Backend contract ---------------------------------------------------------
     def bind(self, pool: str, app: Any | None) -> None:
-        if self._app_import is None and app is not None:
-            self._app_import = app_import_for(app, pool)
+        super().bind(pool, app)
         if not runner_mode():  # a runner's own pools never boot; its machine may lack the token
             self.require_settings()
-
-    def app_import(self) -> str:
-        return self._app_import or BARE_APP
 
     def require_settings(self) -> None:
         """Raise ``BootError`` naming every missing required setting (token, app, image)."""
         missing = [(var, arg) for var, arg, value in (
-            ("FLY_API_TOKEN", "token", self.token), ("FLY_APP_NAME", "app", self.app),
+            ("FLY_API_TOKEN", "token", self.token), ("FLY_APP_NAME", "fly_app", self.fly_app),
             ("FLY_IMAGE_REF", "image", self.image)) if not value]
         if not missing:
             return
         hints = []
         if not self.token:
             hints.append("create a token with `fly tokens create deploy` and `fly secrets set FLY_API_TOKEN=...`")
-        if not (self.app and self.image):
+        if not (self.fly_app and self.image):
             hints.append("Fly sets FLY_APP_NAME and FLY_IMAGE_REF on the app's own machines")
         names = ", ".join(f"{var} (or {arg}=...)" for var, arg in missing)
         raise BootError(f"FlyBackend needs {names}: {'; '.join(hints)}",
@@ -164,7 +165,7 @@ class FlyBackend(Backend):
 
     async def boot(self, spec: RunnerSpec) -> FlyRunnerHandle:
         self.require_settings()
-        machine = await self.request("POST", f"/v1/apps/{self.app}/machines", json=self.machine_request(spec),
+        machine = await self.request("POST", f"/v1/apps/{self.fly_app}/machines", json=self.machine_request(spec),
                                      retry_on=RETRY_CREATE)
         try:
             return FlyRunnerHandle(self, spec, machine)
@@ -180,13 +181,13 @@ class FlyBackend(Backend):
 
     def __repr__(self) -> str:
         gpu = f", gpus={self.gpus}x{self.gpu_kind}" if self.gpu_kind else ""
-        return (f"FlyBackend(app={self.app!r}, image={self.image!r}, region={self.region!r}, "
+        return (f"FlyBackend(fly_app={self.fly_app!r}, image={self.image!r}, region={self.region!r}, "
                 f"guest={self.cpu_kind}-{self.cpus}x/{self.memory_mb}MB{gpu})")
 
     # -- what a machine is asked to be --------------------------------------------------
     def machine_request(self, spec: RunnerSpec) -> dict[str, Any]:
         """The body of the create request for ``spec``'s runner."""
-        env = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
+        env = forwarded_env()
         env.update(self.env)
         env.update(spec.env)
         guest: dict[str, Any] = {"cpu_kind": self.cpu_kind, "cpus": self.cpus, "memory_mb": self.memory_mb}
@@ -200,7 +201,7 @@ class FlyBackend(Backend):
         cmd = self.command(spec)
         if cmd:
             config["init"] = {"cmd": cmd}
-        body: dict[str, Any] = {"name": _machine_name(spec.runner_id), "config": config}
+        body: dict[str, Any] = {"name": dns_name(spec.runner_id), "config": config}
         if self.region:
             body["region"] = self.region
         return body
@@ -208,12 +209,9 @@ class FlyBackend(Backend):
     def command(self, spec: RunnerSpec) -> list[str]:
         if self.cmd is not None:
             return list(self.cmd)
-        # Same image, same interpreter path; another image gets the `python` on its PATH.
-        python = sys.executable if self.image == os.environ.get("FLY_IMAGE_REF") else "python"
-        return [python, "-m", "uvicorn", self.app_import(), "--host", "::", "--port", str(self.port),
-                "--lifespan", "on", "--log-level", self.log_level, "--no-access-log",
-                "--ws-max-size", str(spec.info.max_payload + 64 * 1024), "--ws-per-message-deflate", "false",
-                "--timeout-graceful-shutdown", str(max(1, math.ceil(self.stop_timeout)))]
+        return uvicorn_command(same_python(self.image, os.environ.get("FLY_IMAGE_REF")), self.runner_app(), host="::",
+                               port=self.port, log_level=self.log_level, max_payload=spec.info.max_payload,
+                               stop_timeout=self.stop_timeout)
 
     def runner_url(self, machine: Mapping[str, Any]) -> str:
         """The base URL of the runner on ``machine`` (IPv6 literals bracketed)."""
@@ -221,7 +219,7 @@ class FlyBackend(Backend):
             host = self.runner_host(machine)
         else:
             fields = {key: machine.get(key) or "" for key in HOST_FIELDS}
-            host = self.runner_host.format(**{**fields, "app": self.app})
+            host = self.runner_host.format(**{**fields, "app": self.fly_app})
         if not host:
             raise BootError(f"Fly machine {machine.get('id')} has no address to reach it by (runner_host="
                             f"{self.runner_host!r}, private_ip={machine.get('private_ip')!r})", reason="no address")
@@ -274,8 +272,8 @@ class FlyBackend(Backend):
         if status in (401, 403):
             message = (f"the Fly Machines API refused the token (HTTP {status}: {detail}); check FLY_API_TOKEN "
                        "(or token=...): it needs access to the app")
-        elif status == 404 and path == f"/v1/apps/{self.app}/machines":
-            message = f"Fly app {self.app!r} not found (HTTP 404: {detail}); check FLY_APP_NAME (or app=...)"
+        elif status == 404 and path == f"/v1/apps/{self.fly_app}/machines":
+            message = f"Fly app {self.fly_app!r} not found (HTTP 404: {detail}); check FLY_APP_NAME (or fly_app=...)"
         else:
             tries = f" after {attempts} attempts" if attempts > 1 else ""
             message = f"Fly Machines API: {method} {path} answered HTTP {status}{tries}: {detail}"
@@ -289,7 +287,7 @@ class FlyBackend(Backend):
 
     async def _destroy(self, machine_id: str) -> None:
         try:
-            await self.request("DELETE", f"/v1/apps/{self.app}/machines/{machine_id}", params={"force": "true"})
+            await self.request("DELETE", f"/v1/apps/{self.fly_app}/machines/{machine_id}", params={"force": "true"})
         except FlyAPIError as exc:
             if exc.status != 404:  # 404: it destroyed itself already (auto_destroy)
                 log.warning("could not destroy Fly machine %s: %s", machine_id, exc)
@@ -305,7 +303,7 @@ class FlyRunnerHandle(RunnerHandle):
         self.spec = spec
         self.machine_id: str = machine["id"]
         self.instance_id: str | None = machine.get("instance_id")
-        self.path = f"/v1/apps/{backend.app}/machines/{self.machine_id}"
+        self.path = f"/v1/apps/{backend.fly_app}/machines/{self.machine_id}"
         self.url = backend.runner_url(machine)
         self._stopped = False
 
@@ -358,7 +356,7 @@ class FlyRunnerHandle(RunnerHandle):
             if deadline is not None and loop.time() + delay >= deadline:
                 raise BootError(f"the runner on Fly machine {self.machine_id} did not answer at {self.url} within "
                                 f"{timeout:g} s; does it listen on [::]:{self.backend.port}? see `fly logs -a "
-                                f"{self.backend.app} -i {self.machine_id}`", reason="runner unreachable")
+                                f"{self.backend.fly_app} -i {self.machine_id}`", reason="runner unreachable")
             await asyncio.sleep(delay)
             delay = min(delay * 1.3, 0.2)  # probes are cheap, a long gap between them is boot latency
 
@@ -385,8 +383,8 @@ class FlyRunnerHandle(RunnerHandle):
 
     async def _failed(self, what: str, machine: Mapping[str, Any] | None = None) -> BootError:
         machine = machine or await self._machine()
-        why = describe_machine(machine) if machine else f"Fly machine {self.machine_id}"
-        return BootError(f"Fly machine {self.machine_id} {what}: {why}; see `fly logs -a {self.backend.app} "
+        why = str(describe_machine(machine)) if machine else f"Fly machine {self.machine_id}"
+        return BootError(f"Fly machine {self.machine_id} {what}: {why}; see `fly logs -a {self.backend.fly_app} "
                          f"-i {self.machine_id}`", reason=why)
 
     async def stop(self, timeout: float) -> None:
@@ -403,7 +401,7 @@ class FlyRunnerHandle(RunnerHandle):
             log.debug("stopping Fly machine %s: %s", self.machine_id, exc)
         await self.backend._destroy(self.machine_id)
 
-    async def exit_reason(self) -> str | None:
+    async def exit_reason(self) -> ExitReason | None:
         if self._stopped:
             return None
         machine = await self._machine()
@@ -418,7 +416,7 @@ class FlyRunnerHandle(RunnerHandle):
         return describe_machine(machine) if machine else None
 
 
-def describe_machine(machine: Mapping[str, Any]) -> str:
+def describe_machine(machine: Mapping[str, Any]) -> ExitReason:
     """How a machine ended, from its state and latest exit event (OOM, signal, exit code)."""
     name = f"Fly machine {machine.get('id')}"
     state = machine.get("state") or "unknown"
@@ -427,14 +425,16 @@ def describe_machine(machine: Mapping[str, Any]) -> str:
             continue
         request = event.get("request") or {}
         exit_event = request.get("exit_event") or (request.get("MonitorEvent") or {}).get("exit_event") or {}
+        code = exit_event.get("exit_code", 0)
         if exit_event.get("oom_killed"):
-            return f"{name} was killed: out of memory (raise memory_mb)"
+            return ExitReason("oom", f"{name} was killed: out of memory (raise memory_mb)", code)
         if exit_event.get("signal"):
-            return f"{name} was killed by signal {exit_event['signal']}"
-        return f"{name} exited with code {exit_event.get('exit_code', 0)} ({state})"
+            return ExitReason("signal", f"{name} was killed by signal {exit_event['signal']}", code,
+                              str(exit_event["signal"]))
+        return ExitReason("exit", f"{name} exited with code {code} ({state})", code)
     if state == "started":
-        return f"{name} is still started: its runner became unreachable"
-    return f"{name} is {state}"
+        return ExitReason("unreachable", f"{name} is still started: its runner became unreachable")
+    return ExitReason("gone", f"{name} is {state}")
 
 
 def _authorization(token: str) -> str:
@@ -453,10 +453,6 @@ def _backoff(attempt: int, retry_after: str | None) -> float:
         except ValueError:
             pass
     return min(2.0, 0.1 * 2.0**attempt) * random.uniform(0.75, 1.25)
-
-
-def _machine_name(runner_id: str) -> str:
-    return re.sub(r"[^a-z0-9-]+", "-", f"flame-{runner_id}".lower()).strip("-")[:63]
 
 
 def _env_int(name: str, default: int) -> int:

@@ -18,51 +18,40 @@ become ``BootError`` naming the verb and resource a refused request needed.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
-import copy
+import functools
 import importlib.util
-import json
 import logging
 import math
 import os
-import re
 import secrets
-import signal
 import socket
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flame_asgi._channel import Channel
 from flame_asgi._exceptions import BootError
-from flame_asgi._parent import ENV_CODE_VERSION, runner_mode
-from flame_asgi.backends._base import Backend, RunnerHandle, RunnerSpec, connect_websocket
-from flame_asgi.backends.process import BARE_APP, app_import_for
+from flame_asgi._parent import runner_mode
+from flame_asgi.backends import _kubernetes_pods as pods
+from flame_asgi.backends._base import Backend, ExitReason, RunnerHandle, RunnerSpec
+from flame_asgi.backends._kubernetes_pods import LABEL_PARENT, label, load_template, runner_name
+from flame_asgi.backends._toolkit import (
+    connect_when_up,
+    forget_sweep,
+    forwarded_env,
+    same_python,
+    sweep_at_exit,
+    uvicorn_command,
+)
 
 if TYPE_CHECKING:
     from lightkube import AsyncClient, KubeConfig
 
-log = logging.getLogger("flame_asgi.kubernetes")
+log = logging.getLogger("flame_asgi.backends.kubernetes")
 INSTALL_HINT = "KubernetesBackend needs lightkube: pip install 'flame_asgi[kubernetes]'"
 RBAC_HINT = "docs/kubernetes-rbac.yaml lists what the backend needs"
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-LABEL_POOL, LABEL_RUNNER, LABEL_PARENT, LABEL_BACKEND = (
-    "flame-asgi/pool", "flame-asgi/runner", "flame-asgi/parent", "flame-asgi/backend")
-MANAGED_BY = {"app.kubernetes.io/managed-by": "flame_asgi"}
-FORWARDED_ENV = (ENV_CODE_VERSION, "FLAME_MAX_PAYLOAD")  # settings a runner must share with its parent
-CONTAINER = "runner"
-# Pod-level fields a runner inherits. Not affinity (rules written for the parent's labels
-# would repel its runners), nodeName, hostname, or anything the parent's controller owns.
-POD_FIELDS = ("serviceAccountName", "automountServiceAccountToken", "imagePullSecrets", "nodeSelector",
-              "tolerations", "securityContext", "priorityClassName", "runtimeClassName", "dnsPolicy", "dnsConfig",
-              "enableServiceLinks")
-CONTAINER_FIELDS = ("image", "imagePullPolicy", "workingDir", "envFrom", "resources", "securityContext")
-# Volumes any Pod can mount alongside the parent: configuration, not storage.
-PORTABLE_VOLUMES = ("configMap", "secret", "emptyDir", "downwardAPI", "projected")
-FATAL_WAITING = frozenset({"InvalidImageName", "ErrImageNeverPull", "CreateContainerConfigError",
-                           "CreateContainerError", "RunContainerError"})
 
 
 class KubernetesBackend(Backend):
@@ -148,8 +137,7 @@ class KubernetesBackend(Backend):
                    kubeconfig=get("KUBECONFIG"), context=get("CONTEXT"))
 
     def bind(self, pool: str, app: Any | None) -> None:
-        if self._app is None and app is not None:
-            self._app = app_import_for(app, pool)
+        super().bind(pool, app)
         if not runner_mode():  # a runner's own pools never boot: they need no configuration
             self._load_config()
 
@@ -162,9 +150,6 @@ class KubernetesBackend(Backend):
             await asyncio.wait_for(self.parent(), 5.0)
         except (BootError, TimeoutError) as exc:
             log.warning("KubernetesBackend: runners will not boot until this is fixed: %s", exc or "API timeout")
-
-    def app_import(self) -> str:
-        return self._app or BARE_APP
 
     @property
     def namespace(self) -> str:
@@ -201,7 +186,8 @@ class KubernetesBackend(Backend):
 
                 self._client = AsyncClient(self._load_config(), namespace=self.namespace,
                                            field_manager="flame_asgi")
-                _live[self.id] = (os.getpid(), self._config, self.namespace, self._owned)
+                sweep_at_exit(f"kubernetes-{self.id}", functools.partial(
+                    _delete_now, self._config, self.namespace, self._owned))
             return self._client
 
     async def call(self, verb: str, resource: str, request: Any) -> Any:
@@ -246,7 +232,7 @@ class KubernetesBackend(Backend):
             async for found in api.list(Pod, namespace=self.namespace, labels={LABEL_PARENT: label(self.parent_pod)}):
                 pod = found.to_dict()
                 owners = pod["metadata"].get("ownerReferences") or ()
-                if pod_ended(pod) and any(o.get("uid") == uid for o in owners):
+                if pods.pod_ended(pod) and any(o.get("uid") == uid for o in owners):
                     for kind in (Pod, Secret):  # a runner's Secret has its Pod's name
                         with contextlib.suppress(Exception):
                             await api.delete(kind, pod["metadata"]["name"], namespace=self.namespace)
@@ -274,70 +260,32 @@ class KubernetesBackend(Backend):
             raise
         return handle
 
-    def labels(self, spec: RunnerSpec) -> dict[str, str]:
-        return {**MANAGED_BY, LABEL_POOL: label(spec.pool), LABEL_RUNNER: label(spec.runner_id),
-                LABEL_PARENT: label(self.parent_pod), LABEL_BACKEND: self.id}
-
-    def secret_manifest(self, spec: RunnerSpec, parent: Mapping[str, Any]) -> dict[str, Any]:
-        # Owned by the parent Pod, like the runner Pod, and named like it. Owned by the runner
-        # Pod, it would need a patch once that Pod exists, and `patch secrets` can read them all.
-        return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "stringData": spec.env,
-                "metadata": {"name": runner_name(spec.runner_id), "namespace": self.namespace,
-                             "labels": self.labels(spec), "ownerReferences": [owner_reference(parent)]}}
-
     def pod_manifest(self, spec: RunnerSpec, parent: Mapping[str, Any]) -> dict[str, Any]:
         """The runner Pod for ``spec``: the parent's Pod made a runner, then ``template`` over it."""
-        pod_spec: dict[str, Any] = parent.get("spec") or {}
-        source = self._source_container(pod_spec)
-        volumes = [v for v in pod_spec.get("volumes") or () if portable(v)]
-        kept = {v["name"] for v in volumes}
-        env: dict[str, dict[str, Any]] = {e["name"]: e for e in source.get("env") or ()}
-        env.update({k: {"name": k, "value": os.environ[k]} for k in FORWARDED_ENV if os.environ.get(k)})
-        env.update({k: {"name": k, "value": v} for k, v in {"PYTHONUNBUFFERED": "1", **self.env}.items()})
-        secret = runner_name(spec.runner_id)
-        env.update({k: {"name": k, "valueFrom": {"secretKeyRef": {"name": secret, "key": k}}} for k in spec.env})
-        container: dict[str, Any] = {k: copy.deepcopy(source[k]) for k in CONTAINER_FIELDS if source.get(k)}
-        if self.image and self.image != source.get("image"):
-            container.pop("imagePullPolicy", None)
-            container["image"] = self.image
-        resources = container.setdefault("resources", {})
-        for key, value in (("cpu", self.cpu), ("memory", self.memory)):
-            if value is not None:
-                resources.setdefault("requests", {})[key] = resources.setdefault("limits", {})[key] = value
-        container.update(name=CONTAINER, command=self.command or self.runner_command(spec, source),
-                         env=list(env.values()), ports=[{"name": "flame", "containerPort": self.port}],
-                         volumeMounts=[m for m in source.get("volumeMounts") or () if m.get("name") in kept])
-        manifest = {
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": secret, "namespace": self.namespace, "labels": self.labels(spec),
-                         "ownerReferences": [owner_reference(parent, controller=True)]},
-            "spec": {**{k: copy.deepcopy(pod_spec[k]) for k in POD_FIELDS if k in pod_spec},
-                     "containers": [container], "volumes": volumes, "restartPolicy": "Never",
-                     "terminationGracePeriodSeconds": max(1, math.ceil(self.stop_timeout))},
-        }
-        return merge_template(manifest, self.template)
+        source = pods.source_container(parent.get("spec") or {}, self.container)
+        if source is None:
+            names = ", ".join(c.get("name", "?") for c in (parent.get("spec") or {}).get("containers") or ())
+            raise BootError(f"KubernetesBackend: the parent pod {self.parent_pod} has no container "
+                            f"{self.container!r} (it has: {names or 'none'})", reason="no such container")
+        python = self.python or same_python(self.image, source.get("image"))
+        command = self.command or uvicorn_command(
+            python, self.runner_app(), host="0.0.0.0", port=self.port, log_level=self.log_level,
+            max_payload=spec.info.max_payload, stop_timeout=self.stop_timeout)
+        return pods.pod_manifest(
+            spec, parent, source, namespace=self.namespace, labels=self.labels(spec), command=command,
+            env={**forwarded_env(), "PYTHONUNBUFFERED": "1", **self.env}, port=self.port, image=self.image,
+            cpu=self.cpu, memory=self.memory, stop_timeout=self.stop_timeout, template=self.template)
 
-    def _source_container(self, pod_spec: Mapping[str, Any]) -> dict[str, Any]:
-        containers: list[dict[str, Any]] = pod_spec.get("containers") or []
-        for c in containers:
-            if self.container is None or c.get("name") == self.container:
-                return c
-        names = ", ".join(c.get("name", "?") for c in containers) or "none"
-        raise BootError(f"KubernetesBackend: the parent pod {self.parent_pod} has no container {self.container!r} "
-                        f"(it has: {names})", reason="no such container")
+    def secret_manifest(self, spec: RunnerSpec, parent: Mapping[str, Any]) -> dict[str, Any]:
+        return pods.secret_manifest(spec, parent, self.namespace, self.labels(spec))
 
-    def runner_command(self, spec: RunnerSpec, source: Mapping[str, Any]) -> list[str]:
-        # The parent's own image has this very interpreter; another image has `python` on its PATH.
-        python = self.python or (sys.executable if not self.image or self.image == source.get("image") else "python")
-        return [python, "-m", "uvicorn", self.app_import(), "--host", "0.0.0.0", "--port", str(self.port),
-                "--lifespan", "on", "--log-level", self.log_level, "--no-access-log",
-                "--ws-max-size", str(spec.info.max_payload + 64 * 1024), "--ws-per-message-deflate", "false",
-                "--timeout-graceful-shutdown", str(max(1, math.ceil(self.stop_timeout)))]
+    def labels(self, spec: RunnerSpec) -> dict[str, str]:
+        return pods.labels(spec, self.parent_pod, self.id)
 
     # -- cleanup ----------------------------------------------------------------------------
     async def aclose(self) -> None:
         client, self._client = self._client, None
-        _live.pop(self.id, None)
+        forget_sweep(f"kubernetes-{self.id}")
         if client is None:
             return
         from lightkube.resources.core_v1 import Pod, Secret
@@ -355,7 +303,7 @@ class KubernetesBackend(Backend):
 
     def __repr__(self) -> str:
         return (f"KubernetesBackend(parent_pod={self.parent_pod!r}, namespace={self._namespace!r}, "
-                f"image={self.image!r}, app={self.app_import()!r})")
+                f"image={self.image!r}, app={self.runner_app()!r})")
 
 
 class KubernetesRunnerHandle(RunnerHandle):
@@ -379,53 +327,51 @@ class KubernetesRunnerHandle(RunnerHandle):
 
         assert self.created is not None
         api, why = await self.backend.api(), "not scheduled yet"
-        watch = api.watch(Pod, namespace=self.backend.namespace, fields={"metadata.name": self.name},
-                          resource_version=self.created["metadata"]["resourceVersion"])
+        version = self.created["metadata"]["resourceVersion"]
         try:
             async with asyncio.timeout(self._left()):
-                async for event, obj in aiter_api(watch, self.backend, "watch", "pods"):
-                    pod = obj.to_dict()
-                    if event == "DELETED" or (pod.get("metadata") or {}).get("deletionTimestamp"):
+                while True:
+                    watch = api.watch(Pod, namespace=self.backend.namespace, fields={"metadata.name": self.name},
+                                      resource_version=version)
+                    async for event, obj in aiter_api(watch, self.backend, "watch", "pods"):
+                        pod = obj.to_dict()
+                        if event == "DELETED" or (pod.get("metadata") or {}).get("deletionTimestamp"):
+                            raise BootError(f"runner pod {self.name} was deleted while it booted",
+                                            reason="pod deleted")
+                        ip, fatal, why = pods.pod_progress(pod)
+                        if fatal:
+                            raise BootError(f"runner pod {self.name} failed to start: {why}", reason=why)
+                        if ip:
+                            self.url = f"http://{ip}:{self.backend.port}"
+                            return
+                        version = pod["metadata"].get("resourceVersion") or version
+                    # The API server ends watches when it likes (its timeout, a restart):
+                    # read the Pod once, then watch again from where it stands.
+                    pod = await self.backend.call("get", "pods", self._get())
+                    if pod is None:
                         raise BootError(f"runner pod {self.name} was deleted while it booted", reason="pod deleted")
-                    ip, fatal, why = pod_progress(pod)
-                    if fatal:
-                        raise BootError(f"runner pod {self.name} failed to start: {why}", reason=why)
-                    if ip:
-                        self.url = f"http://{ip}:{self.backend.port}"
-                        return
+                    version = pod["metadata"].get("resourceVersion") or version
+                    await asyncio.sleep(0.1)
         except TimeoutError:
             pass
+        # Only a deadline ends the loop, so boot_timeout is set (None never times out).
+        budget = self.spec.boot_timeout
         raise BootError(f"runner pod {self.backend.namespace}/{self.name} got no IP within boot_timeout="
-                        f"{self.spec.boot_timeout:g} s: {why}", reason=f"no pod IP: {why}")
+                        f"{budget if budget is None else format(budget, 'g')} s: {why}", reason=f"no pod IP: {why}")
 
     async def connect(self, timeout: float | None) -> Channel:
         # The Pod has an IP before its app listens: a refused connection means "not yet",
         # until the deadline or until the Pod shows its container has ended.
         assert self.url is not None
-        loop, delay, check_at = asyncio.get_running_loop(), 0.02, 0.0
-        while True:
-            left = self._left(timeout)
-            try:
-                return await connect_websocket(self.url, None if left is None else max(0.1, min(left, 5.0)),
-                                               self.spec.info.max_payload)
-            except BootError as error:
-                if error.reason.startswith("HTTP "):
-                    raise
-                if loop.time() >= check_at:
-                    check_at = loop.time() + 1.0
-                    pod = await self.backend.call("get", "pods", self._get())
-                    if pod is None or pod_ended(pod):
-                        why = describe_end(pod, self.name)
-                        raise BootError(f"runner pod {self.name} ended during boot: {why}; see `kubectl logs -n "
-                                        f"{self.backend.namespace} {self.name}`", reason=why) from None
-                left = self._left(timeout)
-                if left is not None and left <= delay:
-                    raise BootError(f"the runner in pod {self.name} did not answer at {self.url}: {error.reason}; "
-                                    f"does its container serve the app on 0.0.0.0:{self.backend.port}? see "
-                                    f"`kubectl logs -n {self.backend.namespace} {self.name}`",
-                                    reason=error.reason) from None
-                await asyncio.sleep(delay)
-                delay = min(delay * 1.5, 0.2)
+
+        async def ended() -> ExitReason | None:
+            pod = await self.backend.call("get", "pods", self._get())
+            return pods.describe_end(pod, self.name) if pod is None or pods.pod_ended(pod) else None
+
+        return await connect_when_up(
+            self.url, self._left(timeout), self.spec.info.max_payload, ended=ended, what=f"runner pod {self.name}",
+            hint=f"does its container serve the app on 0.0.0.0:{self.backend.port}? see `kubectl logs -n "
+                 f"{self.backend.namespace} {self.name}`")
 
     async def _get(self) -> dict[str, Any] | None:
         from lightkube import ApiError
@@ -440,7 +386,7 @@ class KubernetesRunnerHandle(RunnerHandle):
         result: dict[str, Any] = pod.to_dict()
         return result
 
-    async def exit_reason(self) -> str | None:
+    async def exit_reason(self) -> ExitReason | None:
         if self._stopped:
             return None
         pod: dict[str, Any] | None = {}
@@ -450,13 +396,13 @@ class KubernetesRunnerHandle(RunnerHandle):
         with contextlib.suppress(Exception):
             while True:
                 pod = await self._get()
-                if pod is None or pod_ended(pod) or (pod.get("metadata") or {}).get("deletionTimestamp"):
-                    return describe_end(pod, self.name)
+                if pod is None or pods.pod_ended(pod) or (pod.get("metadata") or {}).get("deletionTimestamp"):
+                    return pods.describe_end(pod, self.name)
                 if asyncio.get_running_loop().time() >= give_up:
                     break
                 await asyncio.sleep(0.1)
         phase = ((pod or {}).get("status") or {}).get("phase", "unknown")
-        return f"runner pod {self.name} is still {phase}: its runner became unreachable"
+        return ExitReason("unreachable", f"runner pod {self.name} is still {phase}: its runner became unreachable")
 
     async def stop(self, timeout: float) -> None:
         """Delete the Pod (SIGTERM, SIGKILL after ``timeout``) and its Secret; wait until the Pod is gone."""
@@ -494,124 +440,6 @@ class KubernetesRunnerHandle(RunnerHandle):
             log.warning("KubernetesBackend: could not confirm the deletion of pod %s/%s: %r", ns, self.name, exc)
         finally:
             self.backend._owned.discard(self.name)
-
-
-# -- Pod status -------------------------------------------------------------------------------
-def _runner_status(pod: Mapping[str, Any]) -> dict[str, Any]:
-    statuses = (pod.get("status") or {}).get("containerStatuses") or []
-    return next((s for s in statuses if s.get("name") == CONTAINER), statuses[0] if statuses else {})
-
-
-def pod_ended(pod: Mapping[str, Any]) -> bool:
-    state = _runner_status(pod).get("state") or {}
-    return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed") or "terminated" in state
-
-
-def pod_progress(pod: Mapping[str, Any]) -> tuple[str | None, bool, str]:
-    """``(ip, fatal, why)``: the Pod's IP once it runs; otherwise whether it never will, and why not yet."""
-    status = pod.get("status") or {}
-    if pod_ended(pod):
-        return None, True, describe_end(pod, pod["metadata"]["name"])
-    waiting = (_runner_status(pod).get("state") or {}).get("waiting") or {}
-    if waiting.get("reason"):
-        why = f"{waiting['reason']}: {waiting.get('message') or ''}".rstrip(": ")
-        return None, waiting["reason"] in FATAL_WAITING, why
-    if status.get("phase") == "Running" and status.get("podIP"):
-        return status["podIP"], False, "running"
-    for cond in status.get("conditions") or ():
-        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
-            return None, False, f"{cond.get('reason') or 'unschedulable'}: {cond.get('message') or ''}".rstrip(": ")
-    if not (pod.get("spec") or {}).get("nodeName"):
-        return None, False, "not scheduled yet (no node accepted it; is the scheduler running?)"
-    return None, False, f"{status.get('phase') or 'Pending'} on node {pod['spec']['nodeName']}"
-
-
-def describe_end(pod: Mapping[str, Any] | None, name: str) -> str:
-    """How a runner Pod ended: OOM kill, signal, exit code, eviction, deletion."""
-    if pod is None:
-        return f"runner pod {name} was deleted"
-    status, cs = pod.get("status") or {}, _runner_status(pod)
-    term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
-    if term:
-        code, reason = term.get("exitCode"), term.get("reason") or ""
-        if reason == "OOMKilled":
-            limit = ((pod.get("spec") or {}).get("containers") or [{}])[0].get("resources", {}).get("limits", {})
-            mem = f" of {limit['memory']}" if limit.get("memory") else ""
-            return f"runner pod {name} was killed: out of memory (OOMKilled, memory limit{mem})"
-        sig = term.get("signal") or (code - 128 if isinstance(code, int) and code > 128 else None)
-        if sig in signal.valid_signals():
-            return f"runner pod {name} was killed by {signal.Signals(sig).name} (exit code {code})"
-        detail = f" ({reason}: {term['message']})" if term.get("message") else f" ({reason})" if reason else ""
-        return f"runner pod {name} exited with code {code}{detail}"
-    if status.get("reason"):  # Evicted, NodeLost, DeadlineExceeded...
-        return f"runner pod {name} is {status.get('phase')}: {status['reason']}: {status.get('message') or ''}"
-    if (pod.get("metadata") or {}).get("deletionTimestamp"):
-        return f"runner pod {name} is being deleted"
-    return f"runner pod {name} is {status.get('phase') or 'unknown'}"
-
-
-# -- manifests ----------------------------------------------------------------------------
-def owner_reference(obj: Mapping[str, Any], controller: bool = False) -> dict[str, Any]:
-    meta = obj["metadata"]
-    ref = {"apiVersion": obj.get("apiVersion", "v1"), "kind": obj.get("kind", "Pod"), "name": meta["name"],
-           "uid": meta["uid"]}
-    # A controller reference also keeps a ReplicaSet whose selector matches from adopting the Pod.
-    return {**ref, "controller": True} if controller else ref
-
-
-def portable(volume: Mapping[str, Any]) -> bool:
-    # kube-api-access-*: the service account token volume, added to each Pod by admission.
-    return any(k in volume for k in PORTABLE_VOLUMES) and not volume["name"].startswith("kube-api-access-")
-
-
-def merge_template(base: dict[str, Any], template: Mapping[str, Any] | None) -> dict[str, Any]:
-    if not template:
-        return base
-    over = copy.deepcopy(dict(template))
-    spec = over.get("spec") or {}
-    extra = spec.pop("containers", None) or []
-    merged = _merge(base, over)
-    if extra:
-        containers = merged["spec"]["containers"]
-        containers[0] = _merge(containers[0], extra[0])
-        containers.extend(extra[1:])
-    return merged
-
-
-def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if value is None:
-            out.pop(key, None)
-        elif isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def load_template(template: Mapping[str, Any] | str | Path | Any) -> dict[str, Any] | None:
-    if template is None or isinstance(template, Mapping):
-        return dict(template) if template else None
-    if hasattr(template, "to_dict"):  # a lightkube Pod
-        return dict(template.to_dict())
-    text = Path(template).read_text()
-    try:
-        loaded = json.loads(text)
-    except ValueError:
-        yaml = importlib.import_module("yaml")  # lightkube depends on PyYAML
-        loaded = yaml.safe_load(text)
-    if not isinstance(loaded, dict):
-        raise ValueError(f"KubernetesBackend: template {template} is not a Pod manifest (a mapping)")
-    return loaded
-
-
-def runner_name(runner_id: str) -> str:
-    return re.sub(r"[^a-z0-9-]+", "-", f"flame-{runner_id}".lower()).strip("-")[:63].rstrip("-")
-
-
-def label(value: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", value)[:63].strip("-_.")
 
 
 # -- errors -----------------------------------------------------------------------------------
@@ -657,21 +485,15 @@ async def aiter_api(source: Any, backend: KubernetesBackend, verb: str, resource
             await iterator.aclose()
 
 
-# -- the last guard: at interpreter exit, delete what this process's backends still own ----
-_live: dict[str, tuple[int, Any, str, set[str]]] = {}  # backend id -> (pid, config, namespace, runner names)
+# -- the last guard: at interpreter exit, delete what a backend still owns -------------------
+def _delete_now(config: Any, namespace: str, names: set[str]) -> None:
+    if not names:
+        return
+    from lightkube import Client
+    from lightkube.resources.core_v1 import Pod, Secret
 
-
-@atexit.register
-def _sweep() -> None:
-    for pid, config, namespace, names in list(_live.values()):
-        if pid != os.getpid() or not names:  # a forked child must not delete its parent's runners
-            continue
-        with contextlib.suppress(Exception):
-            from lightkube import Client
-            from lightkube.resources.core_v1 import Pod, Secret
-
-            client = Client(config, namespace=namespace)
-            for name in list(names):
-                for kind in (Pod, Secret):
-                    with contextlib.suppress(Exception):
-                        client.delete(kind, name, namespace=namespace, grace_period=0)
+    client = Client(config, namespace=namespace)
+    for name in list(names):
+        for kind in (Pod, Secret):
+            with contextlib.suppress(Exception):
+                client.delete(kind, name, namespace=namespace, grace_period=0)

@@ -12,7 +12,7 @@ import contextvars
 
 from flame_asgi._channel import Channel, MemoryChannel
 from flame_asgi._worker import RunnerSession
-from flame_asgi.backends._base import Backend, RunnerHandle, RunnerSpec
+from flame_asgi.backends._base import Backend, ExitReason, RunnerHandle, RunnerSpec
 
 _current: contextvars.ContextVar[LocalRunnerHandle | None] = contextvars.ContextVar(
     "flame_local_runner", default=None
@@ -23,6 +23,7 @@ class LocalBackend(Backend):
     """Run each runner in this process (no isolation: for development and tests)."""
 
     name = "local"
+    boots_app = False  # runners are sessions in this process: no app is booted
 
     def __init__(self, *, heartbeat_interval: float = 1.0, heartbeat_timeout: float = 10.0) -> None:
         self.heartbeat_interval = heartbeat_interval
@@ -75,5 +76,6 @@ class LocalRunnerHandle(RunnerHandle):
         except (TimeoutError, asyncio.CancelledError):
             self._task.cancel()
 
-    async def exit_reason(self) -> str | None:
-        return self._killed
+    async def exit_reason(self) -> ExitReason | None:
+        # A local runner has no process: kill() stands for a crash.
+        return None if self._killed is None else ExitReason("gone", self._killed)

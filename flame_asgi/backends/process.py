@@ -20,16 +20,16 @@ import signal
 import socket
 import sys
 from collections.abc import Mapping
-from typing import Any
 
 from flame_asgi._channel import Channel
 from flame_asgi._exceptions import BootError
 from flame_asgi._runner_logs import RunnerOutput, relay_lines
-from flame_asgi.backends._base import Backend, RunnerHandle, RunnerSpec, connect_websocket
+from flame_asgi.backends._base import Backend, ExitReason, RunnerHandle, RunnerSpec, connect_websocket
 from flame_asgi.backends._fork import ForkedProcess, ForkServer, ForkUnavailable
+from flame_asgi.backends._toolkit import BARE_APP, graceful_seconds
 
-log = logging.getLogger("flame_asgi.runner")
-BARE_APP = "flame_asgi._bare:app"
+__all__ = ["BARE_APP", "ProcessBackend", "ProcessRunnerHandle", "describe_exit"]
+log = logging.getLogger("flame_asgi.backends.process")
 
 
 class ProcessBackend(Backend):
@@ -61,17 +61,10 @@ class ProcessBackend(Backend):
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
 
-    def bind(self, pool: str, app: Any | None) -> None:
-        if self._app is None and app is not None:
-            self._app = app_import_for(app, pool)
-
-    def app_import(self) -> str:
-        return self._app or BARE_APP
-
     async def start(self) -> None:
         """Start the fork server, so runners boot as forks of a pre-imported template."""
         if self.fork and self._forkserver is None and hasattr(os, "fork"):
-            server = ForkServer(self.app_import(), {**os.environ, **self.env, "PYTHONPATH": _pythonpath()})
+            server = ForkServer(self.runner_app(), {**os.environ, **self.env, "PYTHONPATH": _pythonpath()})
             try:
                 await server.start()
             except ForkUnavailable as exc:
@@ -91,7 +84,7 @@ class ProcessBackend(Backend):
             sock.listen(256)
             port = sock.getsockname()[1]
             url = f"http://{self.host}:{port}"
-            graceful = int(self.stop_timeout) or 1
+            graceful = graceful_seconds(self.stop_timeout)
             if self._forkserver is not None and self._forkserver.alive:
                 try:
                     forked = await self._forkserver.spawn(
@@ -102,7 +95,7 @@ class ProcessBackend(Backend):
                     log.warning("%s; booting a fresh interpreter", exc)
             env = {**os.environ, **self.env, **spec.env, "PYTHONPATH": _pythonpath()}
             cmd = [
-                sys.executable, "-m", "flame_asgi.backends._serve", self.app_import(), str(sock.fileno()),
+                sys.executable, "-m", "flame_asgi.backends._serve", self.runner_app(), str(sock.fileno()),
                 "--log-level", self.log_level,
                 "--ws-max-size", str(spec.info.max_payload + 64 * 1024),
                 "--graceful", str(graceful),
@@ -134,7 +127,7 @@ class ProcessBackend(Backend):
         return handle
 
     def __repr__(self) -> str:
-        return f"ProcessBackend(app={self.app_import()!r}, host={self.host!r})"
+        return f"ProcessBackend(app={self.runner_app()!r}, host={self.host!r})"
 
 
 class ProcessRunnerHandle(RunnerHandle):
@@ -183,7 +176,7 @@ class ProcessRunnerHandle(RunnerHandle):
             raise BootError(
                 f"runner process exited during boot ({describe_exit(self.proc.returncode)}); "
                 f"its last output:\n{tail or '(nothing)'}",
-                reason=describe_exit(self.proc.returncode),
+                reason=describe_exit(self.proc.returncode).detail,
             )
         error = connecting.exception()
         assert isinstance(error, BaseException)
@@ -206,7 +199,7 @@ class ProcessRunnerHandle(RunnerHandle):
         except (TimeoutError, asyncio.CancelledError):
             self._stderr.cancel()
 
-    async def exit_reason(self) -> str | None:
+    async def exit_reason(self) -> ExitReason | None:
         code = await self.proc.wait()
         return describe_exit(code)
 
@@ -223,12 +216,8 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
         pass
 
 
-def describe_exit(code: int) -> str:
-    if code < 0:
-        name = signal.Signals(-code).name
-        hint = " (killed: out of memory, or by an operator)" if -code == signal.SIGKILL else ""
-        return f"runner process killed by {name}{hint}"
-    return f"runner process exited with code {code}"
+def describe_exit(code: int) -> ExitReason:
+    return ExitReason.from_status("runner process", code)
 
 
 def _pythonpath() -> str:
@@ -237,37 +226,3 @@ def _pythonpath() -> str:
     extra = [p for p in sys.path if p and not any(p.startswith(x) for x in prefixes)]
     current = os.environ.get("PYTHONPATH")
     return os.pathsep.join([os.getcwd(), *extra, *([current] if current else [])])
-
-
-def app_import_for(app: Any, pool: str) -> str | None:
-    """``find_import_string``, saying so when the app cannot be found (runners would boot an
-    empty app, without the user's lifespan)."""
-    found = find_import_string(app)
-    if found is None:
-        log.warning(
-            "pool %r: cannot find an import string for %r among the imported modules (an app built by a "
-            "factory, or bound to a private name?); its runners boot an empty app without your lifespan. "
-            "Pass the backend app='package.module:app' (an attribute holding the app) to boot your own app.",
-            pool, app)
-    return found
-
-
-def find_import_string(app: Any) -> str | None:
-    """Find ``module:attribute`` that names ``app`` among the imported modules."""
-    fallback = None
-    for name, module in list(sys.modules.items()):
-        if module is None or name.startswith("flame_asgi"):
-            continue
-        try:
-            namespace = vars(module)
-        except TypeError:
-            continue
-        for attr, value in list(namespace.items()):
-            if value is app and not attr.startswith("_"):
-                if name == "__main__":
-                    spec = getattr(module, "__spec__", None)
-                    if spec is not None and spec.name and not spec.name.endswith("__main__"):
-                        fallback = f"{spec.name}:{attr}"
-                    continue
-                return f"{name}:{attr}"
-    return fallback

@@ -134,6 +134,21 @@ async def test_call_and_stream_run_in_a_limited_container(docker: Docker, backen
         assert {"FLAME_PARENT", "FLAME_SECRET", "PYTHONPATH"} <= env and "HOME" not in env  # not the parent's env
 
 
+async def test_runners_share_the_parents_limits_and_get_their_whole_grace_period(
+        docker: Docker, backend: Factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The runner must enforce the parent's frame size limit, and a stop_timeout of 1.5 s
+    # must give uvicorn 2 s to drain, not 1.
+    monkeypatch.setenv("FLAME_MAX_PAYLOAD", str(8 << 20))
+    b = backend(stop_timeout=1.5)
+    async with FlamePool("dk-env", backend=b, boot_timeout=20) as pool:
+        await pool.call(where)
+        [cid] = await labelled(docker, f"{LABEL_BACKEND}={b.id}")
+        config = (await docker.containers.container(cid).show())["Config"]
+        assert f"FLAME_MAX_PAYLOAD={8 << 20}" in config["Env"]
+        cmd = config["Cmd"]
+        assert cmd[cmd.index("--timeout-graceful-shutdown") + 1] == "2"
+
+
 async def test_grows_to_max_and_idle_runners_are_removed(docker: Docker, backend: Factory) -> None:
     b = backend()
     async with FlamePool("dk-grow", backend=b, max=2, max_concurrency=1, idle_shutdown_after=0.5,

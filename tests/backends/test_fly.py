@@ -40,7 +40,7 @@ def fake() -> Iterator[FakeFly]:
 
 
 def fly(fake: FakeFly, **options: Any) -> FlyBackend:
-    options = {"token": fake.token, "app": fake.app, "image": IMAGE, "api_url": fake.url,
+    options = {"token": fake.token, "fly_app": fake.app, "image": IMAGE, "api_url": fake.url,
                "runner_host": fake.reachable_host, "port": _free_port(), **options}
     return FlyBackend(**options)
 
@@ -86,14 +86,14 @@ async def test_missing_settings_are_named(monkeypatch: pytest.MonkeyPatch) -> No
     for var in ("FLY_API_TOKEN", "FLY_APP_NAME", "FLY_IMAGE_REF"):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(BootError, match=r"FLY_API_TOKEN \(or token=\.\.\.\)") as info:
-        async with FlamePool("fly", backend=FlyBackend(app="flame-test", image=IMAGE)):
+        async with FlamePool("fly", backend=FlyBackend(fly_app="flame-test", image=IMAGE)):
             pass
     assert info.value.reason == "missing FLY_API_TOKEN"
     with pytest.raises(BootError, match=r"FLY_APP_NAME.*FLY_IMAGE_REF"):
         async with FlamePool("fly", backend=FlyBackend(token="t")):
             pass
     monkeypatch.setenv("FLY_APP_NAME", "from-env")
-    assert FlyBackend().app == "from-env"
+    assert FlyBackend().fly_app == "from-env"
     with pytest.raises(ValueError, match="memory_mb"):
         FlyBackend(memory_mb=1000)
     with pytest.raises(ValueError, match="unknown field"):
@@ -105,7 +105,7 @@ async def test_a_wrong_token_is_a_clear_boot_error(fake: FakeFly) -> None:
         async with FlamePool("fly", backend=fly(fake, token="wrong"), min=1):
             pass
     with pytest.raises(BootError, match="Fly app 'nope' not found"):
-        async with FlamePool("fly", backend=fly(fake, app="nope"), min=1):
+        async with FlamePool("fly", backend=fly(fake, fly_app="nope"), min=1):
             pass
 
 
@@ -198,7 +198,7 @@ async def test_an_out_of_memory_kill_is_named(fake: FakeFly) -> None:
         with pytest.raises(RunnerLost, match=r"(out of memory|is still started)"):
             await call
     [machine] = fake.machines()
-    assert describe_machine(machine) == f"Fly machine {machine_id} was killed: out of memory (raise memory_mb)"
+    assert str(describe_machine(machine)) == f"Fly machine {machine_id} was killed: out of memory (raise memory_mb)"
     assert_no_machine_left(fake)
 
 
@@ -212,7 +212,7 @@ def _spec(max_payload: int = 1024) -> RunnerSpec:
 def test_machine_request_and_runner_url(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLAME_CODE_VERSION", "git-abc")
     monkeypatch.setenv("PARENT_ONLY_SECRET", "x")
-    backend = FlyBackend(token="t", app="my-app", image="img", gpu_kind="a100-pcie-40gb", memory_mb=8192,
+    backend = FlyBackend(token="t", fly_app="my-app", image="img", gpu_kind="a100-pcie-40gb", memory_mb=8192,
                          app_import="app:app")
     body = backend.machine_request(_spec())
     assert body["name"] == "flame-thumbs-1-abc123"
@@ -222,6 +222,13 @@ def test_machine_request_and_runner_url(monkeypatch: pytest.MonkeyPatch) -> None
     assert body["config"]["guest"]["gpu_kind"] == "a100-pcie-40gb" and body["config"]["guest"]["gpus"] == 1
     machine = {"id": "3d8d413b29d089", "private_ip": "fdaa:0:1:a7b:1::2"}
     assert backend.runner_url(machine) == "http://[fdaa:0:1:a7b:1::2]:8080"
-    internal = FlyBackend(token="t", app="my-app", image="img", runner_host="{id}.vm.{app}.internal", port=9000)
+    internal = FlyBackend(token="t", fly_app="my-app", image="img", runner_host="{id}.vm.{app}.internal", port=9000)
     assert internal.runner_url(machine) == "http://3d8d413b29d089.vm.my-app.internal:9000"
     assert "token" not in repr(backend) and "'t'" not in repr(backend)
+
+
+def test_app_keyword_still_names_the_fly_app_with_a_deprecation_warning() -> None:
+    with pytest.warns(DeprecationWarning, match="pass fly_app= instead"):
+        backend = FlyBackend(token="t", app="old-style", image="img")
+    assert backend.fly_app == "old-style"
+    assert backend.app_import() == "flame_asgi._bare:app"  # the import string is app_import=, untouched

@@ -42,7 +42,8 @@ from lightkube.config.models import User
 from lightkube.resources.core_v1 import Namespace, Pod, Secret, ServiceAccount, ServiceAccountToken
 from lightkube.resources.rbac_authorization_v1 import Role, RoleBinding
 
-from flame_asgi.backends.kubernetes import KubernetesBackend, describe_end
+from flame_asgi.backends._kubernetes_pods import describe_end
+from flame_asgi.backends.kubernetes import KubernetesBackend
 from tests.backends.k8s_node_agent import NodeAgent
 
 # func_only: the first test's setup may build the API server (minutes); each test itself is short.
@@ -481,14 +482,15 @@ def test_how_a_pod_ended_is_described() -> None:
         return {"spec": {"containers": [{"name": "runner", "resources": {"limits": limits or {}}}]},
                 "status": {"phase": "Failed", "containerStatuses": [{"name": "runner",
                                                                      "state": {"terminated": terminated}}]}}
-    assert describe_end(ended({"exitCode": 137, "reason": "OOMKilled"}, {"memory": "256Mi"}), "p") == (
+    assert str(describe_end(ended({"exitCode": 137, "reason": "OOMKilled"}, {"memory": "256Mi"}), "p")) == (
         "runner pod p was killed: out of memory (OOMKilled, memory limit of 256Mi)")
-    assert describe_end(ended({"exitCode": 143, "reason": "Error"}), "p") == (
+    assert str(describe_end(ended({"exitCode": 143, "reason": "Error"}), "p")) == (
         "runner pod p was killed by SIGTERM (exit code 143)")
-    assert describe_end(ended({"exitCode": 3, "reason": "Error"}), "p") == "runner pod p exited with code 3 (Error)"
+    assert str(describe_end(ended({"exitCode": 3, "reason": "Error"}), "p")) == (
+        "runner pod p exited with code 3 (Error)")
     evicted = {"status": {"phase": "Failed", "reason": "Evicted", "message": "low on memory"}}
-    assert describe_end(evicted, "p") == "runner pod p is Failed: Evicted: low on memory"
-    assert describe_end(None, "p") == "runner pod p was deleted"
+    assert str(describe_end(evicted, "p")) == "runner pod p is Failed: Evicted: low on memory"
+    assert str(describe_end(None, "p")) == "runner pod p was deleted"
 
 
 def test_without_lightkube_the_error_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,6 +12,9 @@ import pytest
 
 from flame_asgi import Backend, BootError, CallTimeout, FlamePool, ProcessBackend, RunnerLost, _telemetry
 from flame_asgi.backends import RunnerHandle, RunnerSpec
+from flame_asgi.backends._base import ExitReason
+from flame_asgi.backends._docker_config import describe_exit as docker_exit
+from flame_asgi.backends.process import describe_exit
 from tests.conftest import BackendFactory, until
 from tests.observability import work
 from tests.observability.conftest import Event, named
@@ -106,19 +109,18 @@ async def test_a_killed_process_runner_is_a_crash(events: list[Event]) -> None:
     assert named(events, "call.exception")[0]["outcome"] == "lost"
 
 
-def test_lost_runner_reasons_are_classified() -> None:
-    reason = _telemetry.stop_reason
-    assert reason("idle") == "idle" and reason("single_use") == "single_use" and reason("shutdown") == "shutdown"
-    assert reason("recycled") == "recycled"
-    # The texts the backends give (process, Docker, Kubernetes, Fly).
-    assert reason("lost: channel closed; runner process killed by SIGKILL (killed: out of memory, or by an "
-                  "operator)") == "crash"
-    assert reason("lost: closed; runner process exited with code 3") == "crash"
-    assert reason("lost: closed; container flame-x was killed: out of memory (OOMKilled, memory limit 64 MiB)") == "oom"
-    assert reason("lost: closed; runner pod p was killed: out of memory (OOMKilled, memory limit 1Gi)") == "oom"
-    assert reason("lost: closed; machine m was killed: out of memory (raise memory_mb)") == "oom"
-    assert reason("lost: no heartbeat for 10 s (network partition or hung runner)") == "unreachable"
-    assert reason("lost: the runner sent an invalid message (bad signature)") == "lost"
+def test_lost_runner_labels_come_from_structured_exit_reasons() -> None:
+    label = _telemetry.loss_label
+    # What each backend reports (process, Docker, Kubernetes, Fly), whatever its wording.
+    assert label(describe_exit(-9), unreachable=False) == "crash"
+    assert label(describe_exit(3), unreachable=False) == "crash"
+    assert label(docker_exit("flame-x", 137, oom=True, memory=64 * 2**20), unreachable=False) == "oom"
+    assert label(ExitReason("oom", "runner pod p was killed: out of memory"), unreachable=False) == "oom"
+    assert label(ExitReason("gone", "runner pod p was deleted"), unreachable=False) == "crash"
+    assert label(ExitReason("unreachable", "Fly machine m is still started"), unreachable=False) == "unreachable"
+    assert label(ExitReason("oom", "any words at all"), unreachable=False) == "oom"  # the kind decides, not the text
+    assert label(None, unreachable=True) == "unreachable"  # no heartbeat, and the backend cannot say more
+    assert label(None, unreachable=False) == "lost"  # an invalid message, a closed channel
 
 
 async def test_a_failing_handler_does_not_break_calls(caplog: pytest.LogCaptureFixture) -> None:

@@ -24,7 +24,7 @@ import time
 from flame_asgi._channel import Channel
 from flame_asgi._exceptions import BootError
 from flame_asgi.backends import Backend, RunnerHandle, RunnerSpec
-from flame_asgi.backends._base import connect_websocket
+from flame_asgi.backends._base import ExitReason, connect_websocket
 from flame_asgi.backends.process import BARE_APP, _pythonpath, describe_exit
 
 _serial = itertools.count()
@@ -170,5 +170,5 @@ class NetnsRunnerHandle(RunnerHandle):
                     pass
         await self.proc.wait()
 
-    async def exit_reason(self) -> str | None:
+    async def exit_reason(self) -> ExitReason | None:
         return describe_exit(await self.proc.wait())

@@ -16,6 +16,7 @@ import pytest
 
 from flame_asgi import FlamePool, ProcessBackend, RunnerLost
 from flame_asgi.backends import RunnerSpec
+from flame_asgi.backends._base import ExitReason
 from flame_asgi.backends.process import ProcessRunnerHandle
 from tests.reliability import work
 from tests.reliability.support import active, alive, booted, failures, in_flight, kill, runner_pids, until
@@ -170,7 +171,7 @@ class SlowToExplain(ProcessBackend):
         handle = await super().boot(spec)
         explain = handle.exit_reason
 
-        async def slowly() -> str | None:
+        async def slowly() -> ExitReason | None:
             await asyncio.sleep(1.0)
             return await explain()
 
