@@ -13,8 +13,7 @@
     ├── TransferError        an Upload's source failed on the sending side, or its channel ended
     └── PoolClosed           the pool is not running (never started, or closed)
 
-FlyAPIError is still defined in backends/fly.py (placeholder: it moves here). Errors of
-httpx, websockets and the backends' client libraries are translated into this tree at
+Errors of httpx, websockets and the backends' client libraries are translated into this tree at
 the boundary where they happen, so callers catch one family. (``ForkUnavailable``, a
 FlameError in backends/_fork.py, never reaches a caller: ProcessBackend catches it and
 boots a fresh interpreter instead.)
@@ -37,6 +36,15 @@ class BootError(FlameError):
 
 class VersionSkew(BootError):
     """The runner's code version differs from its parent's: it is refused."""
+
+
+class FlyAPIError(BootError):
+    """The Fly Machines API refused a request: ``status`` is the HTTP status, ``detail`` its error."""
+
+    def __init__(self, message: str, *, status: int, detail: str) -> None:
+        super().__init__(message, reason=f"HTTP {status}: {detail}")
+        self.status = status
+        self.detail = detail
 
 
 class CallTimeout(FlameError, TimeoutError):

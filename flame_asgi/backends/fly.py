@@ -24,11 +24,12 @@ from typing import Any
 import httpx
 
 from flame_asgi._channel import Channel
-from flame_asgi._exceptions import BootError
+from flame_asgi._exceptions import BootError, FlyAPIError
 from flame_asgi._parent import runner_mode
 from flame_asgi.backends._base import Backend, ExitReason, RunnerHandle, RunnerSpec, connect_websocket
 from flame_asgi.backends._toolkit import dns_name, forwarded_env, same_python, uvicorn_command
 
+__all__ = ["FlyAPIError", "FlyBackend", "FlyRunnerHandle", "describe_machine"]
 log = logging.getLogger("flame_asgi.backends.fly")
 DEFAULT_API_URL = "https://api.machines.dev"
 RETRY_CREATE = frozenset({409, 412, 422, 429})  # conflicts, capacity, rate limits: worth another try
@@ -36,15 +37,6 @@ DOWN_STATES = frozenset({"stopping", "stopped", "suspending", "suspended", "dest
                          "failed", "launch_failed"})
 HOST_FIELDS = ("id", "name", "private_ip", "region", "instance_id", "app")
 RunnerHost = str | Callable[[Mapping[str, Any]], str]
-
-
-class FlyAPIError(BootError):
-    """The Fly Machines API refused a request: ``status`` is the HTTP status, ``detail`` its error."""
-
-    def __init__(self, message: str, *, status: int, detail: str) -> None:
-        super().__init__(message, reason=f"HTTP {status}: {detail}")
-        self.status = status
-        self.detail = detail
 
 
 class FlyBackend(Backend):
