@@ -24,6 +24,7 @@ import itsdangerous
 from itsdangerous.signer import HMACAlgorithm
 
 from flame_asgi._exceptions import PayloadTooLarge, ProtocolError
+from flame_asgi._protocol import FrameType
 
 MAX_AGE_SECONDS = 60
 _LEN = struct.Struct(">I")
@@ -61,7 +62,7 @@ def make_signer(secret: bytes, runner_id: str, direction: str) -> FrameKey:
 
 @dataclasses.dataclass(frozen=True)
 class Frame:
-    type: str
+    type: str  # as received: _protocol's is_* guards narrow it to a FrameType
     id: int
     meta: dict[str, Any]
     payload: memoryview  # a view into the received frame: large payloads are not copied
@@ -78,7 +79,7 @@ class FrameSealer:
         self._max_payload = max_payload
         self._clock = clock
 
-    def seal(self, type_: str, id_: int = 0, payload: bytes = b"", **meta: Any) -> bytes:
+    def seal(self, type_: FrameType, id_: int = 0, payload: bytes = b"", **meta: Any) -> bytes:
         if len(payload) > self._max_payload:
             raise PayloadTooLarge(
                 f"message of {len(payload):,} bytes exceeds the {self._max_payload:,}-byte limit "

@@ -16,16 +16,13 @@ from typing import TYPE_CHECKING, Any
 from flame_asgi._channel import Channel, ChannelClosed
 from flame_asgi._codec import TO_PARENT, TO_RUNNER, FrameOpener, FrameSealer, make_signer
 from flame_asgi._exceptions import BootError, FlameError, RunnerLost, VersionSkew
+from flame_asgi._protocol import CREDITED, TERMINAL, FrameType, Reply, WorkKind, is_transfer, is_work_reply
 from flame_asgi._telemetry import loss_label
 from flame_asgi._transfer import TransferHub, forget
 from flame_asgi._writer import FrameWriter, split
 
 if TYPE_CHECKING:
     from flame_asgi.backends._base import ExitReason
-
-TERMINAL = frozenset({"result", "error", "end", "cancelled"})
-TRANSFER = frozenset({"pull", "chunk", "eof", "abort", "drop"})
-
 
 class RemoteCall:
     """The parent's view of one piece of work running on a runner."""
@@ -35,29 +32,29 @@ class RemoteCall:
         self.id = id_
         self._window = window
         self._on_finish = on_finish
-        self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[Reply, Any]] = asyncio.Queue()
         self.hub = conn.hub  # results may carry Uploads, read back over this runner's channel
         self.tokens: list[str] = []  # Uploads this call sends: forgotten when it ends
         self._consumed = 0
         self.finished = False  # the runner is done with it (or gone): the slot is free
         self.detached = False  # nobody reads any more
 
-    async def next(self) -> tuple[str, Any]:
-        """The next ("event"|"item"|"result"|"error"|"end"|"cancelled"|"lost", data)."""
+    async def next(self) -> tuple[Reply, Any]:
+        """The next reply and its data: a pickled payload, or the RunnerLost of a ``lost``."""
         type_, data = await self._queue.get()
-        if type_ in ("event", "item"):
+        if type_ in CREDITED:
             self._consumed += 1
             if self._consumed >= max(1, self._window // 2):
                 self._conn.grant(self.id, self._consumed)
                 self._consumed = 0
         return type_, data
 
-    def deliver(self, type_: str, data: Any) -> None:
+    def deliver(self, type_: Reply, data: Any) -> None:
         if type_ in TERMINAL or type_ == "lost":
             self.finish()
         if not self.detached:
             self._queue.put_nowait((type_, data))
-        elif type_ in ("event", "item"):
+        elif type_ in CREDITED:
             self._conn.grant(self.id, 1)  # nobody listens: keep the remote side unblocked
 
     def abandon(self, link: bool) -> None:
@@ -71,7 +68,7 @@ class RemoteCall:
         self.detached = True
         while not self._queue.empty():  # drop buffered events, handing their credit back
             type_, _ = self._queue.get_nowait()
-            if type_ in ("event", "item"):
+            if type_ in CREDITED:
                 self._conn.grant(self.id, 1)
         if self.finished:
             return
@@ -148,10 +145,10 @@ class RunnerConnection:
         self._last_seen = loop.time()
         self._tasks = [loop.create_task(self._reader()), loop.create_task(self._heartbeat())]
 
-    async def _send(self, type_: str, id_: int = 0, payload: bytes = b"", **meta: Any) -> None:
+    async def _send(self, type_: FrameType, id_: int = 0, payload: bytes = b"", **meta: Any) -> None:
         await self._writer.send(type_, id_, payload, **meta)
 
-    async def start(self, kind: str, payload: bytes, *, link: bool, progress: bool, window: int,
+    async def start(self, kind: WorkKind, payload: bytes, *, link: bool, progress: bool, window: int,
                     on_finish: Callable[[], None], trace: dict[str, str] | None = None,
                     tokens: list[str] | None = None) -> RemoteCall:
         if self.closed is not None:
@@ -190,7 +187,7 @@ class RunnerConnection:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
-    async def _send_quietly(self, type_: str, id_: int = 0, **meta: Any) -> None:
+    async def _send_quietly(self, type_: FrameType, id_: int = 0, **meta: Any) -> None:
         try:
             await self._send(type_, id_, **meta)
         except (ChannelClosed, FlameError):
@@ -204,15 +201,16 @@ class RunnerConnection:
                 self._last_seen = loop.time()
                 for raw in split(message):
                     frame = self._opener.open(raw)
-                    if frame.type in TRANSFER:
-                        self.hub.handle(frame.type, frame.meta, frame.payload)
+                    type_ = frame.type
+                    if is_transfer(type_):
+                        self.hub.handle(type_, frame.meta, frame.payload)
                         continue
                     call = self._calls.get(frame.id) if frame.id else None
-                    if call is not None:
-                        if frame.type in TERMINAL:
+                    if call is not None and is_work_reply(type_):
+                        if type_ in TERMINAL:
                             del self._calls[frame.id]
-                        call.deliver(frame.type, frame.payload)
-                    elif frame.type == "recycle":
+                        call.deliver(type_, frame.payload)
+                    elif type_ == "recycle":
                         self._on_recycle(str(frame.meta.get("reason", "")))
         except ChannelClosed as exc:
             await self._lose(exc.reason)

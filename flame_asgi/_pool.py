@@ -27,6 +27,7 @@ from flame_asgi._options import check_options
 from flame_asgi._parent import ParentInfo, code_version, parent_address, runner_mode
 from flame_asgi._pickling import dumps, loads, unpack_exception
 from flame_asgi._pool_state import Decision, PoolState
+from flame_asgi._protocol import WorkKind
 from flame_asgi._secret import channel_secret
 from flame_asgi._settings import MAX_PAYLOAD
 from flame_asgi._stream import RemoteStream
@@ -440,7 +441,7 @@ class FlamePool:
             forget(tokens)
             raise
 
-    async def _start(self, rid: str, kind: str, payload: bytes, *, link: bool, progress: bool,
+    async def _start(self, rid: str, kind: WorkKind, payload: bytes, *, link: bool, progress: bool,
                      obs: _telemetry.CallObserver, tokens: list[str], placement: Placement) -> RemoteCall:
         """Send the work to its runner; the RemoteCall then owns the slot and the Upload tokens."""
         obs.acquired(rid)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from flame_asgi import _tracing
 from flame_asgi._exceptions import BootError, PoolClosed, RunnerLost
+from flame_asgi._protocol import WorkKind
 
 if TYPE_CHECKING:
     from flame_asgi._pool import FlamePool
@@ -203,7 +204,7 @@ class _Observer(CallObserver):
             emit("call.exception", **fields, error=type(exc).__name__ if exc is not None else outcome)
 
 
-def observe_call(pool: FlamePool, kind: str, fn: Any) -> CallObserver:
+def observe_call(pool: FlamePool, kind: WorkKind, fn: Any) -> CallObserver:
     """Start observing one piece of work (``OFF`` when nobody listens and nothing traces)."""
     if not (_handlers or log.isEnabledFor(_DEBUG) or _tracing.enabled()):
         return OFF

@@ -18,10 +18,11 @@ import os
 import secrets
 import threading
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any, BinaryIO
 
 from flame_asgi._exceptions import PayloadTooLarge, TransferError
+from flame_asgi._protocol import SendFrame, Transfer, TransferAnswer
 from flame_asgi._settings import MAX_TRANSFER
 
 CHUNK_SIZE = 1 << 20
@@ -145,7 +146,7 @@ def _next(it: Iterator[Any], end: object) -> Any:
 class TransferHub:
     """One channel end's transfers: sources it serves, RemoteBytes it reads."""
 
-    def __init__(self, send: Callable[..., Awaitable[None]], max_payload: int) -> None:
+    def __init__(self, send: SendFrame, max_payload: int) -> None:
         self._send = send
         self._max_payload = max_payload
         self._serving: dict[str, tuple[asyncio.Task[None], list[int]]] = {}
@@ -160,7 +161,7 @@ class TransferHub:
         self._reading[token] = reader
         return reader
 
-    def handle(self, type_: str, meta: dict[str, Any], payload: memoryview) -> None:
+    def handle(self, type_: Transfer, meta: dict[str, Any], payload: memoryview) -> None:
         token = str(meta.get("x", ""))
         if type_ == "pull":
             self._pull(token, int(meta.get("c", 0)))
@@ -218,7 +219,7 @@ class TransferHub:
             self._credit_events.pop(token, None)
             forget([token])
 
-    async def _quiet(self, type_: str, **meta: Any) -> None:
+    async def _quiet(self, type_: Transfer, **meta: Any) -> None:
         try:
             await self._send(type_, 0, b"", **meta)
         except Exception:
@@ -242,7 +243,7 @@ class RemoteBytes:
         self.token = token
         self.size = size
         self._limit = limit
-        self._queue: asyncio.Queue[tuple[str, dict[str, Any], bytes]] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[TransferAnswer, dict[str, Any], bytes]] = asyncio.Queue()
         self._started = False
         self._done = False
         self._received = 0
@@ -250,7 +251,7 @@ class RemoteBytes:
     def __repr__(self) -> str:
         return f"<RemoteBytes size={self.size} received={self._received}>"
 
-    def _deliver(self, type_: str, meta: dict[str, Any], payload: memoryview) -> None:
+    def _deliver(self, type_: TransferAnswer, meta: dict[str, Any], payload: memoryview) -> None:
         self._queue.put_nowait((type_, meta, bytes(payload) if type_ == "chunk" else b""))
 
     def __aiter__(self) -> AsyncGenerator[bytes, None]:

@@ -27,6 +27,7 @@ from flame_asgi._exceptions import FlameError, PayloadTooLarge, ProtocolError
 from flame_asgi._parent import ParentInfo, _local_parent, code_version
 from flame_asgi._pickling import dumps, loads, pack_exception
 from flame_asgi._progress import Sent, current_reporter
+from flame_asgi._protocol import CREDITED, FrameType, WorkKind, WorkReply, is_to_runner, is_transfer, is_work_kind
 from flame_asgi._threads import ElasticThreadPool
 from flame_asgi._tracing import remote_span
 from flame_asgi._transfer import TransferHub
@@ -61,7 +62,8 @@ class _Work:
     def __init__(self, session: RunnerSession, id_: int, frame: Frame) -> None:
         self.session = session
         self.id = id_
-        self.kind: str = frame.meta.get("k", "call")
+        kind = frame.meta.get("k", "call")
+        self.kind: WorkKind = kind if is_work_kind(kind) else "call"  # unknown kinds run as calls
         self.link: bool = frame.meta.get("l", True)
         self.wants_progress: bool = frame.meta.get("p", False)
         self.credit: int = frame.meta.get("w", 32)
@@ -72,7 +74,7 @@ class _Work:
         self.thread_ident: int | None = None
         self._thread_lock = threading.Lock()
         self._credit_event = asyncio.Event()
-        self._outq: deque[tuple[str, bytes, asyncio.Future[None]]] = deque()
+        self._outq: deque[tuple[WorkReply, bytes, asyncio.Future[None]]] = deque()
         self._sender: asyncio.Task[None] | None = None
 
     # -- progress and items, in order, within the caller's credit ---------------------
@@ -90,10 +92,10 @@ class _Work:
         asyncio.run_coroutine_threadsafe(self._enqueue_and_wait("event", data), loop).result()
         return Sent()
 
-    async def _enqueue_and_wait(self, type_: str, data: bytes) -> None:
+    async def _enqueue_and_wait(self, type_: WorkReply, data: bytes) -> None:
         await self.enqueue(type_, data)
 
-    def enqueue(self, type_: str, data: bytes) -> asyncio.Future[None]:
+    def enqueue(self, type_: WorkReply, data: bytes) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = self.session.loop.create_future()
         self._outq.append((type_, data, fut))
         if self._sender is None or self._sender.done():
@@ -107,7 +109,7 @@ class _Work:
     async def _drain(self) -> None:
         while self._outq:
             type_, data, fut = self._outq[0]
-            if type_ in ("event", "item"):
+            if type_ in CREDITED:
                 while self.credit <= 0:
                     self._credit_event.clear()
                     await self._credit_event.wait()
@@ -117,7 +119,7 @@ class _Work:
             if not fut.done():
                 fut.set_result(None)
 
-    async def emit(self, type_: str, data: bytes = b"") -> None:
+    async def emit(self, type_: WorkReply, data: bytes = b"") -> None:
         """Send a final frame after every event already queued."""
         if self._outq:
             await self.enqueue(type_, data)
@@ -180,7 +182,7 @@ class RunnerSession:
     def active(self) -> int:
         return len(self._work)
 
-    async def send(self, type_: str, id_: int = 0, payload: bytes = b"", **meta: Any) -> None:
+    async def send(self, type_: FrameType, id_: int = 0, payload: bytes = b"", **meta: Any) -> None:
         assert self._writer is not None
         await self._writer.send(type_, id_, payload, **meta)
 
@@ -250,17 +252,20 @@ class RunnerSession:
             self.end_reason = f"parent gone: {exc.reason}"
 
     def _dispatch(self, frame: Frame) -> None:
-        if frame.type in ("pull", "chunk", "eof", "abort", "drop"):
-            self.hub.handle(frame.type, frame.meta, frame.payload)
-        elif frame.type == "call":
+        type_ = frame.type
+        if not is_to_runner(type_):
+            return  # a type this version does not send to runners
+        if is_transfer(type_):
+            self.hub.handle(type_, frame.meta, frame.payload)
+        elif type_ == "call":
             work = _Work(self, frame.id, frame)
             self._work[frame.id] = work
             work.task = self.loop.create_task(self._run(work, frame.payload))
-        elif frame.type == "cancel":
+        elif type_ == "cancel":
             target = self._work.get(frame.id)
             if target is not None:
                 target.cancel()
-        elif frame.type == "credit":
+        elif type_ == "credit":
             target = self._work.get(frame.id)
             if target is not None:
                 target.add_credit(int(frame.meta.get("c", 0)))
@@ -286,7 +291,7 @@ class RunnerSession:
                         self.info.runner_id)
             self.loop.create_task(self._send_quietly("recycle", reason="a cancelled sync call is still running"))
 
-    async def _send_quietly(self, type_: str, **meta: Any) -> None:
+    async def _send_quietly(self, type_: FrameType, **meta: Any) -> None:
         try:
             await self.send(type_, **meta)
         except ChannelClosed:
@@ -321,7 +326,7 @@ class RunnerSession:
             self._work.pop(work.id, None)
             span.end()
 
-    async def _quiet(self, work: _Work, type_: str, data: bytes = b"") -> None:
+    async def _quiet(self, work: _Work, type_: WorkReply, data: bytes = b"") -> None:
         try:
             await self.send(type_, work.id, data)
         except PayloadTooLarge as exc:  # an exception too big to send: say so instead

@@ -19,6 +19,7 @@ from typing import Any
 
 from flame_asgi._channel import Channel, ChannelClosed
 from flame_asgi._codec import FrameSealer
+from flame_asgi._protocol import FrameType
 
 BATCH = 0xFF
 _LEN = struct.Struct(">I")
@@ -39,7 +40,7 @@ class FrameWriter:
         self._task: asyncio.Task[None] | None = None
         self._error: ChannelClosed | None = None
 
-    async def send(self, type_: str, id_: int = 0, payload: bytes = b"", **meta: Any) -> None:
+    async def send(self, type_: FrameType, id_: int = 0, payload: bytes = b"", **meta: Any) -> None:
         """Queue a frame; wait only while too much is queued (back-pressure)."""
         if self._error is not None:
             raise self._error
