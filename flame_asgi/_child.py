@@ -19,7 +19,6 @@ from flame_asgi._pickling import loads
 
 if TYPE_CHECKING:
     from flame_asgi._connection import RemoteCall
-    from flame_asgi._pool import FlamePool
 
 EVENT_BUFFER = 1024  # events held for a handle nobody iterates yet, before back-pressure applies
 
@@ -27,12 +26,10 @@ EVENT_BUFFER = 1024  # events held for a handle nobody iterates yet, before back
 class ChildHandle:
     """Await it for the result; ``async for`` over it for progress events; ``cancel()`` it."""
 
-    def __init__(self, pool: FlamePool, rid: str, remote: RemoteCall, link: bool,
-                 on_progress: Callable[[Any], Any] | None,
+    def __init__(self, rid: str, remote: RemoteCall, link: bool, on_progress: Callable[[Any], Any] | None,
                  obs: _telemetry.CallObserver = _telemetry.OFF) -> None:
         self.runner_id = rid
         self._obs = obs
-        self._pool = pool
         self._remote = remote
         self._on_progress = on_progress
         self._events: deque[Any] = deque()
@@ -71,7 +68,7 @@ class ChildHandle:
                     self._result.cancel()
                     return
                 else:
-                    self._result.set_exception(self._pool._failure(self.runner_id, type_, data))
+                    self._result.set_exception(self._remote.failure(type_, data))
                     return
         except asyncio.CancelledError:
             if not self._result.done():

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from flame_asgi._channel import Channel, ChannelClosed
 from flame_asgi._codec import TO_PARENT, TO_RUNNER, FrameOpener, FrameSealer, make_signer
 from flame_asgi._exceptions import BootError, FlameError, RunnerLost, VersionSkew
+from flame_asgi._pickling import unpack_exception
 from flame_asgi._protocol import CREDITED, TERMINAL, FrameType, Reply, WorkKind, is_transfer, is_work_reply
 from flame_asgi._telemetry import loss_label
 from flame_asgi._transfer import TransferHub, forget
@@ -75,6 +76,17 @@ class RemoteCall:
         if link:
             self._conn.cancel(self.id)
             self.finish()
+
+    def failure(self, type_: Reply, data: Any) -> BaseException:
+        """What a reply other than a result or an item means to the caller: the remote
+        exception, the runner's loss, or (``cancelled`` unasked) the runner shutting down."""
+        rid = self._conn.runner_id
+        if type_ == "error":
+            return unpack_exception(data, rid)
+        if type_ == "lost":
+            assert isinstance(data, BaseException)
+            return data
+        return RunnerLost(f"runner {rid} cancelled the work (it is shutting down)", runner_id=rid)
 
     def request_cancel(self) -> None:
         """Ask the runner to stop the work, and keep reading until it says it has."""

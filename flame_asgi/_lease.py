@@ -6,6 +6,9 @@ back when the work ends. The pool's placement takes any free slot in the pool; a
 same runner, so everything made through a lease runs on one runner. Leasing beats a pool
 when calls share what a runner holds in memory: a model the first call loaded, a file
 several steps work on.
+
+A ``Dispatch`` adds to a placement the pool's way to start work on the slot it gives, so
+that code outside the pool (``RemoteStream``) needs nothing else of the pool.
 """
 
 from __future__ import annotations
@@ -13,14 +16,17 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar, TypeVarTuple, overload
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, TypeVarTuple, overload
 
 from flame_asgi._exceptions import CallTimeout, PoolClosed, RunnerLost
+from flame_asgi._protocol import WorkKind
 
 if TYPE_CHECKING:
     from flame_asgi._child import ChildHandle
+    from flame_asgi._connection import RemoteCall
     from flame_asgi._pool import FlamePool
     from flame_asgi._stream import RemoteStream
+    from flame_asgi._telemetry import CallObserver
 
 Ts = TypeVarTuple("Ts")
 T = TypeVar("T")
@@ -32,6 +38,31 @@ class Placement:
 
     checkout: Callable[[list[str], float | None], Awaitable[str]]
     release: Callable[[str], None]
+
+
+class StartWork(Protocol):
+    """Sends work to slot ``rid`` of ``placement``; the RemoteCall then owns the slot."""
+
+    async def __call__(self, rid: str, kind: WorkKind, payload: bytes, *, link: bool, progress: bool,
+                       obs: CallObserver, tokens: list[str], placement: Placement) -> RemoteCall: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Dispatch:
+    """Where work goes and how it starts there: ``checkout`` a slot, ``start`` the work on
+    it, ``observe`` it for telemetry. The pool builds one for each stream it hands out."""
+
+    placement: Placement
+    send: StartWork
+    observe: Callable[[WorkKind, Any], CallObserver]
+
+    async def checkout(self, tokens: list[str], wait: float | None) -> str:
+        return await self.placement.checkout(tokens, wait)
+
+    async def start(self, rid: str, kind: WorkKind, payload: bytes, *, link: bool, progress: bool,
+                    obs: CallObserver, tokens: list[str]) -> RemoteCall:
+        return await self.send(rid, kind, payload, link=link, progress=progress, obs=obs, tokens=tokens,
+                               placement=self.placement)
 
 
 class FlameRunner:

@@ -22,10 +22,10 @@ from flame_asgi import _telemetry
 from flame_asgi._child import ChildHandle
 from flame_asgi._connection import RemoteCall, RunnerConnection
 from flame_asgi._exceptions import BootError, CallTimeout, FlameError, PoolClosed, RunnerLost, VersionSkew
-from flame_asgi._lease import FlameRunner, Placement
+from flame_asgi._lease import Dispatch, FlameRunner, Placement
 from flame_asgi._options import check_options
 from flame_asgi._parent import ParentInfo, code_version, parent_address, runner_mode
-from flame_asgi._pickling import dumps, loads, unpack_exception
+from flame_asgi._pickling import dumps, loads
 from flame_asgi._pool_state import Decision, PoolState
 from flame_asgi._protocol import WorkKind
 from flame_asgi._secret import channel_secret
@@ -285,7 +285,7 @@ class FlamePool:
                     elif type_ == "result":
                         return loads(data, hub)
                     else:
-                        raise self._failure(rid, type_, data)
+                        raise remote.failure(type_, data)
         except TimeoutError:
             if scope.expired():
                 raise CallTimeout(_overran(fn, run, link)) from None
@@ -320,7 +320,7 @@ class FlamePool:
                 async with asyncio.timeout(self.timeout):
                     type_, data = await remote.next()
                     if type_ != "result":
-                        raise self._failure(rid, type_, data)
+                        raise remote.failure(type_, data)
             finally:
                 remote.abandon(link)
         except asyncio.CancelledError as exc:
@@ -343,7 +343,9 @@ class FlamePool:
                    timeout: float | None, link: bool, on_progress: Callable[[Any], Any] | None) -> RemoteStream:
         tokens: list[str] = []
         payload = dumps((fn, args), f"the stream of {_name(fn)}", tokens)
-        return RemoteStream(self, fn, payload, tokens, timeout, link, on_progress, placement)
+        dispatch = Dispatch(placement, self._start, functools.partial(_telemetry.observe_call, self))
+        return RemoteStream(dispatch, fn, payload, tokens, wait=self.boot_timeout if timeout is None else timeout,
+                            per_item=self.timeout if timeout is None else timeout, link=link, on_progress=on_progress)
 
     async def place_child(self, fn: Callable[[*Ts], Any], *args: *Ts, link: bool = True,
                           on_progress: Callable[[Any], Any] | None = None) -> ChildHandle:
@@ -362,7 +364,7 @@ class FlamePool:
         except BaseException as exc:
             obs.end(exc)
             raise
-        return ChildHandle(self, rid, remote, link, on_progress, obs)
+        return ChildHandle(rid, remote, link, on_progress, obs)
 
     # -- slots --------------------------------------------------------------------------
     def _ensure_running(self) -> None:
@@ -463,14 +465,6 @@ class FlamePool:
 
     def _release(self, rid: str) -> None:
         self._apply(self._state.release(rid, self.loop.time()))
-
-    def _failure(self, rid: str, type_: str, data: Any) -> BaseException:
-        if type_ == "error":
-            return unpack_exception(data, rid)
-        if type_ == "lost":
-            assert isinstance(data, BaseException)
-            return data
-        return RunnerLost(f"runner {rid} cancelled the work (it is shutting down)", runner_id=rid)
 
     # -- scaling ------------------------------------------------------------------------
     def _apply(self, decision: Decision[asyncio.Future[str | None]]) -> None:

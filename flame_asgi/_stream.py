@@ -20,22 +20,21 @@ from flame_asgi._transfer import forget
 
 if TYPE_CHECKING:
     from flame_asgi._connection import RemoteCall
-    from flame_asgi._lease import Placement
-    from flame_asgi._pool import FlamePool
+    from flame_asgi._lease import Dispatch
 
 
 class RemoteStream:
     """Iterate with ``async for``; ``timeout`` bounds the wait for each next item."""
 
-    def __init__(self, pool: FlamePool, fn: Any, payload: bytes, tokens: list[str], timeout: float | None,
-                 link: bool, on_progress: Callable[[Any], Any] | None, placement: Placement) -> None:
-        self._pool = pool
-        self._placement = placement
+    def __init__(self, dispatch: Dispatch, fn: Any, payload: bytes, tokens: list[str], *, wait: float | None,
+                 per_item: float | None, link: bool, on_progress: Callable[[Any], Any] | None) -> None:
+        self._dispatch = dispatch
         self._on_progress = on_progress
         self._tokens = tokens
         self._fn = fn
         self._payload: bytes | None = payload
-        self._timeout = timeout
+        self._wait = wait  # for a slot
+        self._per_item = per_item
         self._link = link
         self._remote: RemoteCall | None = None
         self._rid = ""
@@ -48,19 +47,18 @@ class RemoteStream:
     async def __anext__(self) -> Any:
         if self._done:
             raise StopAsyncIteration
-        pool = self._pool
+        dispatch = self._dispatch
         scope = None
+        per_item = self._per_item
         try:
             if self._remote is None:
-                self._obs = _telemetry.observe_call(pool, "stream", self._fn)
-                wait = pool.boot_timeout if self._timeout is None else self._timeout
-                self._rid = await self._placement.checkout(self._tokens, wait)
+                self._obs = dispatch.observe("stream", self._fn)
+                self._rid = await dispatch.checkout(self._tokens, self._wait)
                 assert self._payload is not None
-                self._remote = await pool._start(self._rid, "stream", self._payload, link=self._link,
-                                                 progress=self._on_progress is not None, obs=self._obs,
-                                                 tokens=self._tokens, placement=self._placement)
+                self._remote = await dispatch.start(self._rid, "stream", self._payload, link=self._link,
+                                                    progress=self._on_progress is not None, obs=self._obs,
+                                                    tokens=self._tokens)
                 self._payload = None
-            per_item = pool.timeout if self._timeout is None else self._timeout
             async with asyncio.timeout(per_item) as scope:
                 type_, data = await self._remote.next()
                 while type_ == "event":  # progress reported between items
@@ -85,7 +83,7 @@ class RemoteStream:
         if type_ == "end":
             self._close(None, "ok")
             raise StopAsyncIteration
-        failure = pool._failure(self._rid, type_, data)
+        failure = self._remote.failure(type_, data)
         self._close(failure)
         raise failure
 

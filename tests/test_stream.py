@@ -181,3 +181,15 @@ async def test_stream_progress_reaches_the_consumer_in_order(backend: BackendFac
         async for item in pool.stream(remote.count_with_progress, 3, on_progress=seen.append):
             seen.append(item)
     assert seen == ["making 0", 0, "making 1", 1, "making 2", 2]
+
+
+def test_streams_and_children_reach_their_pool_only_through_a_dispatch() -> None:
+    # The pool may change how it runs work: a stream or a child handle sees only what
+    # _lease.Dispatch and _connection.RemoteCall offer.
+    import inspect
+
+    from flame_asgi import _child, _stream
+
+    for module in (_stream, _child):
+        source = inspect.getsource(module)
+        assert "flame_asgi._pool" not in source and "pool._" not in source, module.__name__
