@@ -8,9 +8,10 @@ runner and a fresh-interpreter runner are handled alike.
 from __future__ import annotations
 
 import asyncio
-import collections
+import itertools
 import json
 import os
+import signal
 import socket
 import sys
 from collections.abc import Mapping
@@ -19,6 +20,7 @@ from typing import Any
 from flame_asgi._exceptions import FlameError
 
 MAX_MESSAGE = 1 << 20
+SPAWN_TIMEOUT = 10.0  # a fork takes milliseconds: past this the fork server is stuck
 
 
 class ForkUnavailable(FlameError):
@@ -60,11 +62,14 @@ class ForkServer:
         self._env = dict(env)
         self._sock: socket.socket | None = None
         self._proc: asyncio.subprocess.Process | None = None
-        self._pending: collections.deque[asyncio.Future[int]] = collections.deque()
+        # Replies name their request: a request whose boot was cancelled or timed out
+        # leaves here at once, and its late reply is known for an orphan.
+        self._pending: dict[int, asyncio.Future[int]] = {}
+        self._request_ids = itertools.count(1)
         self._exits: dict[int, asyncio.Future[int]] = {}
+        self._orphans: set[int] = set()  # forks nobody claimed, killed, until reaped
         self._reader: asyncio.Task[None] | None = None
         self._ready: asyncio.Future[None] | None = None
-        self._lock = asyncio.Lock()
         self.alive = False
 
     async def start(self, timeout: float = 30.0) -> None:
@@ -104,19 +109,45 @@ class ForkServer:
                     if not self._ready.done():
                         self._ready.set_exception(ForkUnavailable(message["error"]))
                 elif "pid" in message:
-                    self._pending.popleft().set_result(message["pid"])
+                    reply = self._pending.pop(message.get("id", 0), None)
+                    if reply is None or reply.done():
+                        self._abandon(message["pid"])  # its boot gave up waiting: nobody will run it
+                    else:
+                        reply.set_result(message["pid"])
                 elif "exit" in message:
-                    fut = self._exits.setdefault(message["exit"], loop.create_future())
-                    if not fut.done():
-                        fut.set_result(message["code"])
+                    self._exited(message["exit"], message["code"])
         except (OSError, ValueError):
             pass
         finally:
             self.alive = False
             if not self._ready.done():
                 self._ready.set_exception(ForkUnavailable("the fork server exited"))
-            while self._pending:
-                self._pending.popleft().set_exception(ForkUnavailable("the fork server exited"))
+            pending, self._pending = self._pending, {}
+            for reply in pending.values():
+                if not reply.done():
+                    reply.set_exception(ForkUnavailable("the fork server exited"))
+
+    def _exited(self, pid: int, code: int) -> None:
+        if pid in self._orphans:
+            self._orphans.discard(pid)
+            return
+        fut = self._exits.pop(pid, None)
+        if fut is None:  # it ended before spawn() took its reply: keep the status for it
+            fut = asyncio.get_running_loop().create_future()
+            self._exits[pid] = fut
+        if not fut.done():
+            fut.set_result(code)
+
+    def _abandon(self, pid: int) -> None:
+        """Kill a fork that no boot will claim; the fork server reaps it."""
+        ended = self._exits.pop(pid, None)
+        if ended is not None and ended.done():
+            return  # it ended already, and was reaped
+        self._orphans.add(pid)
+        try:
+            os.killpg(pid, signal.SIGKILL)  # it and whatever it started (its group: see _forkserver)
+        except ProcessLookupError:
+            pass
 
     async def spawn(self, *, env: Mapping[str, str], listen: socket.socket, log_level: str, ws_max_size: int,
                     graceful: int) -> ForkedProcess:
@@ -124,27 +155,39 @@ class ForkServer:
             raise ForkUnavailable("the fork server is not running")
         loop = asyncio.get_running_loop()
         read_fd, write_fd = os.pipe()
-        request = {"app": self.app, "env": dict(env), "log_level": log_level, "ws_max_size": ws_max_size,
-                   "graceful": graceful}
-        async with self._lock:  # replies come in request order
-            reply: asyncio.Future[int] = loop.create_future()
-            self._pending.append(reply)
-            try:
-                socket.send_fds(self._sock, [json.dumps(request).encode()], [listen.fileno(), write_fd])
-            except OSError as exc:
-                self._pending.remove(reply)
-                os.close(read_fd)
-                raise ForkUnavailable(f"could not reach the fork server: {exc}") from None
-            finally:
-                os.close(write_fd)
+        request_id = next(self._request_ids)
+        request = {"id": request_id, "app": self.app, "env": dict(env), "log_level": log_level,
+                   "ws_max_size": ws_max_size, "graceful": graceful}
+        reply: asyncio.Future[int] = loop.create_future()
+        self._pending[request_id] = reply
         try:
-            pid = await asyncio.wait_for(reply, 10.0)
-        except BaseException:
+            socket.send_fds(self._sock, [json.dumps(request).encode()], [listen.fileno(), write_fd])
+        except OSError as exc:
+            self._pending.pop(request_id, None)
             os.close(read_fd)
+            raise ForkUnavailable(f"could not reach the fork server: {exc}") from None
+        finally:
+            os.close(write_fd)
+        try:
+            pid = await asyncio.wait_for(reply, SPAWN_TIMEOUT)
+        except BaseException as exc:
+            os.close(read_fd)
+            self._pending.pop(request_id, None)  # a reply still to come is an orphan's
+            if reply.done() and not reply.cancelled() and reply.exception() is None:
+                self._abandon(reply.result())  # forked, but this boot is over
+            if isinstance(exc, TimeoutError):
+                raise ForkUnavailable(f"the fork server did not answer within {SPAWN_TIMEOUT:g} s") from None
             raise
         stderr = asyncio.StreamReader()
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stderr), os.fdopen(read_fd, "rb"))
-        exited = self._exits.setdefault(pid, loop.create_future())
+        try:
+            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stderr), os.fdopen(read_fd, "rb"))
+        except BaseException:
+            self._abandon(pid)
+            raise
+        exited = self._exits.pop(pid, None)  # set already if it ended that quickly
+        if exited is None:
+            exited = loop.create_future()
+            self._exits[pid] = exited
         return ForkedProcess(pid, exited, stderr, self)
 
     async def aclose(self) -> None:

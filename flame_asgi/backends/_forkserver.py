@@ -31,9 +31,10 @@ def _send(ctrl: socket.socket, message: dict[str, Any]) -> None:
     ctrl.sendall(json.dumps(message).encode())
 
 
-def _child(request: dict[str, Any], listen_fd: int, stderr_fd: int, ctrl: socket.socket) -> int:
+def _child(request: dict[str, Any], listen_fd: int, stderr_fd: int, ctrl: socket.socket, grouped: int) -> int:
     ctrl.close()
     os.setsid()  # its own process group: the parent stops it (and what it spawns) as one
+    os.close(grouped)  # tells the template it may report this pid: signals to its group now reach it
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.dup2(stderr_fd, 2)
@@ -82,11 +83,13 @@ def serve(app: str, ctrl: socket.socket) -> None:
             return
         request = json.loads(data)
         listen_fd, stderr_fd = fds
+        grouped_r, grouped_w = os.pipe()
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
-                code = _child(request, listen_fd, stderr_fd, ctrl)
+                os.close(grouped_r)
+                code = _child(request, listen_fd, stderr_fd, ctrl, grouped_w)
             except SystemExit as exc:  # uvicorn's own exit: its log already says why
                 code = exc.code if isinstance(exc.code, int) else 1
             except BaseException:
@@ -97,8 +100,11 @@ def serve(app: str, ctrl: socket.socket) -> None:
                 os._exit(code)
         os.close(listen_fd)
         os.close(stderr_fd)
+        os.close(grouped_w)
+        os.read(grouped_r, 1)  # EOF once the child has its own process group (or has died)
+        os.close(grouped_r)
         children.add(pid)
-        _send(ctrl, {"pid": pid})
+        _send(ctrl, {"pid": pid, "id": request["id"]})  # replies name their request
 
 
 if __name__ == "__main__":

@@ -1,0 +1,93 @@
+"""The fork server (backends/_fork.py, _forkserver.py) with real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from flame_asgi.backends import _fork
+from flame_asgi.backends._fork import ForkedProcess, ForkServer, ForkUnavailable
+from flame_asgi.backends._toolkit import BARE_APP
+from tests.conftest import child_pids, until
+
+
+def children_of(pid: int) -> set[int]:
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(entry))
+    return found
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[tuple[ForkServer, int]]:
+    """A started fork server of the bare app, and its pid."""
+    before = child_pids()
+    fork_server = ForkServer(BARE_APP, dict(os.environ))
+    await fork_server.start()
+    (pid,) = child_pids() - before
+    try:
+        yield fork_server, pid
+    finally:
+        for child in children_of(pid):  # whatever a failed test left behind
+            os.kill(child, signal.SIGKILL)
+        await fork_server.aclose()
+
+
+@pytest.fixture
+def listening() -> Iterator[socket.socket]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    yield sock
+    sock.close()
+
+
+def spawn(server: ForkServer, sock: socket.socket) -> asyncio.Task[ForkedProcess]:
+    return asyncio.ensure_future(server.spawn(env={}, listen=sock, log_level="warning", ws_max_size=1 << 20,
+                                              graceful=1))
+
+
+async def test_a_fork_whose_boot_was_cancelled_is_killed_and_the_server_keeps_forking(
+        server: tuple[ForkServer, int], listening: socket.socket) -> None:
+    fork_server, server_pid = server
+    request = spawn(fork_server, listening)
+    await asyncio.sleep(0)  # the request is sent; its reply cannot have been read yet
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    forked = await spawn(fork_server, listening)  # later boots are still forks
+    assert fork_server.alive
+    # The fork server forked the first one anyway (before this one) and said so: nobody will
+    # run it, so it must not live on.
+    await until(lambda: children_of(server_pid) == {forked.pid}, what="the unclaimed fork to be killed and reaped")
+    os.killpg(forked.pid, signal.SIGTERM)
+    assert await forked.wait() == -signal.SIGTERM
+
+
+async def test_a_fork_server_that_does_not_answer_in_time_is_a_fallback_and_its_late_fork_is_killed(
+        server: tuple[ForkServer, int], listening: socket.socket, monkeypatch: pytest.MonkeyPatch) -> None:
+    fork_server, server_pid = server
+    monkeypatch.setattr(_fork, "SPAWN_TIMEOUT", 0.2)
+    os.kill(server_pid, signal.SIGSTOP)  # stuck: it cannot answer
+    try:
+        with pytest.raises(ForkUnavailable, match="did not answer"):  # the boot falls back to a fresh interpreter
+            await spawn(fork_server, listening)
+    finally:
+        os.kill(server_pid, signal.SIGCONT)  # it forks the request it was sent, and answers late
+    forked = await spawn(fork_server, listening)
+    await until(lambda: children_of(server_pid) == {forked.pid}, what="the late fork to be killed and reaped")
+    os.killpg(forked.pid, signal.SIGTERM)
+    assert await forked.wait() == -signal.SIGTERM
