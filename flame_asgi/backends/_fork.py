@@ -28,6 +28,10 @@ class ForkUnavailable(FlameError):
 
 
 class ForkedProcess:
+    # The returncode of a runner that ended after its fork server died: nobody reaped it
+    # for us, so how it ended is unknown. Neither an exit code (0..255) nor -signal.
+    STATUS_LOST = -(1 << 16)
+
     def __init__(self, pid: int, exited: asyncio.Future[int], stderr: asyncio.StreamReader,
                  server: ForkServer) -> None:
         self.pid = pid
@@ -41,17 +45,27 @@ class ForkedProcess:
 
     async def wait(self) -> int:
         while not self._exited.done():
-            if not self._server.alive:  # nobody will report it: watch the pid ourselves
-                try:
-                    os.kill(self.pid, 0)
-                except ProcessLookupError:
-                    self._exited.set_result(-9)
-                    break
+            if not self._server.alive and _ended(self.pid):  # nobody will report it: watch the pid ourselves
+                self._exited.set_result(self.STATUS_LOST)
+                break
             try:
                 await asyncio.wait_for(asyncio.shield(self._exited), 0.1)
             except TimeoutError:
                 continue
         return self._exited.result()
+
+
+def _ended(pid: int) -> bool:
+    """Whether a process that is not our child has ended."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:  # a zombie still answers kill(0), and its new parent (a container's pid 1) may never reap it
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:  # no /proc here, or it was reaped meanwhile (the next look says so)
+        return False
 
 
 class ForkServer:

@@ -217,6 +217,8 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
 
 
 def describe_exit(code: int) -> ExitReason:
+    if code == ForkedProcess.STATUS_LOST:  # not a SIGKILL: nobody knows how it ended
+        return ExitReason("gone", "runner process is gone (its exit status was lost with the fork server)")
     return ExitReason.from_status("runner process", code)
 
 

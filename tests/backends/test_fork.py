@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from flame_asgi import FlamePool, ProcessBackend, RunnerLost
 from flame_asgi.backends import _fork
 from flame_asgi.backends._fork import ForkedProcess, ForkServer, ForkUnavailable
 from flame_asgi.backends._toolkit import BARE_APP
@@ -91,3 +92,15 @@ async def test_a_fork_server_that_does_not_answer_in_time_is_a_fallback_and_its_
     await until(lambda: children_of(server_pid) == {forked.pid}, what="the late fork to be killed and reaped")
     os.killpg(forked.pid, signal.SIGTERM)
     assert await forked.wait() == -signal.SIGTERM
+
+
+async def test_a_runner_that_ends_after_its_fork_server_died_is_not_called_oom_killed() -> None:
+    async with FlamePool("orphaned", backend=ProcessBackend()) as pool:
+        server_pid = await pool.call(os.getppid)  # a forked runner's parent is the fork server
+        assert server_pid != os.getpid()
+        os.kill(server_pid, signal.SIGKILL)
+        with pytest.raises(RunnerLost) as lost:
+            await pool.call(os._exit, 3)
+    message = str(lost.value)
+    assert "exit status was lost with the fork server" in message
+    assert "SIGKILL" not in message and "out of memory" not in message
