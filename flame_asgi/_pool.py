@@ -209,8 +209,13 @@ class FlamePool:
         for task in list(self._boots):
             task.cancel()
         # Stops already under way (idle, single use) finish; then every other runner stops.
+        # A stop takes the backend's stop_timeout, plus a few seconds to close the channel
+        # and reap the process: one that hangs past that keeps going without holding us.
         if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=30.0)
+            _, late = await asyncio.wait(set(self._tasks), timeout=self.backend.stop_timeout + 5.0)
+            if late:
+                log.warning("pool %r: closing without waiting for %d stop(s) still under way", self.name,
+                            len(late))
         await asyncio.gather(*(self._stop_runner(rid, "shutdown") for rid in list(self._runners)),
                              return_exceptions=True)
         if self._backend_started:

@@ -10,7 +10,10 @@ from typing import Any
 
 import pytest
 
-from flame_asgi import BootError, CallTimeout, FlamePool, RunnerLost
+from flame_asgi import Backend, BootError, CallTimeout, FlamePool, ProcessBackend, RunnerLost
+from flame_asgi._channel import Channel
+from flame_asgi.backends import RunnerHandle, RunnerSpec
+from flame_asgi.backends._base import ExitReason
 from tests import remote
 from tests.conftest import BackendFactory, until
 
@@ -186,3 +189,61 @@ async def test_pool_fails_to_start_when_min_runners_cannot_boot() -> None:
     pool = FlamePool("badmin", backend=ProcessBackend(app="no_such_module_anywhere:app"), min=1)
     with pytest.raises(BootError, match="could not boot its 1 min runner"):
         await pool.start()
+
+
+class _StuckStop(RunnerHandle):
+    """A real runner whose stop hangs until ``release`` is set, as a wedged backend API would."""
+
+    def __init__(self, inner: RunnerHandle, backend: StuckStopBackend) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.backend = backend
+
+    async def connect(self, timeout: float | None) -> Channel:
+        return await self.inner.connect(timeout)
+
+    async def stop(self, timeout: float) -> None:
+        self.backend.stuck.set()
+        await self.backend.release.wait()
+        await self.inner.stop(timeout)
+
+    async def exit_reason(self) -> ExitReason | None:
+        return await self.inner.exit_reason()
+
+
+class StuckStopBackend(Backend):
+    """ProcessBackend runners whose stop hangs until ``release`` is set."""
+
+    name = "stuck-stop"
+    stop_timeout = 0.2
+
+    def __init__(self) -> None:
+        self.process = ProcessBackend(stop_timeout=self.stop_timeout)
+        self.stuck = asyncio.Event()
+        self.release = asyncio.Event()
+        self.closed = False
+
+    async def start(self) -> None:
+        await self.process.start()
+
+    async def boot(self, spec: RunnerSpec) -> RunnerHandle:
+        return _StuckStop(await self.process.boot(spec), self)
+
+    async def aclose(self) -> None:
+        self.closed = True
+        await self.process.aclose()
+
+
+async def test_close_waits_for_a_stuck_stop_only_as_long_as_the_backend_stops_runners() -> None:
+    backend = StuckStopBackend()
+    stopped: list[str] = []
+    pool = FlamePool("stuck", backend=backend, idle_shutdown_after=0.1,
+                     on_shrink=lambda meta: stopped.append(meta["reason"]))
+    await pool.start()
+    assert await pool.call(remote.works) == "works"
+    await backend.stuck.wait()  # its idle stop is under way, and hangs
+    async with asyncio.timeout(20):  # stop_timeout is 0.2 s: far less than the 30 s it waited before
+        await pool.aclose()
+    assert backend.closed and not backend.release.is_set()  # closed the backend without that stop
+    backend.release.set()  # the stop goes on: the runner process still ends, and is reaped
+    await until(lambda: stopped == ["idle"], what="the stuck stop to finish")
