@@ -8,7 +8,10 @@ live in this module, which runners import from the mounted repository.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,6 +36,9 @@ from flame_asgi.backends.docker import (  # noqa: E402
 pytestmark = pytest.mark.docker
 
 REPO = Path(__file__).resolve().parents[2]
+DOCKER_SH = REPO / ".ci" / "docker.sh"
+STATE_DIR = Path(os.environ.get("FLAME_DOCKER_STATE", "/tmp/flame-dockerd"))  # where docker.sh keeps dockerd
+STARTED_BY_TESTS = "started-by-tests"  # in STATE_DIR: the pid of a dockerd that a test session started
 IMAGE = "local/empty:1"
 ENGINE_DOWN = 3  # .ci/docker.sh's exit code when dockerd cannot be installed or started
 Docker = Any  # aiodocker.Docker (imported above only when installed)
@@ -60,16 +66,76 @@ def hog(mib: int) -> int:
 
 
 # -- fixtures -----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def engine() -> None:
-    """A running Docker Engine with the test image; skip only if the engine cannot start."""
+def engine_answers() -> bool:
+    """Whether a Docker Engine answers on ``DOCKER_HOST`` (a unix socket)."""
+    host = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    if not host.startswith("unix://"):
+        return True  # a remote engine: never ours to start or stop
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5.0)
+        try:
+            sock.connect(host.removeprefix("unix://"))
+            sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+            return sock.recv(64).split(b" ")[1:2] == [b"200"]
+        except OSError:
+            return False
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` runs; a zombie does not (dockerd is detached: pid 1 may never reap it)."""
     try:
-        done = subprocess.run(["bash", str(REPO / ".ci" / "docker.sh")], capture_output=True, text=True, timeout=300)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"Docker Engine cannot start here: {exc}")
-    if done.returncode == ENGINE_DOWN:
-        pytest.skip(f"Docker Engine cannot start here: {done.stderr.strip()[-600:]}")
-    assert done.returncode == 0, f".ci/docker.sh failed:\n{done.stderr}"
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def engine() -> Iterator[None]:
+    """A running Docker Engine with the test image; skip only if the engine cannot start.
+
+    A dockerd that .ci/docker.sh starts for the tests is stopped when the test session ends
+    (the last one, when several use it at once); one that was already running is left alone.
+    """
+    # Every session using the engine holds this lock shared; only one that can take it
+    # alone may stop the engine, and a session arriving meanwhile waits for that to end.
+    with open(f"{STATE_DIR}.users", "a") as users:
+        fcntl.flock(users, fcntl.LOCK_SH)
+        answered = engine_answers()
+        try:
+            done = subprocess.run(["bash", str(DOCKER_SH)], capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            pytest.skip(f"Docker Engine cannot start here: {exc}")
+        if done.returncode == ENGINE_DOWN:
+            pytest.skip(f"Docker Engine cannot start here: {done.stderr.strip()[-600:]}")
+        assert done.returncode == 0, f".ci/docker.sh failed:\n{done.stderr}"
+        pidfile = STATE_DIR / "dockerd.pid"
+        if not answered and pidfile.exists():
+            # A mark beside it, not a fixture variable: whichever session leaves last stops it.
+            (STATE_DIR / STARTED_BY_TESTS).write_text(pidfile.read_text())
+        yield
+        try:
+            fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # another session still uses it
+        stop_engine_started_by_tests()
+
+
+def stop_engine_started_by_tests() -> None:
+    try:
+        pid = int((STATE_DIR / STARTED_BY_TESTS).read_text())
+        current = int((STATE_DIR / "dockerd.pid").read_text())
+    except (OSError, ValueError):
+        return  # none was started by a test session
+    (STATE_DIR / STARTED_BY_TESTS).unlink()
+    if pid != current or not running(pid):
+        return  # it ended, and whatever runs now was started by someone else
+    os.kill(pid, signal.SIGTERM)  # dockerd stops its containers and containerd, then exits
+    deadline = time.monotonic() + 30
+    while running(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if running(pid):
+        os.kill(pid, signal.SIGKILL)
 
 
 def binds() -> list[str]:
