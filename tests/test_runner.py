@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
+import time
 from typing import Any
 
 import pytest
@@ -12,6 +13,40 @@ from flame_asgi import Backend, BootError, CallTimeout, FlamePool, PoolStats, Re
 from flame_asgi.backends import RunnerHandle, RunnerSpec
 from tests import remote
 from tests.conftest import BackendFactory, until
+from tests.idle import reapers_looked_past
+
+
+# -- run on runners (by reference: this module is importable there) -------------------------
+async def sleep_noting_cancellation(folder: str) -> str:
+    """Mark ``started``; sleep (far longer than any test); mark ``cancelled`` if cancelled."""
+    pathlib.Path(folder, "started").touch()
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        pathlib.Path(folder, "cancelled").touch()
+        raise
+    pathlib.Path(folder, "finished").touch()
+    return "slept"
+
+
+def spin_noting_interruption(folder: str) -> str:
+    """Mark ``started``; a pure-Python busy loop (interruptible only between bytecodes);
+    mark ``interrupted`` if something is raised into it."""
+    pathlib.Path(folder, "started").touch()
+    end = time.monotonic() + 60
+    try:
+        while time.monotonic() < end:
+            pass
+    except BaseException:
+        pathlib.Path(folder, "interrupted").touch()
+        raise
+    pathlib.Path(folder, "finished").touch()
+    return "spun"
+
+
+async def gated_touch(gate: str, done: str) -> str:
+    await remote.hold(gate)
+    return remote.touch(done)
 
 
 async def test_single_use_runner_stops_after_one_call(backend: BackendFactory) -> None:
@@ -45,60 +80,60 @@ async def test_multi_use_runner_survives_a_raise(backend: BackendFactory) -> Non
 async def test_execution_timeout_single_use_kills_work_and_runner(backend: BackendFactory,
                                                                   tmp_path: pathlib.Path) -> None:
     shrinks: list[str] = []
-    finished = tmp_path / "finished"
     async with FlamePool("single-timeout", backend=backend(), single_use=True, min=1,
                          on_shrink=lambda m: shrinks.append(m["reason"])) as pool:
-        with pytest.raises(CallTimeout, match=r"did not finish within 0\.1 s; the remote work was cancelled"):
-            await pool.call(remote.sleep_then_touch, 1.0, str(finished), timeout=0.1)
+        with pytest.raises(CallTimeout, match=r"did not finish within 0\.5 s; the remote work was cancelled"):
+            await pool.call(sleep_noting_cancellation, str(tmp_path), timeout=0.5)
         await until(lambda: shrinks == ["single_use"])
-        await asyncio.sleep(1.2)
-        assert not finished.exists()  # the remote sleep was cancelled, not left to finish
+    # The runner is gone; the remote sleep was cancelled, not left to finish (or, on a
+    # machine too loaded to start it within 0.5 s, never began).
+    assert (tmp_path / "cancelled").exists() == (tmp_path / "started").exists()
+    assert not (tmp_path / "finished").exists()
 
 
 async def test_execution_timeout_multi_use_runner_survives(backend: BackendFactory, tmp_path: pathlib.Path) -> None:
     async with FlamePool("multi-timeout", backend=backend(), min=1) as pool:
         rid = await pool.call(remote.runner_id)
         with pytest.raises(CallTimeout):
-            await pool.call(remote.sleep_then_touch, 1.0, str(tmp_path / "x"), timeout=0.1)
-        assert await pool.call(remote.sleep_then_touch, 0.05, str(tmp_path / "y"), timeout=5) == "slept"
+            await pool.call(remote.hold, str(tmp_path / "never"), timeout=0.1)
+        assert await pool.call(remote.works) == "works"
         assert await pool.call(remote.runner_id) == rid
 
 
 async def test_unlinked_timeout_lets_the_work_finish(backend: BackendFactory, tmp_path: pathlib.Path) -> None:
-    finished = tmp_path / "finished"
+    gate, finished = tmp_path / "gate", tmp_path / "finished"
     async with FlamePool("unlinked-timeout", backend=backend(), min=1) as pool:
         with pytest.raises(CallTimeout, match="keeps running"):
-            await pool.call(remote.sleep_then_touch, 0.3, str(finished), timeout=0.05, link=False)
+            await pool.call(gated_touch, str(gate), str(finished), timeout=0.05, link=False)
         assert sum(r.active for r in pool.stats().runners) == 1  # the slot stays held for it
+        gate.touch()
         await until(lambda: finished.exists(), what="the unlinked work to finish")
         await until(lambda: sum(r.active for r in pool.stats().runners) == 0)
 
 
 async def test_cancelled_caller_cancels_linked_work(backend: BackendFactory, tmp_path: pathlib.Path) -> None:
-    finished = tmp_path / "finished"
     async with FlamePool("cancel", backend=backend()) as pool:
-        task = asyncio.create_task(pool.call(remote.sleep_then_touch, 0.5, str(finished)))
-        await until(lambda: sum(r.active for r in pool.stats().runners) == 1)
+        task = asyncio.create_task(pool.call(sleep_noting_cancellation, str(tmp_path)))
+        await until(lambda: (tmp_path / "started").exists(), what="the remote work to start")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         assert sum(r.active for r in pool.stats().runners) == 0  # the slot is freed at once
-        await asyncio.sleep(0.8)
-        assert not finished.exists()
+        await until(lambda: (tmp_path / "cancelled").exists(), what="the remote work to be cancelled")
+        assert not (tmp_path / "finished").exists()
 
 
 async def test_cancelled_sync_call_frees_its_slot(backend: BackendFactory, tmp_path: pathlib.Path) -> None:
-    done = tmp_path / "done"
     async with FlamePool("cancel-sync", backend=backend()) as pool:
-        task = asyncio.create_task(pool.call(remote.sync_spin, 0.5, str(done)))
-        await until(lambda: sum(r.active for r in pool.stats().runners) == 1)
-        await asyncio.sleep(0.1)
+        task = asyncio.create_task(pool.call(spin_noting_interruption, str(tmp_path)))
+        await until(lambda: (tmp_path / "started").exists(), what="the busy loop to start")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         assert sum(r.active for r in pool.stats().runners) == 0
-        await asyncio.sleep(0.8)
-        assert not done.exists()  # the busy loop was interrupted between bytecodes
+        # The busy loop was interrupted between bytecodes, not left to spin.
+        await until(lambda: (tmp_path / "interrupted").exists(), what="the busy loop to be interrupted")
+        assert not (tmp_path / "finished").exists()
         assert await pool.call(remote.works) == "works"
 
 
@@ -114,9 +149,10 @@ async def test_idle_none_keeps_runners(backend: BackendFactory) -> None:
     # min_idle_shutdown_after=0.1 makes the reaper look every 20 ms; this runner is not a
     # min runner, so it follows idle_shutdown_after=None: it must stay.
     async with FlamePool("keep", backend=backend(), idle_shutdown_after=None, min_idle_shutdown_after=0.1) as pool:
-        await pool.call(remote.works)
-        await asyncio.sleep(1.5)
+        rid = await pool.call(remote.runner_id)
+        await reapers_looked_past(0.1)  # this pool's reaper has seen it idle past 0.1 s
         assert len(pool.stats().runners) == 1
+        assert await pool.call(remote.runner_id) == rid
 
 
 class RefusingBackend(Backend):
@@ -148,7 +184,7 @@ async def test_unpicklable_closure_names_the_object_before_sending() -> None:
             await pool.call(uses_lock)
         assert pool.stats() == PoolStats(runners=[], booting=0, waiting=0)  # failed before anything started
         with pytest.raises(SerializationError, match="argument 1 of the call to square"):
-            await pool.call(remote.square, 3, lock)  # type: ignore[call-arg]
+            await pool.call(remote.square, 3, lock)  # type: ignore[call-arg, arg-type]
 
 
 async def test_unpicklable_result_is_an_error_not_a_hang(backend: BackendFactory) -> None:
@@ -190,11 +226,12 @@ async def test_a_runner_built_from_other_code_is_refused_at_once(monkeypatch: py
 
     monkeypatch.setenv("FLAME_CODE_VERSION", "build-2")
     backend = ProcessBackend(env={"FLAME_CODE_VERSION": "build-1"})  # as if deployed from older code
-    async with FlamePool("skew", backend=backend, boot_timeout=20) as pool:
-        started = asyncio.get_running_loop().time()
+    boots: list[str] = []
+    async with FlamePool("skew", backend=backend, boot_timeout=20,
+                         on_grow_start=lambda meta: boots.append(meta["runner_id"])) as pool:
         with pytest.raises(VersionSkew, match="runs code version build-1 but its parent runs build-2"):
             await pool.call(remote.works)
-        assert asyncio.get_running_loop().time() - started < 10  # not retried until the deadline
+        assert len(boots) == 1 and pool.stats().booting == 0  # refused at once, not retried until the deadline
 
 
 async def test_blocking_sync_calls_run_side_by_side(backend: BackendFactory, tmp_path: pathlib.Path) -> None:
