@@ -5,12 +5,21 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import pathlib
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from flame_asgi import FlamePool, PayloadTooLarge, ProcessBackend, TransferError, Upload
+from flame_asgi import FlamePool, PayloadTooLarge, ProcessBackend, RemoteBytes, TransferError, Upload
 from tests import remote
 from tests.conftest import BackendFactory
+
+
+def save_sync(data: Any, path: str) -> int:
+    """Sync remote code (run in a worker thread) saving the RemoteBytes it was sent, as
+    docs/transfers.md shows."""
+    assert isinstance(data, RemoteBytes)
+    return data.save_sync(path)
 
 
 def _file(path: pathlib.Path, megabytes: int) -> str:
@@ -58,6 +67,30 @@ async def test_upload_to_the_runner_and_back(backend: BackendFactory, tmp_path: 
         out = tmp_path / "copy.bin"
         assert await back.save(out) == 3 << 20
         assert out.read_bytes() == (tmp_path / "made.bin").read_bytes()
+
+
+async def test_save_sync_in_sync_remote_code_and_in_a_worker_thread(backend: BackendFactory,
+                                                                    tmp_path: pathlib.Path) -> None:
+    src = tmp_path / "in.bin"
+    _file(src, 3)
+    async with FlamePool("save-sync", backend=backend()) as pool:
+        saved = tmp_path / "saved-by-the-runner.bin"
+        assert await pool.call(save_sync, Upload(src, chunk_size=300_000), str(saved)) == 3 << 20
+        assert saved.read_bytes() == src.read_bytes()
+        back = await pool.call(remote.make_file, str(tmp_path / "made.bin"), 2)
+        copy = tmp_path / "copy.bin"
+        assert await asyncio.to_thread(back.save_sync, copy) == 2 << 20
+        assert copy.read_bytes() == (tmp_path / "made.bin").read_bytes()
+
+        def broken() -> Iterator[bytes]:
+            yield b"ok"
+            raise OSError("disk gone")
+
+        with pytest.raises(TransferError, match="disk gone"):  # the sender's error, as for save()
+            await pool.call(save_sync, Upload(broken()), str(tmp_path / "broken.bin"))
+        with pytest.raises(PayloadTooLarge):
+            await pool.call(save_sync, Upload(iter([b"x" * 1000] * 3), limit=2000), str(tmp_path / "big.bin"))
+        assert await pool.call(remote.works) == "works"
 
 
 async def test_upload_limit_is_a_clear_error(backend: BackendFactory, tmp_path: pathlib.Path) -> None:
