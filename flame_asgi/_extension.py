@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from flame_asgi._parent import ENV_PARENT
+from flame_asgi._parent import runner_mode
 from flame_asgi._pool import FlamePool
 from flame_asgi._runner_host import runner_host
 from flame_asgi._runner_logs import forward_runner_logs
@@ -60,7 +59,7 @@ class FlameExtension:
     async def running(self) -> AsyncIterator[None]:
         """The pools' part of the app's lifespan: started before the app's own, closed after."""
         self.started = True
-        if os.environ.get(ENV_PARENT):
+        if runner_mode():
             runner_host().arm_failsafe()
             forward_runner_logs(runner_host().info)
         try:
@@ -95,7 +94,7 @@ class _RunnerMode:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "lifespan":
-            if os.environ.get(ENV_PARENT):
+            if runner_mode():
                 await runner_host()(scope, receive, send)
                 return
             scope.setdefault(SCOPE_KEY, self.pools)

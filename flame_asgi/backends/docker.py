@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from flame_asgi._channel import Channel
 from flame_asgi._exceptions import BootError
 from flame_asgi._runner_logs import RunnerOutput
+from flame_asgi._settings import setting
 from flame_asgi.backends._base import Backend, ExitReason, RunnerHandle, RunnerSpec
 from flame_asgi.backends._docker_config import (
     LABEL_BACKEND,
@@ -148,17 +149,17 @@ class DockerBackend(Backend):
         self._events: asyncio.Task[None] | None = None
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ) -> DockerBackend:
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> DockerBackend:
         """The backend ``FLAME_BACKEND=docker`` builds, from ``FLAME_DOCKER_*`` variables."""
         def get(key: str) -> str | None:
-            return environ.get(f"FLAME_DOCKER_{key}") or None
+            return setting(f"FLAME_DOCKER_{key}", environ) or None
 
-        host_ip = environ.get("FLAME_DOCKER_HOST_IP", "127.0.0.1")
+        host_ip = get("HOST_IP") or "127.0.0.1"
         return cls(
             get("IMAGE"), app=get("APP"), python=get("PYTHON") or "python",
             cpus=float(get("CPUS") or 0) or None, memory=get("MEMORY"), network=get("NETWORK"),
             binds=[b.strip() for b in (get("BINDS") or "").split(",") if b.strip()],
-            working_dir=get("WORKDIR"), host_ip=None if host_ip.lower() in ("", "none") else host_ip,
+            working_dir=get("WORKDIR"), host_ip=None if host_ip.lower() == "none" else host_ip,
         )
 
     # -- the Engine -----------------------------------------------------------------------

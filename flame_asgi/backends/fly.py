@@ -26,6 +26,7 @@ import httpx
 from flame_asgi._channel import Channel
 from flame_asgi._exceptions import BootError, FlyAPIError
 from flame_asgi._parent import runner_mode
+from flame_asgi._settings import setting
 from flame_asgi.backends._base import Backend, ExitReason, RunnerHandle, RunnerSpec, connect_websocket
 from flame_asgi.backends._toolkit import dns_name, forwarded_env, same_python, uvicorn_command
 
@@ -102,16 +103,16 @@ class FlyBackend(Backend):
         self.fly_app = fly_app or environ.get("FLY_APP_NAME", "")
         self.image = image or environ.get("FLY_IMAGE_REF", "")
         self.region = region or environ.get("FLY_REGION") or None
-        self.cpu_kind = cpu_kind or environ.get("FLAME_FLY_CPU_KIND") or "performance"
+        self.cpu_kind = cpu_kind or setting("FLAME_FLY_CPU_KIND") or "performance"
         self.cpus = cpus if cpus is not None else _env_int("FLAME_FLY_CPUS", 1)
         self.memory_mb = memory_mb if memory_mb is not None else _env_int("FLAME_FLY_MEMORY_MB", 2048)
-        self.gpu_kind = gpu_kind or environ.get("FLAME_FLY_GPU_KIND") or None
+        self.gpu_kind = gpu_kind or setting("FLAME_FLY_GPU_KIND") or None
         self.gpus = gpus if gpus is not None else _env_int("FLAME_FLY_GPUS", 1 if self.gpu_kind else 0)
         self.env = dict(env or {})
         self.port = port
         self.cmd = None if cmd is None else list(cmd)
-        self.runner_host: RunnerHost = runner_host or environ.get("FLAME_FLY_RUNNER_HOST") or "{private_ip}"
-        self.api_url = (api_url or environ.get("FLAME_FLY_API_URL") or DEFAULT_API_URL).rstrip("/")
+        self.runner_host: RunnerHost = runner_host or setting("FLAME_FLY_RUNNER_HOST") or "{private_ip}"
+        self.api_url = (api_url or setting("FLAME_FLY_API_URL") or DEFAULT_API_URL).rstrip("/")
         self.log_level = log_level
         self.stop_timeout = stop_timeout
         self.max_retries = max_retries
@@ -448,7 +449,7 @@ def _backoff(attempt: int, retry_after: str | None) -> float:
 
 
 def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
+    value = setting(name)
     if not value:
         return default
     try:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from flame_asgi._channel import Channel
 from flame_asgi._exceptions import BootError
 from flame_asgi._parent import runner_mode
+from flame_asgi._settings import setting
 from flame_asgi.backends import _kubernetes_pods as pods
 from flame_asgi.backends._base import Backend, ExitReason, RunnerHandle, RunnerSpec
 from flame_asgi.backends._kubernetes_pods import LABEL_PARENT, label, load_template, runner_name
@@ -126,10 +127,10 @@ class KubernetesBackend(Backend):
         self._lock = asyncio.Lock()
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ) -> KubernetesBackend:
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> KubernetesBackend:
         """The backend ``FLAME_BACKEND=kubernetes`` builds, from ``FLAME_K8S_*`` variables."""
         def get(key: str) -> str | None:
-            return environ.get(f"FLAME_K8S_{key}") or None
+            return setting(f"FLAME_K8S_{key}", environ) or None
 
         return cls(app=get("APP"), parent_pod=get("PARENT_POD"), namespace=get("NAMESPACE"),
                    container=get("CONTAINER"), image=get("IMAGE"), python=get("PYTHON"), cpu=get("CPU"),
