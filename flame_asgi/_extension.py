@@ -23,6 +23,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
+from starlette.middleware.errors import ServerErrorMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from flame_asgi._parent import runner_mode
@@ -59,6 +60,18 @@ class FlameExtension:
     async def running(self) -> AsyncIterator[None]:
         """The pools' part of the app's lifespan: started before the app's own, closed after."""
         self.started = True
+        library = _async_library()
+        if library != "asyncio":
+            # Pools run on asyncio; under trio the app serves as it would without them.
+            for pool in self.pools.values():
+                pool.refuse(f"flame_asgi pools need asyncio, and this app runs on {library}")
+            log.warning("flame_asgi: pools %s not started: they need asyncio, and this app runs on %s",
+                        ", ".join(map(repr, self.pools)) or "(none)", library)
+            try:
+                yield
+            finally:
+                self.started = False
+            return
         if runner_mode():
             runner_host().arm_failsafe()
             forward_runner_logs(runner_host().info)
@@ -70,6 +83,15 @@ class FlameExtension:
                 yield
         finally:
             self.started = False
+
+
+def _async_library() -> str:
+    try:
+        import sniffio
+
+        return sniffio.current_async_library()
+    except Exception:  # sniffio comes with anyio, which Starlette needs; be safe anyway
+        return "asyncio"
 
 
 class _Lifespan:
@@ -120,7 +142,14 @@ def install(app: Any) -> FlameExtension:
     build = app.build_middleware_stack
 
     def build_middleware_stack() -> ASGIApp:
-        return _RunnerMode(build(), extension.pools)
+        stack = build()
+        if isinstance(stack, ServerErrorMiddleware):
+            # Just inside the framework's outermost layer, where instrumentation that wraps
+            # build_middleware_stack (OpenTelemetry's FastAPIInstrumentor, logfire) expects
+            # to find ServerErrorMiddleware; still outside every user middleware.
+            stack.app = _RunnerMode(stack.app, extension.pools)
+            return stack
+        return _RunnerMode(stack, extension.pools)
 
     # An instance attribute: Starlette builds the stack lazily through this method, so the
     # runner-mode layer wraps whatever the app (and any middleware added later) builds.

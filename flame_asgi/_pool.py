@@ -141,6 +141,7 @@ class FlamePool:
         self._closed = False
         self._reaper: asyncio.Task[None] | None = None
         self._backend_started = False
+        self._refused: str | None = None
         self._starting: asyncio.Task[None] | None = None  # a start on first use, under way
         self._placement = Placement(self._checkout_for, self._release)
 
@@ -161,7 +162,7 @@ class FlamePool:
             # boot something: most runners never call a pool.
             await self._start_backend()
         self._app_import = self.backend.app_import()
-        self._version = code_version(self._app_import or "")
+        self._version: str | None = None  # hashed when the first runner boots, off the event loop
         self._secret = channel_secret()
         self._max_payload = MAX_PAYLOAD.read()
         if runner_mode():
@@ -372,7 +373,13 @@ class FlamePool:
         return ChildHandle(rid, remote, link, on_progress, obs)
 
     # -- slots --------------------------------------------------------------------------
+    def refuse(self, reason: str) -> None:
+        """Never start: every call raises PoolClosed with ``reason`` (an app on trio, say)."""
+        self._refused = reason
+
     def _ensure_running(self) -> None:
+        if self._refused is not None:
+            raise PoolClosed(f"pool {self.name!r} cannot run: {self._refused}")
         if not self._running and not self._startable_on_use():
             state = "closed" if self._closed else "not started"
             raise PoolClosed(f"pool {self.name!r} is {state}: use `async with pool`, or register it "
@@ -382,7 +389,7 @@ class FlamePool:
         # A pool registered on an app whose lifespan never ran it: a mounted sub-app (Starlette
         # does not run their lifespans) or an app whose lifespan_context was replaced later.
         # Closed pools stay closed: their app has shut down.
-        return self.app is not None and not self._closed and not self._running
+        return self.app is not None and not self._closed and not self._running and self._refused is None
 
     async def _start_on_use(self) -> None:
         if self._starting is None:
@@ -549,6 +556,9 @@ class FlamePool:
                 fut.set_exception(error)
 
     async def _start_runner(self, rid: str, stage: list[str]) -> _Runner:
+        if self._version is None:
+            # Hashing the app's source reads files: never on the event loop, never before a boot.
+            self._version = await asyncio.to_thread(code_version, self._app_import or "")
         info = ParentInfo(
             pool=self.name, runner_id=rid, parent_address=parent_address(), backend=self.backend.name,
             code_version=self._version, app=self._app_import or "",
