@@ -4,7 +4,7 @@ A frame is ``[u32 header length][header][signature][payload]``. The header is JS
 session, a per-direction sequence number, the send time, the message type and the
 SHA-256 of the payload. The signature is HMAC-SHA256 over the header, computed and
 compared (in constant time) by itsdangerous' ``HMACAlgorithm`` with a key that
-itsdangerous derives from the secret and a per-runner, per-direction salt.
+itsdangerous derives from the secret and a per-runner, per-direction salt (``_keys``).
 ``FrameOpener.open`` checks, in order: size, signature, age, session, sequence, payload
 digest; only a frame that passes all of them has its payload handed to the unpickler.
 """
@@ -20,10 +20,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import itsdangerous
 from itsdangerous.signer import HMACAlgorithm
 
 from flame_asgi._exceptions import PayloadTooLarge, ProtocolError
+from flame_asgi._keys import TO_PARENT as TO_PARENT  # re-exported: the directions name keys
+from flame_asgi._keys import TO_RUNNER as TO_RUNNER
+from flame_asgi._keys import derive
 from flame_asgi._protocol import FrameType
 
 MAX_AGE_SECONDS = 60
@@ -31,18 +33,13 @@ _LEN = struct.Struct(">I")
 _SIG = 32  # HMAC-SHA256
 _MAX_HEADER = 64 * 1024
 _RESERVED = frozenset({"s", "n", "t", "i", "d", "ts"})  # header fields the codec owns
-TO_RUNNER = "to-runner"
-TO_PARENT = "to-parent"
-
-
 class FrameKey:
-    """The key of one direction of one runner's channel, derived once by itsdangerous."""
+    """The key of one direction of one runner's channel (derived by ``_keys``)."""
 
     _algorithm = HMACAlgorithm(hashlib.sha256)
 
-    def __init__(self, secret: bytes, salt: str) -> None:
-        signer = itsdangerous.Signer(secret, salt=salt, key_derivation="hmac", digest_method=hashlib.sha256)
-        self._key = signer.derive_key()
+    def __init__(self, key: bytes) -> None:
+        self._key = key
 
     def sign(self, data: bytes) -> bytes:
         return self._algorithm.get_signature(self._key, data)
@@ -55,9 +52,8 @@ class FrameKey:
 
 
 def make_signer(secret: bytes, runner_id: str, direction: str) -> FrameKey:
-    # The salt binds each key to one runner and one direction: a frame recorded on
-    # one runner's channel is worthless on another's, and an echo is never valid.
-    return FrameKey(secret, f"flame-asgi:{runner_id}:{direction}")
+    """The parent's key for one direction of runner ``runner_id``'s channel."""
+    return FrameKey(derive(secret, runner_id, direction))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,6 +35,12 @@ class Setting(Generic[T]):
     accepts: str = "text"
     shown: str | None = None
 
+    def take(self) -> T:
+        """``read()`` from ``os.environ``, then remove the variable: for keys no subprocess may inherit."""
+        value = self.read()
+        os.environ.pop(self.name, None)
+        return value
+
     def read(self, environ: Mapping[str, str] | None = None) -> T:
         """The value in ``environ`` (default: ``os.environ``, now), or the default when unset."""
         value = (os.environ if environ is None else environ).get(self.name)
@@ -90,8 +96,12 @@ PARENT: Setting[str | None] = Setting(
     "the app into runner mode.")
 SECRET: Setting[str | None] = Setting(
     "FLAME_SECRET", str, None,
-    "The key that signs the channel between parent and runner. Backends pass it to runners; a runner without it "
-    "refuses to start.", shown="a random key per parent process")
+    "The parent's root key. Each runner's channel keys are derived from it; runners never receive it.",
+    shown="a random key per parent process")
+RUNNER_KEYS: Setting[str | None] = Setting(
+    "FLAME_RUNNER_KEYS", str, None,
+    "A runner's own channel keys, derived from its parent's secret and set by the backend that boots it, never by "
+    "hand. The runner removes it from its environment as it reads it, so its subprocesses never see it.")
 CODE_VERSION: Setting[str | None] = Setting(
     "FLAME_CODE_VERSION", str, None,
     "The code version parent and runner must share (a git sha, an image tag); a runner running another version "
@@ -184,8 +194,8 @@ _BACKEND_SETTINGS: tuple[Setting[Any], ...] = (
 )
 
 SETTINGS: tuple[Setting[Any], ...] = (
-    BACKEND, PROCESS_APP, MAX_PAYLOAD, MAX_TRANSFER, CODE_VERSION, SECRET, PARENT, RUNNER_LOGS, RUNNER_LOG_RATE,
-    RUNNER_LOG_BURST, *_BACKEND_SETTINGS,
+    BACKEND, PROCESS_APP, MAX_PAYLOAD, MAX_TRANSFER, CODE_VERSION, SECRET, RUNNER_KEYS, PARENT, RUNNER_LOGS,
+    RUNNER_LOG_RATE, RUNNER_LOG_BURST, *_BACKEND_SETTINGS,
 )
 _BY_NAME = {entry.name: entry for entry in SETTINGS}
 

@@ -22,8 +22,9 @@ from collections.abc import Callable
 from typing import Any
 
 from flame_asgi._channel import Channel, ChannelClosed
-from flame_asgi._codec import TO_PARENT, TO_RUNNER, Frame, FrameOpener, FrameSealer, make_signer
+from flame_asgi._codec import Frame, FrameKey, FrameOpener, FrameSealer
 from flame_asgi._exceptions import FlameError, PayloadTooLarge, ProtocolError
+from flame_asgi._keys import RunnerKeys
 from flame_asgi._parent import ParentInfo, _local_parent, code_version
 from flame_asgi._pickling import dumps, loads, pack_exception
 from flame_asgi._progress import Sent, current_reporter
@@ -159,13 +160,15 @@ class _Work:
 class RunnerSession:
     """The runner's side of one parent session over one channel."""
 
-    def __init__(self, info: ParentInfo, secret: bytes, *, local: bool = False, max_threads: int = 512,
+    def __init__(self, info: ParentInfo, keys: RunnerKeys, *, local: bool = False, max_threads: int = 512,
                  on_ready: Callable[[], None] | None = None) -> None:
         self.info = info
         self._on_ready = on_ready
         self.local = local
-        self._opener = FrameOpener(make_signer(secret, info.runner_id, TO_RUNNER), info.max_payload)
-        self._signer_out = make_signer(secret, info.runner_id, TO_PARENT)
+        self.ready = False  # the parent's hello was verified: this is the parent's session
+        # Only this runner's own keys: it cannot sign for another runner.
+        self._opener = FrameOpener(FrameKey(keys.to_runner), info.max_payload)
+        self._signer_out = FrameKey(keys.to_parent)
         self._writer: FrameWriter | None = None
         self._work: dict[int, _Work] = {}
         self._max_threads = max_threads
@@ -196,8 +199,8 @@ class RunnerSession:
             _local_parent.set(self.info)
         try:
             await self._handshake(channel)
-        except (ProtocolError, ChannelClosed) as exc:
-            reason = f"handshake failed: {exc}"
+        except (ProtocolError, ChannelClosed, TimeoutError) as exc:
+            reason = f"handshake failed: {str(exc) or 'no hello in time'}"
             await self._flush()  # a "refused" answer must reach the parent before the close
             await channel.aclose(reason)
             self._executor.shutdown(wait=False)
@@ -228,6 +231,7 @@ class RunnerSession:
                 "deploy the same code (or image) to both"))
             raise ProtocolError("version skew")
         await self.send("ready", pid=os.getpid(), v=mine)
+        self.ready = True
         if self._on_ready is not None:
             self._on_ready()
 

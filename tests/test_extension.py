@@ -25,8 +25,9 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Mount, Route
 from websockets.sync.client import connect
 
-from flame_asgi import FastAPI, FlamePool, LocalBackend, ParentInfo, PoolClosed, add_flame_pool, flame_pool
+from flame_asgi import FastAPI, FlamePool, LocalBackend, PoolClosed, add_flame_pool, flame_pool
 from tests import remote
+from tests.runner_env import become_runner
 from tests.servers import serve
 
 
@@ -230,10 +231,7 @@ async def test_a_pool_on_no_app_is_not_started_on_use() -> None:
 
 # -- runner mode on any app --------------------------------------------------------------
 def _runner_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    info = ParentInfo(pool="p", runner_id="p-1", parent_address="test:1", backend="process",
-                      code_version="v", app="tests.test_extension:app")
-    monkeypatch.setenv("FLAME_PARENT", info.encode())
-    monkeypatch.setenv("FLAME_SECRET", "s" * 32)
+    become_runner(monkeypatch, "p-1", "tests.test_extension:app")
 
 
 def test_runner_mode_on_plain_starlette_is_outside_all_middleware(monkeypatch: pytest.MonkeyPatch) -> None:

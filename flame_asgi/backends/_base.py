@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import signal
 from typing import Any, ClassVar, Literal
 
@@ -20,7 +21,9 @@ from websockets.exceptions import InvalidHandshake, InvalidStatus
 
 from flame_asgi._channel import Channel, WebSocketClientChannel
 from flame_asgi._exceptions import BootError
+from flame_asgi._keys import AUTH_HEADER, RunnerKeys
 from flame_asgi._parent import ParentInfo
+from flame_asgi._settings import PARENT, RUNNER_KEYS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,12 +35,21 @@ class RunnerSpec:
     info: ParentInfo
     app: str | None  # import string of the app ("pkg.module:app"), when known
     boot_timeout: float | None
-    secret: str = dataclasses.field(repr=False)  # never logged or shown
+    secret: str = dataclasses.field(repr=False)  # the parent's root key: never logged, shown or sent
+
+    @functools.cached_property
+    def keys(self) -> RunnerKeys:
+        """This runner's own keys, derived from the root secret."""
+        return RunnerKeys.derive(self.secret.encode(), self.runner_id)
 
     @property
     def env(self) -> dict[str, str]:
-        """The variables every runner gets: its parent's information and the channel key."""
-        return {"FLAME_PARENT": self.info.encode(), "FLAME_SECRET": self.secret}
+        """The variables every runner gets: its parent's information and its own keys (not the root)."""
+        return {PARENT.name: self.info.encode(), RUNNER_KEYS.name: self.keys.encode()}
+
+    def upgrade_token(self) -> str:
+        """A fresh single-use token that lets the parent's connection through the runner's door."""
+        return self.keys.upgrade_token()
 
 
 ExitKind = Literal["oom", "signal", "exit", "gone", "unreachable"]
@@ -132,12 +144,14 @@ class Backend(abc.ABC):
         """Release what the backend holds (clients, sockets). Runners are stopped first."""
 
 
-async def connect_websocket(url: str, timeout: float | None, max_payload: int) -> Channel:
-    """Open the channel to a runner's ``/_flame/ws`` endpoint (shared by URL-based backends)."""
+async def connect_websocket(url: str, timeout: float | None, max_payload: int, spec: RunnerSpec) -> Channel:
+    """Open the channel to a runner's ``/_flame/ws`` endpoint (shared by URL-based backends),
+    with a fresh upgrade token: the runner refuses any upgrade without one."""
     ws_url = url.replace("http://", "ws://", 1).replace("https://", "wss://", 1) + "/_flame/ws"
     try:
         ws = await connect(
             ws_url,
+            additional_headers={AUTH_HEADER: spec.upgrade_token()},
             max_size=max_payload + 64 * 1024,
             compression=None,  # payloads are pickles: rarely worth deflating, always costly
             ping_interval=None,  # the channel has its own signed heartbeat

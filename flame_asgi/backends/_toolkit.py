@@ -21,7 +21,7 @@ from typing import Any
 from flame_asgi._channel import Channel
 from flame_asgi._exceptions import BootError
 from flame_asgi._parent import ENV_CODE_VERSION
-from flame_asgi.backends._base import ExitReason, connect_websocket
+from flame_asgi.backends._base import ExitReason, RunnerSpec, connect_websocket
 
 log = logging.getLogger("flame_asgi.backends")
 BARE_APP = "flame_asgi._bare:app"
@@ -96,7 +96,7 @@ def find_import_string(app: Any) -> str | None:
 
 
 # -- waiting for the app to answer -----------------------------------------------------------------
-async def connect_when_up(url: str, timeout: float | None, max_payload: int, *,
+async def connect_when_up(url: str, timeout: float | None, spec: RunnerSpec, *,
                           ended: Callable[[], Awaitable[ExitReason | None]], what: str, hint: str = "",
                           check_every: float = 1.0, output: Callable[[], str] | None = None) -> Channel:
     """Open the channel to ``url`` once the runner's app listens.
@@ -113,7 +113,8 @@ async def connect_when_up(url: str, timeout: float | None, max_payload: int, *,
     while True:
         left = None if deadline is None else deadline - loop.time()
         try:
-            return await connect_websocket(url, None if left is None else max(0.1, min(left, 5.0)), max_payload)
+            return await connect_websocket(url, None if left is None else max(0.1, min(left, 5.0)),
+                                           spec.info.max_payload, spec)
         except BootError as error:
             if error.reason.startswith("HTTP "):  # something answers there, and it is not a runner
                 raise

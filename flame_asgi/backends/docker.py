@@ -327,7 +327,7 @@ class DockerRunnerHandle(RunnerHandle):
             await self._drain_logs()
             return self.describe()
 
-        return await connect_when_up(self.url, timeout, self.spec.info.max_payload, ended=ended, check_every=0.0,
+        return await connect_when_up(self.url, timeout, self.spec, ended=ended, check_every=0.0,
                                      what=f"runner container {self.name}", output=self.output_tail)
 
     async def boot_failure(self, what: str, exc: Exception | None) -> BootError:

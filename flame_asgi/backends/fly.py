@@ -306,7 +306,7 @@ class FlyRunnerHandle(RunnerHandle):
         await self._wait_started(deadline, timeout)
         await self._wait_healthy(deadline, timeout)
         left = None if deadline is None else max(0.5, deadline - loop.time())
-        return await connect_websocket(self.url, left, self.spec.info.max_payload)
+        return await connect_websocket(self.url, left, self.spec.info.max_payload, self.spec)
 
     async def _wait_started(self, deadline: float | None, timeout: float | None) -> None:
         loop = asyncio.get_running_loop()

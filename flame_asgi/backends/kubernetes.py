@@ -370,7 +370,7 @@ class KubernetesRunnerHandle(RunnerHandle):
             return pods.describe_end(pod, self.name) if pod is None or pods.pod_ended(pod) else None
 
         return await connect_when_up(
-            self.url, self._left(timeout), self.spec.info.max_payload, ended=ended, what=f"runner pod {self.name}",
+            self.url, self._left(timeout), self.spec, ended=ended, what=f"runner pod {self.name}",
             hint=f"does its container serve the app on 0.0.0.0:{self.backend.port}? see `kubectl logs -n "
                  f"{self.backend.namespace} {self.name}`")
 

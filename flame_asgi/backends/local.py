@@ -47,7 +47,7 @@ class LocalBackend(Backend):
 class LocalRunnerHandle(RunnerHandle):
     def __init__(self, spec: RunnerSpec) -> None:
         self.spec = spec
-        self.session = RunnerSession(spec.info, spec.secret.encode(), local=True)
+        self.session = RunnerSession(spec.info, spec.keys, local=True)
         self._task: asyncio.Task[str] | None = None
         self._runner_end: MemoryChannel | None = None
         self._killed: str | None = None

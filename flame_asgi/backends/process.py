@@ -149,7 +149,7 @@ class ProcessRunnerHandle(RunnerHandle):
         return "\n".join(list(self._tail)[-lines:])
 
     async def connect(self, timeout: float | None) -> Channel:
-        connecting = asyncio.ensure_future(connect_websocket(self.url, timeout, self.spec.info.max_payload))
+        connecting = asyncio.ensure_future(connect_websocket(self.url, timeout, self.spec.info.max_payload, self.spec))
         exited = asyncio.ensure_future(self.proc.wait())
         try:
             await asyncio.wait({connecting, exited}, return_when=asyncio.FIRST_COMPLETED)

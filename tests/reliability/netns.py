@@ -149,7 +149,7 @@ class NetnsRunnerHandle(RunnerHandle):
                 raise BootError(f"runner exited during boot ({describe_exit(self.proc.returncode)})")
             left = None if deadline is None else max(0.05, deadline - time.monotonic())
             try:
-                return await connect_websocket(self.url, left, self.spec.info.max_payload)
+                return await connect_websocket(self.url, left, self.spec.info.max_payload, self.spec)
             except BootError as exc:
                 # Refused: uvicorn is not listening yet (no pre-bound socket here). Retry.
                 if "ConnectionRefused" not in str(exc) or (deadline is not None and time.monotonic() > deadline):
