@@ -1,5 +1,6 @@
 """The channel refuses unsigned, forged, tampered, expired and replayed messages before
-unpickling anything, both in the codec and on a real runner process."""
+unpickling anything, both in the codec and on a real runner process; and the runner's
+door (its WebSocket upgrade) opens only for a fresh token signed with its own key, once."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from websockets.asyncio.client import connect
 
 from flame_asgi import FlamePool, ParentInfo, PayloadTooLarge, ProcessBackend, ProtocolError
 from flame_asgi._codec import TO_PARENT, TO_RUNNER, FrameOpener, FrameSealer, make_signer
+from flame_asgi._keys import AUTH_HEADER, RunnerKeys
 from flame_asgi._parent import code_version
 from flame_asgi.backends import RunnerSpec
 from flame_asgi.backends.process import ProcessRunnerHandle
@@ -99,6 +101,40 @@ def test_secret_never_appears_in_reprs() -> None:
     info = ParentInfo(pool="p", runner_id="r", parent_address="a", backend="process", code_version="v", app="a:b")
     spec = RunnerSpec(pool="p", runner_id="r", info=info, app=None, boot_timeout=1, secret=SECRET)
     assert SECRET not in repr(spec) and SECRET not in info.encode()
+    keys = spec.keys
+    shown = repr(spec) + repr(keys) + str(keys)
+    for key in (keys.to_runner, keys.to_parent, keys.upgrade):
+        assert key.hex() not in shown and str(key) not in shown
+    assert keys.encode() not in shown
+    # The runner gets its own keys, never the root secret, in any form.
+    assert "FLAME_SECRET" not in spec.env and not any(SECRET in value for value in spec.env.values())
+    assert RunnerKeys.decode("r", spec.env["FLAME_RUNNER_KEYS"]) == keys
+
+
+def test_an_upgrade_token_opens_only_its_runners_door_and_only_while_fresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    keys = RunnerKeys.derive(SECRET.encode(), "r1")
+    token = keys.upgrade_token()
+    assert keys.check_upgrade_token(token) != keys.check_upgrade_token(keys.upgrade_token())  # a nonce each
+    refused = {
+        "none": None,
+        "empty": "",
+        "garbage": "not-a-token",
+        "tampered": token[:-1] + ("A" if token[-1] != "A" else "B"),
+        "another runner's": RunnerKeys.derive(SECRET.encode(), "r2").upgrade_token(),
+        "another parent's": RunnerKeys.derive(b"other-root", "r1").upgrade_token(),
+    }
+    for name, bad in refused.items():
+        try:
+            keys.check_upgrade_token(bad)
+        except ProtocolError:
+            continue
+        pytest.fail(f"{name} token opened the door")
+    # A channel key cannot stand in for the door's key (nor the reverse): they are distinct.
+    assert len({keys.to_runner, keys.to_parent, keys.upgrade}) == 3
+    later = int(time.time()) + 61
+    monkeypatch.setattr("itsdangerous.TimestampSigner.get_timestamp", lambda self: later)
+    with pytest.raises(ProtocolError, match="expired"):
+        keys.check_upgrade_token(token)
 
 
 @pytest.fixture
@@ -122,10 +158,12 @@ async def runner(tmp_path: pathlib.Path) -> AsyncIterator[tuple[str, ProcessRunn
         await handle.stop(5)
 
 
-async def _session(url: str, frames: list[bytes]) -> str:
-    """Send frames on a fresh connection; return how the runner answered (or closed)."""
+async def _session(url: str, frames: list[bytes], token: str | None = None) -> str:
+    """Send frames on a fresh connection (its upgrade carrying ``token``, if any); return
+    how the runner answered (or closed)."""
+    headers = {AUTH_HEADER: token} if token is not None else {}
     try:
-        ws = await connect(url.replace("http", "ws") + "/_flame/ws", compression=None)
+        ws = await connect(url.replace("http", "ws") + "/_flame/ws", compression=None, additional_headers=headers)
     except websockets.InvalidStatus as exc:
         return f"refused {exc.response.status_code}"
     async with ws:
@@ -147,11 +185,19 @@ async def test_runner_refuses_unsigned_forged_and_expired_hellos(runner: tuple[s
     expired = FrameSealer(make_signer(SECRET.encode(), "sec-1", TO_RUNNER), "s", 1 << 20, clock=an_hour_ago)
     for frames in ([evil], [forged.seal("hello", runner="sec-1", v=version), forged.seal("call", 1, evil)],
                    [expired.seal("hello", runner="sec-1", v=version)]):
-        assert (await _session(handle.url, frames)).startswith("closed")
+        # Without a token the door stays shut: HTTP 403, not a byte of the frames is read.
+        assert await _session(handle.url, frames) == "refused 403"
+        assert await _session(handle.url, frames, "garbage") == "refused 403"
+        # Behind the door (a valid token), the frames themselves are refused.
+        assert (await _session(handle.url, frames, handle.spec.upgrade_token())).startswith("closed")
     assert not (tmp_path / "pwned").exists()
     health = httpx.get(f"{handle.url}/_flame/health").json()
-    assert health["attached"] is False  # refused strangers did not take the parent's place
+    assert health == {"status": "ok", "runner_id": "sec-1", "pool": "sec"}  # nothing to time an attack by
     assert httpx.get(f"{handle.url}/").status_code == 404  # runner mode: no web routes
+    # Refused sessions did not take the parent's place: the parent's hello still gets "ready".
+    hello = FrameSealer(make_signer(SECRET.encode(), "sec-1", TO_RUNNER), "genuine", 1 << 20)
+    assert (await _session(handle.url, [hello.seal("hello", runner="sec-1", v=version)],
+                           handle.spec.upgrade_token())).startswith("reply")
 
 
 async def test_runner_refuses_tampered_and_replayed_calls(runner: tuple[str, ProcessRunnerHandle],
@@ -160,9 +206,14 @@ async def test_runner_refuses_tampered_and_replayed_calls(runner: tuple[str, Pro
     assert handle.url is not None
     marker = tmp_path / "pwned"
     sealer = FrameSealer(make_signer(SECRET.encode(), "sec-1", TO_RUNNER), "session-1", 1 << 20)
-    ws = await connect(handle.url.replace("http", "ws") + "/_flame/ws", compression=None)
+    token = handle.spec.upgrade_token()
+    ws = await connect(handle.url.replace("http", "ws") + "/_flame/ws", compression=None,
+                       additional_headers={AUTH_HEADER: token})
     await ws.send(sealer.seal("hello", runner="sec-1", v=version))
     assert await ws.recv()  # ready: this connection is the runner's parent now
+    # The door is held: neither the same token again nor a fresh one opens it a second time.
+    assert await _session(handle.url, [b"anything"], token) == "refused 403"
+    assert await _session(handle.url, [b"anything"], handle.spec.upgrade_token()) == "refused 403"
     call = sealer.seal("call", 1, pickle.dumps(Evil(str(marker))))
     await ws.send(call)
     for _ in range(100):  # the genuine call is unpickled (proving the payload is live)...
@@ -191,7 +242,9 @@ async def test_runner_refuses_a_tampered_payload(runner: tuple[str, ProcessRunne
     tampered = genuine[: 4 + header_len] + evil  # signed header kept, payload swapped
     hello = FrameSealer(make_signer(SECRET.encode(), "sec-1", TO_RUNNER), "session-2", 1 << 20).seal(
         "hello", runner="sec-1", v=version)
-    assert (await _session(handle.url, [hello, tampered])).startswith(("reply", "closed"))
+    assert await _session(handle.url, [hello, tampered]) == "refused 403"  # no token: not even read
+    assert (await _session(handle.url, [hello, tampered], handle.spec.upgrade_token())).startswith(
+        ("reply", "closed"))
     await asyncio.wait_for(handle.proc.wait(), 15)
     assert not (tmp_path / "pwned").exists()
     assert hashlib.sha256(evil).hexdigest() not in genuine.decode(errors="replace")
@@ -203,4 +256,8 @@ async def test_a_second_parent_is_refused(tmp_path: pathlib.Path) -> None:
         url = pool.stats().runners[0].url
         assert url is not None
         assert await _session(url, [b"anything"]) == "refused 403"
+        # Even a valid token (one the parent could have minted) finds the door taken.
+        (runner,) = pool._runners.values()
+        assert isinstance(runner.handle, ProcessRunnerHandle)
+        assert await _session(url, [b"anything"], runner.handle.spec.upgrade_token()) == "refused 403"
         assert await pool.call(remote.works) == "works"  # the real parent is undisturbed
