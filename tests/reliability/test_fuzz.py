@@ -3,7 +3,9 @@ and hostile input costs an attacker their own connection, never the runner.
 
 The session logic is fuzzed fast over an in-memory channel (the same ``RunnerSession``
 that serves the WebSocket); a real uvicorn runner then gets fewer, end-to-end examples
-of WebSocket frames, HTTP requests and WebSocket upgrade requests.
+of WebSocket frames, HTTP requests and WebSocket upgrade requests. Its door (the
+``x-flame-auth`` upgrade token) is fuzzed both ways: without a token every upgrade is
+refused with HTTP 403, and with a valid one the fuzzed frames meet the channel's checks.
 """
 
 from __future__ import annotations
@@ -30,16 +32,19 @@ import websockets
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
+from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from flame_asgi import ParentInfo, PayloadTooLarge, ProtocolError
 from flame_asgi._channel import MemoryChannel
 from flame_asgi._codec import TO_PARENT, TO_RUNNER, FrameOpener, FrameSealer, make_signer
+from flame_asgi._keys import AUTH_HEADER, RunnerKeys
 from flame_asgi._worker import RunnerSession
 from tests.reliability.support import alive, listening_addresses
 
 SECRET = "fuzz-" + secrets.token_hex(16)
 RID = "fuzz-1"
+KEYS = RunnerKeys.derive(SECRET.encode(), RID)  # what the runner gets: its own keys, not SECRET
 VERSION = "fuzz-build"
 MARKER = pathlib.Path(tempfile.gettempdir()) / f"flame-fuzz-pwned-{os.getpid()}"
 # Hypothesis caches things in ./.hypothesis even without an example database: not in the repo.
@@ -135,7 +140,7 @@ async def _session(first: list[bytes], attack: list[tuple[str, Any]]) -> tuple[s
     """Serve one session over memory; send ``first`` as strangers' frames (no handshake)
     or, when empty, a genuine hello then ``attack``. Return how it ended and the replies."""
     parent_end, runner_end = MemoryChannel.pair()
-    session = RunnerSession(_info(), SECRET.encode(), local=True, max_threads=4)
+    session = RunnerSession(_info(), KEYS, local=True, max_threads=4)
     serving = asyncio.create_task(session.serve(runner_end))
     replies: list[bytes] = []
     if first:
@@ -197,8 +202,9 @@ class RealRunner:
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         self.ws_url = self.url.replace("http://", "ws://") + "/_flame/ws"
         self.log = tmp / "runner.log"
-        env = {**os.environ, "FLAME_PARENT": self.info.encode(), "FLAME_SECRET": SECRET,
+        env = {**os.environ, "FLAME_PARENT": self.info.encode(), "FLAME_RUNNER_KEYS": KEYS.encode(),
                "FLAME_CODE_VERSION": VERSION}
+        env.pop("FLAME_SECRET", None)
         with self.log.open("w") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "uvicorn", "flame_asgi._bare:app", "--fd", str(sock.fileno()),
@@ -236,15 +242,25 @@ def runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealRunner]:
 
 def _still_fine(runner: RealRunner) -> None:
     assert runner.proc.poll() is None, runner.log.read_text()[-2000:]
-    assert runner.health() == {"status": "ok", "runner_id": RID, "pool": "fuzz", "attached": False}
+    assert runner.health() == {"status": "ok", "runner_id": RID, "pool": "fuzz"}
+
+
+def _authed() -> dict[str, str]:
+    """Headers that open the runner's door: a fresh token signed with its upgrade key."""
+    return {AUTH_HEADER: KEYS.upgrade_token()}
 
 
 @fuzz(60)
 @given(st.lists(forged_frames | st.text(max_size=50), min_size=1, max_size=3))
 def test_a_real_runner_survives_fuzzed_websocket_sessions(runner: RealRunner, unpickled: list[bytes],
                                                           frames: list[bytes | str]) -> None:
+    # Without a token the upgrade is refused before any frame is read...
+    with pytest.raises(InvalidStatus) as refused:
+        connect(runner.ws_url, proxy=None, compression=None, open_timeout=10, ping_interval=None)
+    assert refused.value.response.status_code == 403
+    # ...and behind the door, the frames meet the channel's checks.
     with connect(runner.ws_url, proxy=None, compression=None, open_timeout=10, close_timeout=2,
-                 ping_interval=None) as ws:
+                 ping_interval=None, additional_headers=_authed()) as ws:
         try:
             for frame in frames:
                 ws.send(frame)
@@ -277,13 +293,16 @@ def test_a_real_runner_answers_fuzzed_http_without_crashing(runner: RealRunner, 
 
 
 @fuzz(40)
-@given(key=value, version=value, extra=st.dictionaries(token, value, max_size=4), trailing=st.binary(max_size=100))
+@given(key=value, version=value, extra=st.dictionaries(token, value, max_size=4), trailing=st.binary(max_size=100),
+       auth=st.sampled_from(["none", "valid", "garbage"]))
 def test_a_real_runner_survives_fuzzed_websocket_upgrades(runner: RealRunner, unpickled: list[bytes], key: str,
                                                           version: str, extra: dict[str, str],
-                                                          trailing: bytes) -> None:
+                                                          trailing: bytes, auth: str) -> None:
     lines = ["GET /_flame/ws HTTP/1.1", "Host: 127.0.0.1", "Upgrade: websocket", "Connection: Upgrade",
              f"Sec-WebSocket-Key: {key}", f"Sec-WebSocket-Version: {version}",
              *(f"{k}: {v}" for k, v in extra.items())]
+    if auth != "none":
+        lines.append(f"{AUTH_HEADER}: {KEYS.upgrade_token() if auth == 'valid' else 'x' + key}")
     port = int(runner.url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
         conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + trailing)
@@ -297,6 +316,8 @@ def test_a_real_runner_survives_fuzzed_websocket_upgrades(runner: RealRunner, un
     if answer:
         assert answer.startswith(b"HTTP/1.1 "), answer[:100]
         assert not answer.startswith(b"HTTP/1.1 5"), answer[:300]
+        if auth != "valid" and answer.startswith(b"HTTP/1.1 101"):
+            raise AssertionError(f"an upgrade without a valid token was accepted: {answer[:300]!r}")
     _still_fine(runner)
 
 
@@ -306,7 +327,8 @@ def test_after_the_fuzzing_the_runner_is_whole_and_accepts_its_real_parent(runne
     assert listening_addresses(runner.proc.pid) == [("127.0.0.1", int(runner.url.rsplit(":", 1)[1]))]
     sealer = _sealer()
     opener = FrameOpener(make_signer(SECRET.encode(), RID, TO_PARENT), 1 << 20, "genuine")
-    with connect(runner.ws_url, proxy=None, compression=None, open_timeout=10, ping_interval=None) as ws:
+    with connect(runner.ws_url, proxy=None, compression=None, open_timeout=10, ping_interval=None,
+                 additional_headers=_authed()) as ws:
         ws.send(sealer.seal("hello", runner=RID, v=VERSION))
         answer = ws.recv(timeout=5)
         assert isinstance(answer, bytes)
@@ -314,7 +336,7 @@ def test_after_the_fuzzing_the_runner_is_whole_and_accepts_its_real_parent(runne
         assert reply.type == "ready"
     log = runner.log.read_text()
     assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
-    assert SECRET not in log
+    assert SECRET not in log and KEYS.encode() not in log
     # The session ended when we left: a runner whose parent is gone exits.
     runner.proc.wait(15)
     assert not alive(runner.proc.pid)
