@@ -52,7 +52,7 @@ def serve_example(data_dir: Path, **env: str) -> Iterator[ExampleServer]:
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     environ = {k: v for k, v in os.environ.items()
-               if k not in ("FLAME_BACKEND", "FLAME_PARENT", "FLAME_SECRET", "DATABASE_URL")}
+               if k not in ("FLAME_BACKEND", "FLAME_PARENT", "FLAME_SECRET", "FLAME_RUNNER_KEYS", "DATABASE_URL")}
     environ.update(DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1", **env)
     log = data_dir / "server.log"
     with open(log, "wb") as out:

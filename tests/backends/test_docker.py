@@ -197,7 +197,8 @@ async def test_call_and_stream_run_in_a_limited_container(docker: Docker, backen
         assert labels["team"] == "media" and labels["flame_asgi.pool"] == "dk-call"
         assert labels["flame_asgi.runner"] == rid
         env = {e.partition("=")[0] for e in info["Config"]["Env"]}
-        assert {"FLAME_PARENT", "FLAME_SECRET", "PYTHONPATH"} <= env and "HOME" not in env  # not the parent's env
+        assert {"FLAME_PARENT", "FLAME_RUNNER_KEYS", "PYTHONPATH"} <= env and "HOME" not in env  # not the parent's env
+        assert "FLAME_SECRET" not in env  # the runner's own keys, never the parent's root secret
 
 
 async def test_runners_share_the_parents_limits_and_get_their_whole_grace_period(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import time
@@ -133,7 +134,11 @@ async def test_runner_gets_flame_env_not_the_parents(fake: FakeFly, monkeypatch:
     monkeypatch.setenv("PARENT_ONLY_SECRET", "do-not-leak")
     async with FlamePool("fly", backend=fly(fake, env={"EXTRA": "1"})) as pool:
         env = await pool.call(_environ)
-    assert env["FLAME_PARENT"] and env["FLAME_SECRET"]
+    # The machine's config carries the runner's own keys, never the parent's secret; the runner
+    # removed them from its environment as it read them.
+    config_env = fake.bodies[0]["config"]["env"]
+    assert config_env["FLAME_RUNNER_KEYS"] and "FLAME_SECRET" not in config_env
+    assert env["FLAME_PARENT"] and "FLAME_RUNNER_KEYS" not in env and "FLAME_SECRET" not in env
     assert env["EXTRA"] == "1"
     assert env["FLY_MACHINE_ID"] == fake.machines()[0]["id"]
     assert "PARENT_ONLY_SECRET" not in env
@@ -217,7 +222,9 @@ def test_machine_request_and_runner_url(monkeypatch: pytest.MonkeyPatch) -> None
     body = backend.machine_request(_spec())
     assert body["name"] == "flame-thumbs-1-abc123"
     env = body["config"]["env"]
-    assert env["FLAME_CODE_VERSION"] == "git-abc" and env["FLAME_SECRET"] == "s3cret" and "FLAME_PARENT" in env
+    assert env["FLAME_CODE_VERSION"] == "git-abc" and "FLAME_PARENT" in env
+    assert env["FLAME_RUNNER_KEYS"] == _spec().keys.encode() and "FLAME_SECRET" not in env
+    assert "s3cret" not in json.dumps(body)  # the root secret is not sent to Fly at all
     assert "PARENT_ONLY_SECRET" not in env
     assert body["config"]["guest"]["gpu_kind"] == "a100-pcie-40gb" and body["config"]["guest"]["gpus"] == 1
     machine = {"id": "3d8d413b29d089", "private_ip": "fdaa:0:1:a7b:1::2"}

@@ -62,7 +62,9 @@ def where() -> dict[str, Any]:
     info = parent()
     assert info is not None
     return {"pod": os.environ.get("POD_NAME"), "runner": info.runner_id, "cwd": os.getcwd(),
-            "secret": bool(os.environ.get("FLAME_SECRET")), "version": os.environ.get("FLAME_CODE_VERSION")}
+            "version": os.environ.get("FLAME_CODE_VERSION"),
+            # The runner got its own keys (it answered), not the root secret, and removed them as it read them.
+            "keys": sorted(k for k in ("FLAME_SECRET", "FLAME_RUNNER_KEYS") if k in os.environ)}
 
 
 def count(n: int) -> Iterator[int]:
@@ -291,7 +293,7 @@ async def test_call_and_stream_through_a_runner_pod_cloned_from_the_parent(
         assert runner.url.startswith("http://127.0.0.") and runner.url.endswith(f":{cluster.port}")
         # The runner's own POD_NAME (downward API, inherited from the parent's spec) names its Pod.
         [name] = await runner_objects(k8s, Pod)
-        assert seen == {"pod": name, "runner": runner.id, "cwd": str(REPO), "secret": True, "version": "k8s-test-1"}
+        assert seen == {"pod": name, "runner": runner.id, "cwd": str(REPO), "keys": [], "version": "k8s-test-1"}
 
         pod = (await k8s.get(Pod, name, namespace=NS)).to_dict()
         owner = {"apiVersion": "v1", "kind": "Pod", "name": PARENT, "uid": cluster.parent_uid}
@@ -306,12 +308,13 @@ async def test_call_and_stream_through_a_runner_pod_cloned_from_the_parent(
         assert [v["name"] for v in spec["volumes"]] == ["config"]  # the PVC stays with the parent
         env = {e["name"]: e for e in container["env"]}
         assert env["APP_MODE"]["value"] == "web" and env["FLAME_CODE_VERSION"]["value"] == "k8s-test-1"
-        for key in ("FLAME_PARENT", "FLAME_SECRET"):  # by reference only: never in the Pod's spec
+        assert "FLAME_SECRET" not in env
+        for key in ("FLAME_PARENT", "FLAME_RUNNER_KEYS"):  # by reference only: never in the Pod's spec
             assert env[key] == {"name": key, "valueFrom": {"secretKeyRef": {"name": name, "key": key}}}
 
         secret = (await k8s.get(Secret, name, namespace=NS)).to_dict()
         assert secret["metadata"]["ownerReferences"] == [owner]
-        assert set(secret["data"]) == {"FLAME_PARENT", "FLAME_SECRET"}
+        assert set(secret["data"]) == {"FLAME_PARENT", "FLAME_RUNNER_KEYS"}  # its own keys, not the root
         info = ParentInfo.decode(base64.b64decode(secret["data"]["FLAME_PARENT"]).decode())
         assert (info.runner_id, info.backend, info.code_version) == (runner.id, "kubernetes", "k8s-test-1")
     assert await runner_objects(k8s, Pod) == [] and await runner_objects(k8s, Secret) == []

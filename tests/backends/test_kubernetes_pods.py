@@ -48,9 +48,11 @@ def test_the_runner_pod_is_the_parents_pod_made_a_runner() -> None:
     assert container["volumeMounts"] == [{"name": "conf", "mountPath": "/c"}]
     env = {e["name"]: e for e in container["env"]}
     assert env["DB"]["value"] == "pg" and env["FLAME_MAX_PAYLOAD"]["value"] == "1048576"
-    # The channel key and FLAME_PARENT come from the runner's Secret, never the Pod spec.
-    assert env["FLAME_SECRET"] == {"name": "FLAME_SECRET", "valueFrom": {"secretKeyRef": {
-        "name": "flame-pool-1-abc", "key": "FLAME_SECRET"}}}
+    # The runner's keys and FLAME_PARENT come from the runner's Secret, never the Pod spec;
+    # the parent's root secret goes nowhere.
+    assert env["FLAME_RUNNER_KEYS"] == {"name": "FLAME_RUNNER_KEYS", "valueFrom": {"secretKeyRef": {
+        "name": "flame-pool-1-abc", "key": "FLAME_RUNNER_KEYS"}}}
+    assert "FLAME_SECRET" not in env
     assert container["resources"] == {"requests": {"cpu": "500m"}, "limits": {"cpu": "500m"}}
     secret = secret_manifest(spec, PARENT, "ns", labels(spec, "web-1", "b1"))
     assert secret["stringData"] == spec.env and secret["metadata"]["name"] == "flame-pool-1-abc"
