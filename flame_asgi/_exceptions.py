@@ -15,7 +15,7 @@
 
 Errors of httpx, websockets and the backends' client libraries are translated into this tree at
 the boundary where they happen, so callers catch one family. (``ForkUnavailable``, a
-FlameError in backends/_fork.py, never reaches a caller: ProcessBackend catches it and
+FlameError in backends/_fork_parent.py, never reaches a caller: ProcessBackend catches it and
 boots a fresh interpreter instead.)
 """
 

@@ -25,9 +25,9 @@ from flame_asgi._channel import ASGIWebSocketChannel
 from flame_asgi._exceptions import ProtocolError
 from flame_asgi._keys import AUTH_HEADER, RunnerKeys
 from flame_asgi._parent import ParentInfo, parent
+from flame_asgi._runner_session import RunnerSession
 from flame_asgi._settings import RUNNER_KEYS
 from flame_asgi._telemetry import emit
-from flame_asgi._worker import RunnerSession
 
 log = logging.getLogger("flame_asgi.runner")
 PREFIX = "/_flame"

@@ -11,7 +11,7 @@ import asyncio
 import contextvars
 
 from flame_asgi._channel import Channel, MemoryChannel
-from flame_asgi._worker import RunnerSession
+from flame_asgi._runner_session import RunnerSession
 from flame_asgi.backends._base import Backend, ExitReason, RunnerHandle, RunnerSpec
 
 _current: contextvars.ContextVar[LocalRunnerHandle | None] = contextvars.ContextVar(

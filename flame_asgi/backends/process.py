@@ -1,7 +1,7 @@
 """ProcessBackend: each runner is a real copy of the app under uvicorn on this machine.
 
 The parent binds a listening socket on 127.0.0.1 and hands it to uvicorn in the child
-(forked from a template, see ``_fork``, or ``python -m flame_asgi.backends._serve
+(forked from a template, see ``_fork_parent``, or ``python -m flame_asgi.backends._serve
 <module:app> N``, a thin wrapper of ``uvicorn.Server``), so the port is known before it starts
 and the first connection simply waits in the backlog until the app is up: no port race
 and no polling. The child gets the parent's working directory and environment plus
@@ -25,7 +25,7 @@ from flame_asgi._channel import Channel
 from flame_asgi._exceptions import BootError
 from flame_asgi._runner_logs import RunnerOutput, relay_lines
 from flame_asgi.backends._base import Backend, ExitReason, RunnerHandle, RunnerSpec, connect_websocket
-from flame_asgi.backends._fork import ForkedProcess, ForkServer, ForkUnavailable
+from flame_asgi.backends._fork_parent import ForkedProcess, ForkServer, ForkUnavailable
 from flame_asgi.backends._toolkit import BARE_APP, graceful_seconds
 
 __all__ = ["BARE_APP", "ProcessBackend", "ProcessRunnerHandle", "describe_exit"]

@@ -39,7 +39,7 @@ from flame_asgi import ParentInfo, PayloadTooLarge, ProtocolError
 from flame_asgi._channel import MemoryChannel
 from flame_asgi._codec import TO_PARENT, TO_RUNNER, FrameOpener, FrameSealer, make_signer
 from flame_asgi._keys import AUTH_HEADER, RunnerKeys
-from flame_asgi._worker import RunnerSession
+from flame_asgi._runner_session import RunnerSession
 from tests.reliability.support import alive, listening_addresses
 
 SECRET = "fuzz-" + secrets.token_hex(16)

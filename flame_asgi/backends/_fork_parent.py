@@ -1,4 +1,4 @@
-"""The parent's side of the fork server (see ``_forkserver``): start it, ask it for runners.
+"""The parent's side of the fork server (see ``_fork_template``): start it, ask it for runners.
 
 ``ForkServer.spawn`` returns a ``ForkedProcess`` with the surface ProcessRunnerHandle
 uses of an ``asyncio.subprocess.Process`` (pid, returncode, wait(), stderr), so a forked
@@ -91,7 +91,7 @@ class ForkServer:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "flame_asgi.backends._forkserver", self.app, str(theirs.fileno()),
+                sys.executable, "-m", "flame_asgi.backends._fork_template", self.app, str(theirs.fileno()),
                 cwd=os.getcwd(), env=self._env, pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True,
             )

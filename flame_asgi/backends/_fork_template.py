@@ -9,7 +9,7 @@ forks a child that sets them up and runs uvicorn on that socket, and reports the
 pid, then its exit status when it reaps it. It never forks while holding a thread:
 a fork of a threaded process can deadlock.
 
-Run as ``python -m flame_asgi.backends._forkserver APP CONTROL_FD``.
+Run as ``python -m flame_asgi.backends._fork_template APP CONTROL_FD``.
 """
 
 from __future__ import annotations
