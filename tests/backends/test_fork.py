@@ -1,4 +1,4 @@
-"""The fork server (backends/_fork_parent.py, _forkserver.py) with real processes."""
+"""The fork server (backends/_fork_parent.py, _fork_template.py) with real processes."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from flame_asgi import FlamePool, ProcessBackend, RunnerLost
-from flame_asgi.backends import _fork
+from flame_asgi.backends import _fork_parent as _fork
 from flame_asgi.backends._fork_parent import ForkedProcess, ForkServer, ForkUnavailable
 from flame_asgi.backends._toolkit import BARE_APP
 from tests.conftest import child_pids, until
