@@ -14,33 +14,30 @@ import inspect
 import itertools
 import logging
 import os
-import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, TypeVarTuple, overload
 
 from flame_asgi import _telemetry
 from flame_asgi._child import ChildHandle
-from flame_asgi._connection import RemoteCall, RunnerConnection
-from flame_asgi._exceptions import BootError, CallTimeout, FlameError, PoolClosed, RunnerLost, VersionSkew
+from flame_asgi._exceptions import BootError, CallTimeout, FlameError, PoolClosed
 from flame_asgi._lease import Dispatch, FlameRunner, Placement
 from flame_asgi._options import check_options
-from flame_asgi._parent import ParentInfo, code_version, parent_address, runner_mode
+from flame_asgi._parent import runner_mode
 from flame_asgi._pickling import dumps, loads
-from flame_asgi._pool_state import Decision, PoolState
-from flame_asgi._protocol import WorkKind
+from flame_asgi._pool_scaling import BOOT_RETRY_INTERVAL, PoolScaling, _Runner
+from flame_asgi._pool_slots import PoolSlots
+from flame_asgi._pool_state import PoolState
 from flame_asgi._secret import channel_secret
 from flame_asgi._settings import MAX_PAYLOAD
 from flame_asgi._stream import RemoteStream
 from flame_asgi._transfer import forget
-from flame_asgi.backends import Backend, RunnerHandle, RunnerSpec, backend_from_env
+from flame_asgi.backends import Backend, backend_from_env
 
 log = logging.getLogger("flame_asgi.pool")
 Ts = TypeVarTuple("Ts")
 T = TypeVar("T")
 Hook = Callable[..., Any]
 WINDOW = 32  # progress events / stream items in flight per call (back-pressure)
-BOOT_RETRY_INTERVAL = 1.0
-MAX_BOOT_BACKOFF = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,14 +59,7 @@ class PoolStats:
     pid: int = dataclasses.field(default_factory=os.getpid)
 
 
-@dataclasses.dataclass
-class _Runner:
-    id: str
-    handle: RunnerHandle
-    conn: RunnerConnection
-
-
-class FlamePool:
+class FlamePool(PoolSlots, PoolScaling):
     """A pool of runners: copies of this app, booted on demand through a backend.
 
     Use it as ``async with FlamePool("name", ...) as pool`` or register it on an app with
@@ -371,296 +361,6 @@ class FlamePool:
             obs.end(exc)
             raise
         return ChildHandle(rid, remote, link, on_progress, obs)
-
-    # -- slots --------------------------------------------------------------------------
-    def refuse(self, reason: str) -> None:
-        """Never start: every call raises PoolClosed with ``reason`` (an app on trio, say)."""
-        self._refused = reason
-
-    def _ensure_running(self) -> None:
-        if self._refused is not None:
-            raise PoolClosed(f"pool {self.name!r} cannot run: {self._refused}")
-        if not self._running and not self._startable_on_use():
-            state = "closed" if self._closed else "not started"
-            raise PoolClosed(f"pool {self.name!r} is {state}: use `async with pool`, or register it "
-                             "with add_flame_pool(app, ...) and run the app's lifespan")
-
-    def _startable_on_use(self) -> bool:
-        # A pool registered on an app whose lifespan never ran it: a mounted sub-app (Starlette
-        # does not run their lifespans) or an app whose lifespan_context was replaced later.
-        # Closed pools stay closed: their app has shut down.
-        return self.app is not None and not self._closed and not self._running and self._refused is None
-
-    async def _start_on_use(self) -> None:
-        if self._starting is None:
-            log.warning(
-                "pool %r started on first use: the lifespan of its app did not start it (a mounted sub-app's "
-                "lifespan does not run, or app.router.lifespan_context was replaced after add_flame_pool). "
-                "Its runners stop when this process exits; to start and stop it with your server, register "
-                "the pool on the top-level app, or run `async with pool:` in your own lifespan.", self.name)
-            self._starting = asyncio.get_running_loop().create_task(self.start())
-        try:
-            await asyncio.shield(self._starting)
-        finally:
-            if self._starting is not None and self._starting.done():
-                self._starting = None
-
-    async def _checkout(self, wait: float | None) -> str:
-        if self._startable_on_use():
-            await self._start_on_use()
-        self._ensure_running()
-        if asyncio.get_running_loop() is not self.loop:
-            # Its runners' channels live on the loop it started in: nothing on this one
-            # would ever read their replies.
-            gone = ", which has closed" if self.loop.is_closed() else ""
-            raise PoolClosed(
-                f"pool {self.name!r} was started in another event loop{gone}; a pool serves the loop it started "
-                "in. With Starlette's TestClient, use `with TestClient(app) as client:` so the app's lifespan "
-                "starts its pools in the loop that serves the requests.")
-        fut: asyncio.Future[str | None] = self.loop.create_future()
-        rid, decision = self._state.acquire(fut, self.loop.time())
-        self._apply(decision)
-        if rid is not None:
-            return rid
-        try:
-            await asyncio.wait({fut}, timeout=wait)
-        except asyncio.CancelledError:
-            self._state.forget_waiter(fut)
-            if fut.done() and fut.exception() is None and fut.result() is not None:
-                self._release(fut.result())  # type: ignore[arg-type]
-            fut.cancel()
-            raise
-        if fut.done():
-            granted = fut.result()
-            if granted is None:
-                raise PoolClosed(f"pool {self.name!r} closed while the call was waiting for a runner")
-            return granted
-        self._state.forget_waiter(fut)
-        fut.cancel()
-        error = self._state.last_boot_error
-        if error is not None:
-            raise BootError(f"pool {self.name!r}: no runner within {wait:g} s because booting failed: "
-                            f"{error}", reason=getattr(error, "reason", str(error))) from error
-        s = self.stats()
-        raise CallTimeout(
-            f"pool {self.name!r}: no free runner slot within {wait:g} s ({len(s.runners)} runners "
-            f"busy, {s.booting} booting, max={self.max}, max_concurrency={self.max_concurrency}); "
-            "raise the timeout, max or max_concurrency")
-
-    async def _checkout_for(self, tokens: list[str], wait: float | None) -> str:
-        """``_checkout``; if no slot comes, the call's Uploads will never be pulled: forget them."""
-        try:
-            return await self._checkout(wait)
-        except BaseException:
-            forget(tokens)
-            raise
-
-    async def _start(self, rid: str, kind: WorkKind, payload: bytes, *, link: bool, progress: bool,
-                     obs: _telemetry.CallObserver, tokens: list[str], placement: Placement) -> RemoteCall:
-        """Send the work to its runner; the RemoteCall then owns the slot and the Upload tokens."""
-        obs.acquired(rid)
-        runner = self._runners.get(rid)
-        if runner is None:
-            placement.release(rid)
-            forget(tokens)
-            raise RunnerLost(f"runner {rid} went away before the call started", runner_id=rid)
-        if not link:
-            self._unlinked += 1  # every path out of conn.start calls on_finish exactly once
-        return await runner.conn.start(kind, payload, link=link, progress=progress, window=WINDOW,
-                                       on_finish=functools.partial(self._finished, rid, link, placement),
-                                       trace=obs.trace, tokens=tokens)
-
-    def _finished(self, rid: str, link: bool, placement: Placement) -> None:
-        if not link:
-            self._unlinked -= 1
-        placement.release(rid)
-
-    def _release(self, rid: str) -> None:
-        self._apply(self._state.release(rid, self.loop.time()))
-
-    # -- scaling ------------------------------------------------------------------------
-    def _apply(self, decision: Decision[asyncio.Future[str | None]]) -> None:
-        for _ in range(decision.boot):
-            self._state.boot_started()
-            boot = self._spawn(self._boot_runner(len(self._runners) + self._state.booting))
-            self._boots.add(boot)
-            boot.add_done_callback(self._boots.discard)
-        for fut, rid in decision.grants:
-            if fut.done():  # that caller gave up meanwhile: pass the slot on
-                self._release(rid)
-            else:
-                fut.set_result(rid)
-        for rid in decision.stop:
-            self._spawn(self._stop_runner(rid, "single_use" if self.single_use else "recycled"))
-
-    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
-        task: asyncio.Task[Any] = self.loop.create_task(coro)  # type: ignore[arg-type]
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    async def _boot_runner(self, count: int) -> BootError | None:
-        """Boot one runner; ``count`` is the pool's size including it, for the hooks."""
-        # Failed boots are retried at most once a second, backing off to once every 30 s
-        # while they keep failing (a missing image does not appear by itself).
-        backoff = min(MAX_BOOT_BACKOFF, BOOT_RETRY_INTERVAL * 2 ** max(0, self._boot_failures - 1))
-        delay = self._last_attempt + backoff - self.loop.time()
-        if self._state.last_boot_error is not None and delay > 0:
-            await asyncio.sleep(delay)
-        self._last_attempt = self.loop.time()
-        rid = f"{self.name}-{next(self._ids)}-{secrets.token_hex(3)}"
-        meta = {"name": self.name, "count": count, "runner_id": rid}
-        began = _telemetry.boot_started(self, rid, count)
-        stage = ["the backend was still starting it"]  # what the boot was waiting for, for the error
-        scope: asyncio.Timeout | None = None  # a hook may raise TimeoutError before it exists
-        try:
-            await _call_hook(self.on_grow_start, meta)
-            async with asyncio.timeout(self.boot_timeout) as scope:
-                runner = await self._start_runner(rid, stage)
-        except BaseException as exc:
-            error = exc
-            if isinstance(exc, TimeoutError) and scope is not None and scope.expired():
-                error = BootError(f"runner {rid} did not come up within boot_timeout={self.boot_timeout:g} s: "
-                                  f"{stage[-1]}", reason="boot timeout")
-            elif not isinstance(exc, (BootError, asyncio.CancelledError)):
-                error = BootError(f"booting runner {rid} failed: {exc!r}", reason=repr(exc))
-            decision = self._state.boot_failed(error)
-            self._boot_failures += 1
-            _telemetry.boot_ended(self, rid, began, error, len(self._runners) + self._state.booting)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            log.warning("pool %r: %s", self.name, error)
-            meta = {**meta, "count": len(self._runners) + self._state.booting}
-            await _call_hook(self.on_grow_end, error, meta, swallow=True)
-            if isinstance(error, VersionSkew):
-                # Retrying cannot fix different code: every waiting caller gets the reason now.
-                self._fail_waiters(error)
-            elif self._running:
-                self._apply(decision)
-            assert isinstance(error, BootError)  # everything but cancellation became one above
-            return error
-        self._runners[rid] = runner
-        self._boot_failures = 0
-        decision = self._state.boot_succeeded(rid, self.loop.time())
-        _telemetry.boot_ended(self, rid, began, None, len(self._runners) + self._state.booting)
-        self._apply(decision)
-        await _call_hook(self.on_grow_end, None, {**meta, "count": len(self._runners) + self._state.booting},
-                         swallow=True)
-        return None
-
-    def _fail_waiters(self, error: BaseException) -> None:
-        waiters = list(self._state.waiters)
-        self._state.waiters.clear()
-        for fut in waiters:
-            if not fut.done():
-                fut.set_exception(error)
-
-    async def _start_runner(self, rid: str, stage: list[str]) -> _Runner:
-        if self._version is None:
-            # Hashing the app's source reads files: never on the event loop, never before a boot.
-            self._version = await asyncio.to_thread(code_version, self._app_import or "")
-        info = ParentInfo(
-            pool=self.name, runner_id=rid, parent_address=parent_address(), backend=self.backend.name,
-            code_version=self._version, app=self._app_import or "",
-            failsafe_timeout=(self.boot_timeout or 60.0) + 10.0,
-            heartbeat_interval=self.backend.heartbeat_interval,
-            heartbeat_timeout=self.backend.heartbeat_timeout,
-            shutdown_timeout=self.shutdown_timeout, max_payload=self._max_payload,
-        )
-        spec = RunnerSpec(pool=self.name, runner_id=rid, info=info, app=self._app_import,
-                          boot_timeout=self.boot_timeout, secret=self._secret)
-        started = self.loop.time()
-        await self._start_backend()
-        handle = await self.backend.boot(spec)
-        stage.append(f"it was started, but the parent could not open its channel at {handle.url} (is that "
-                     "address reachable from the parent, and is the app serving there?)" if handle.url else
-                     "it was started, but its channel did not open")
-        try:
-            # What boot() used is gone: connect gets the rest, so the backend can say why
-            # it timed out before the pool's own deadline does.
-            left = None if self.boot_timeout is None else max(0.1, self.boot_timeout - (self.loop.time() - started))
-            channel = await handle.connect(left)
-            stage.append("its channel opened, but it did not answer the handshake")
-            conn = RunnerConnection(
-                rid, channel, self._secret.encode(), max_payload=self._max_payload,
-                heartbeat_interval=self.backend.heartbeat_interval,
-                heartbeat_timeout=self.backend.heartbeat_timeout,
-                describe_loss=handle.exit_reason,
-                on_lost=functools.partial(self._runner_lost, rid),
-                on_recycle=functools.partial(self._recycle, rid),
-                on_closing=functools.partial(self._runner_closing, rid),
-            )
-            await conn.handshake(self._version)
-        except BaseException:
-            await asyncio.shield(handle.stop(1.0))
-            raise
-        return _Runner(rid, handle, conn)
-
-    def _runner_closing(self, rid: str) -> None:
-        # Its channel is gone: place nothing more on it while the backend says how it ended.
-        self._state.fence(rid)
-
-    def _runner_lost(self, rid: str, reason: str, label: str) -> None:
-        runner = self._runners.pop(rid, None)
-        if runner is None:
-            return
-        log.warning("pool %r: runner %s lost: %s", self.name, rid, reason)
-        self._apply(self._state.remove(rid))
-        _telemetry.runner_stopped(self, rid, f"lost: {reason}", len(self._runners), label)
-        self._spawn(runner.handle.stop(1.0))
-        self._spawn(_call_hook(self.on_shrink, {"name": self.name, "count": len(self._runners),
-                                                "runner_id": rid, "reason": f"lost: {reason}"}, swallow=True))
-
-    def _recycle(self, rid: str, reason: str) -> None:
-        log.warning("pool %r: recycling runner %s: %s", self.name, rid, reason)
-        self._apply(self._state.retire(rid))
-
-    async def _stop_runner(self, rid: str, reason: str) -> None:
-        runner = self._runners.get(rid)
-        if runner is None or rid in self._stopping:
-            return
-        self._stopping.add(rid)
-        # Shielded: a stop that has begun completes (and reaps the process) even if the
-        # task awaiting it is cancelled.
-        await asyncio.shield(self._finish_stop(rid, runner, reason))
-
-    async def _finish_stop(self, rid: str, runner: _Runner, reason: str) -> None:
-        try:
-            await runner.conn.aclose(reason)
-            await runner.handle.stop(self.backend.stop_timeout)
-        finally:
-            # Removed only once stopped: a runner on its way out still counts against max.
-            self._runners.pop(rid, None)
-            self._stopping.discard(rid)
-            decision = self._state.remove(rid)
-            if self._running:
-                self._apply(decision)
-            _telemetry.runner_stopped(self, rid, reason, len(self._runners))
-            await _call_hook(self.on_shrink, {"name": self.name, "count": len(self._runners),
-                                              "runner_id": rid, "reason": reason}, swallow=True)
-
-    async def _reap_idle(self) -> None:
-        thresholds = [t for t in (self.idle_shutdown_after, self.min_idle_shutdown_after) if t is not None]
-        tick = max(0.02, min(1.0, min(thresholds) / 5)) if thresholds else 1.0
-        while True:
-            await asyncio.sleep(tick)
-            for rid in self._state.idle_runners(self.loop.time(), self.idle_shutdown_after,
-                                                self.min_idle_shutdown_after):
-                self._spawn(self._stop_runner(rid, "idle"))
-
-
-async def _call_hook(hook: Hook | None, *args: Any, swallow: bool = False) -> None:
-    if hook is None:
-        return
-    try:
-        result = hook(*args)
-        if inspect.isawaitable(result):
-            await result
-    except Exception:
-        if not swallow:
-            raise
-        log.exception("flame_asgi hook %r raised", hook)
-
 
 def _name(fn: Any) -> str:
     while isinstance(fn, functools.partial):

@@ -22,6 +22,7 @@ from flame_asgi._protocol import WorkKind
 
 if TYPE_CHECKING:
     from flame_asgi._pool import FlamePool
+    from flame_asgi._pool_scaling import PoolScaling
     from flame_asgi.backends._base import ExitReason
 
 Handler = Callable[[str, dict[str, Any]], object]
@@ -90,7 +91,7 @@ def pool_stopped(pool: FlamePool) -> None:
         emit("pool.stop", pool=pool.name, backend=pool.backend.name)
 
 
-def boot_started(pool: FlamePool, runner: str, count: int) -> float:
+def boot_started(pool: PoolScaling, runner: str, count: int) -> float:
     """A runner begins to boot (the pool grows); returns the time to pass to ``boot_ended``."""
     if not active():
         return 0.0
@@ -98,7 +99,7 @@ def boot_started(pool: FlamePool, runner: str, count: int) -> float:
     return time.perf_counter()
 
 
-def boot_ended(pool: FlamePool, runner: str, began: float, error: BaseException | None, count: int) -> None:
+def boot_ended(pool: PoolScaling, runner: str, began: float, error: BaseException | None, count: int) -> None:
     if not active():
         return
     duration = time.perf_counter() - began if began else None
@@ -112,7 +113,7 @@ def boot_ended(pool: FlamePool, runner: str, began: float, error: BaseException 
          duration=duration, ok=error is None, reason=reason, error=None if error is None else str(error))
 
 
-def runner_stopped(pool: FlamePool, runner: str, reason: str, count: int, label: str | None = None) -> None:
+def runner_stopped(pool: PoolScaling, runner: str, reason: str, count: int, label: str | None = None) -> None:
     """A runner left the pool: ``reason`` as the core gives it (``idle``, ``lost: …``), and for
     a lost runner its ``label`` (see ``loss_label``)."""
     if active():
