@@ -1,32 +1,32 @@
 """The showcase in a real browser: Debian's chromium driven by playwright.
 
-Chromium and playwright come from .ci/media.sh (``playwright install`` cannot download
-browsers here, so the tests launch /usr/bin/chromium).
+Chromium and playwright come from .ci/media.sh, which the ``media`` fixture (tests/conftest.py)
+runs when they are missing (``playwright install`` cannot download browsers here, so the
+tests launch /usr/bin/chromium).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.example_server import ExampleServer, make_video, requires_ffmpeg, serve_example
+from tests.conftest import CHROMIUM
+from tests.example_server import ExampleServer, make_video, serve_example
 
-CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 
-pytestmark = [pytest.mark.browser, requires_ffmpeg]
+# The first test's setup may install the tools (minutes on a fresh machine): time the tests only.
+pytestmark = [pytest.mark.browser, pytest.mark.usefixtures("media"), pytest.mark.timeout(func_only=True)]
 
 
 @pytest.fixture
 def browser() -> Iterator[Any]:
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} is missing: run .ci/media.sh (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is missing: run .ci/media.sh")
+    from playwright import sync_api  # the media fixture installs it if it is missing
+
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:

@@ -26,9 +26,11 @@ import httpx
 import pytest
 import websockets
 
-from tests.example_server import ExampleServer, free_port, make_video, requires_ffmpeg, serve_example
+from tests.example_server import ExampleServer, free_port, make_video, serve_example
 
-pytestmark = requires_ffmpeg
+# ffmpeg (and PostgreSQL) come from .ci/media.sh, which the media fixture (tests/conftest.py) runs when
+# they are missing; that may take minutes on a fresh machine, so the timeout covers the tests only.
+pytestmark = [pytest.mark.usefixtures("media"), pytest.mark.timeout(func_only=True)]
 
 
 @pytest.fixture
@@ -136,7 +138,8 @@ async def test_leaving_or_cancelling_stops_the_job_on_its_runner(server: Example
 
 
 async def test_with_database_url_the_runner_writes_to_postgresql(tmp_path: Path, postgres_url: str) -> None:
-    asyncpg = pytest.importorskip("asyncpg")
+    import asyncpg  # the dev and example extras install it
+
     with serve_example(tmp_path / "data", DATABASE_URL=postgres_url) as server:
         async with httpx.AsyncClient(base_url=server.url) as http:
             job = (await http.post("/api/jobs", data={"count": "2"})).json()
@@ -156,13 +159,12 @@ async def test_with_database_url_the_runner_writes_to_postgresql(tmp_path: Path,
 
 
 @pytest.fixture
-def postgres_url() -> Iterator[str]:
+def postgres_url(media: None) -> Iterator[str]:
     """A throwaway PostgreSQL server on a loopback high port (initdb runs as ``postgres``)."""
     # Debian keeps the server binaries off PATH, under /usr/lib/postgresql/<version>/bin.
     search = os.pathsep.join([os.environ.get("PATH", ""), *sorted(glob.glob("/usr/lib/postgresql/*/bin"))])
     initdb, postgres = shutil.which("initdb", path=search), shutil.which("postgres", path=search)
-    if initdb is None or postgres is None:
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    assert initdb is not None and postgres is not None, "PostgreSQL is missing although .ci/media.sh ran"
     try:
         user = pwd.getpwnam("postgres")
     except KeyError:
