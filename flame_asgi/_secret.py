@@ -1,7 +1,7 @@
-"""The channel key: ``FLAME_SECRET`` when set, else one random key per parent process.
+"""The parent's root key: ``FLAME_SECRET`` when set, else one random key per parent process.
 
-Runners receive it from their backend (as ``FLAME_SECRET`` in their environment). It is
-never logged, shown in a repr, or put in an error message.
+Runners never receive it: each gets only the keys derived from it for its own id
+(``_keys``). It is never logged, shown in a repr, or put in an error message.
 """
 
 from __future__ import annotations

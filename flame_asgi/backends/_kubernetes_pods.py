@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from flame_asgi._settings import SECRET
 from flame_asgi.backends._base import ExitReason, RunnerSpec
 from flame_asgi.backends._toolkit import dns_name, graceful_seconds
 
@@ -65,6 +66,8 @@ def pod_manifest(spec: RunnerSpec, parent: Mapping[str, Any], source: Mapping[st
     volumes = [v for v in pod_spec.get("volumes") or () if portable(v)]
     kept = {v["name"] for v in volumes}
     merged_env: dict[str, dict[str, Any]] = {e["name"]: e for e in source.get("env") or ()}
+    # Never the parent's root secret: set empty, so it also wins over an envFrom source.
+    merged_env[SECRET.name] = {"name": SECRET.name, "value": ""}
     merged_env.update({k: {"name": k, "value": v} for k, v in env.items()})
     secret = runner_name(spec.runner_id)
     merged_env.update({k: {"name": k, "valueFrom": {"secretKeyRef": {"name": secret, "key": k}}} for k in spec.env})

@@ -9,11 +9,14 @@ socket is rebuilt with its real family and handed to ``uvicorn.Server`` directly
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import sys
 from typing import Any
 
 import uvicorn
+
+from flame_asgi._settings import RUNNER_KEYS
 
 
 def serve(app: str, fd: int, *, log_level: str, ws_max_size: int, graceful: int) -> int:
@@ -33,7 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="warning")
     parser.add_argument("--ws-max-size", type=int, default=16 * 1024 * 1024)
     parser.add_argument("--graceful", type=int, default=5)
+    parser.add_argument("--keys-fd", type=int, default=None)
     args: Any = parser.parse_args(argv)
+    if args.keys_fd is not None:
+        # Set after exec, so never in /proc/<pid>/environ; the runner pops it as it reads it.
+        with os.fdopen(args.keys_fd, "rb") as keys:
+            os.environ[RUNNER_KEYS.name] = keys.read().decode()
     return serve(args.app, args.fd, log_level=args.log_level, ws_max_size=args.ws_max_size, graceful=args.graceful)
 
 

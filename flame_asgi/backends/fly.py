@@ -52,7 +52,7 @@ class FlyBackend(Backend):
     - ``cpu_kind``, ``cpus``, ``memory_mb``, ``gpu_kind``, ``gpus``: the guest size
       (``FLAME_FLY_CPU_KIND`` ... ``FLAME_FLY_GPUS``; default a performance-1x, 2048 MB).
     - ``env``: extra variables for runners. Runners never inherit the parent's environment;
-      they get ``FLAME_PARENT``, ``FLAME_SECRET``, ``FLAME_CODE_VERSION`` / ``FLAME_MAX_PAYLOAD``
+      they get ``FLAME_PARENT``, ``FLAME_RUNNER_KEYS``, ``FLAME_CODE_VERSION`` / ``FLAME_MAX_PAYLOAD``
       when the parent has them, ``env``, and what Fly sets itself (app secrets, ``FLY_*``).
     - ``port``: where the runner listens on its private address (8080).
     - ``cmd``: the runner's command line (``init.cmd``); default ``python -m uvicorn <app>

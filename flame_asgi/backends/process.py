@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from flame_asgi._channel import Channel
 from flame_asgi._exceptions import BootError
 from flame_asgi._runner_logs import RunnerOutput, relay_lines
+from flame_asgi._settings import RUNNER_KEYS, SECRET
 from flame_asgi.backends._base import Backend, ExitReason, RunnerHandle, RunnerSpec, connect_websocket
 from flame_asgi.backends._fork_parent import ForkedProcess, ForkServer, ForkUnavailable
 from flame_asgi.backends._toolkit import BARE_APP, graceful_seconds
@@ -64,7 +65,8 @@ class ProcessBackend(Backend):
     async def start(self) -> None:
         """Start the fork server, so runners boot as forks of a pre-imported template."""
         if self.fork and self._forkserver is None and hasattr(os, "fork"):
-            server = ForkServer(self.runner_app(), {**os.environ, **self.env, "PYTHONPATH": _pythonpath()})
+            server = ForkServer(self.runner_app(), _without_root({**os.environ, **self.env,
+                                                                  "PYTHONPATH": _pythonpath()}))
             try:
                 await server.start()
             except ForkUnavailable as exc:
@@ -93,21 +95,30 @@ class ProcessBackend(Backend):
                     return self._limited(ProcessRunnerHandle(forked, url, spec, self.stop_timeout))
                 except ForkUnavailable as exc:
                     log.warning("%s; booting a fresh interpreter", exc)
-            env = {**os.environ, **self.env, **spec.env, "PYTHONPATH": _pythonpath()}
+            # The keys go through a pipe, not the environment: an exec'd process's initial
+            # environment stays readable in /proc/<pid>/environ for its whole life.
+            env = _without_root({**os.environ, **self.env, **spec.env, "PYTHONPATH": _pythonpath()})
+            keys = env.pop(RUNNER_KEYS.name).encode()
+            keys_read, keys_write = os.pipe()
+            os.write(keys_write, keys)  # ~130 bytes: far below a pipe's buffer
+            os.close(keys_write)
             cmd = [
                 sys.executable, "-m", "flame_asgi.backends._serve", self.runner_app(), str(sock.fileno()),
                 "--log-level", self.log_level,
                 "--ws-max-size", str(spec.info.max_payload + 64 * 1024),
                 "--graceful", str(graceful),
+                "--keys-fd", str(keys_read),
             ]
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    *cmd, cwd=os.getcwd(), env=env, pass_fds=(sock.fileno(),),
+                    *cmd, cwd=os.getcwd(), env=env, pass_fds=(sock.fileno(), keys_read),
                     stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
                     start_new_session=True,
                 )
             except OSError as exc:
                 raise BootError(f"could not start {sys.executable}: {exc}", reason=str(exc)) from None
+            finally:
+                os.close(keys_read)
         finally:
             sock.close()  # the child holds its own copy now
         return self._limited(ProcessRunnerHandle(proc, url, spec, self.stop_timeout))
@@ -220,6 +231,12 @@ def describe_exit(code: int) -> ExitReason:
     if code == ForkedProcess.STATUS_LOST:  # not a SIGKILL: nobody knows how it ended
         return ExitReason("gone", "runner process is gone (its exit status was lost with the fork server)")
     return ExitReason.from_status("runner process", code)
+
+
+def _without_root(env: dict[str, str]) -> dict[str, str]:
+    """A runner's environment never carries the parent's root secret (it gets its own keys)."""
+    env.pop(SECRET.name, None)
+    return env
 
 
 def _pythonpath() -> str:

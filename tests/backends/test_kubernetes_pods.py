@@ -52,7 +52,8 @@ def test_the_runner_pod_is_the_parents_pod_made_a_runner() -> None:
     # the parent's root secret goes nowhere.
     assert env["FLAME_RUNNER_KEYS"] == {"name": "FLAME_RUNNER_KEYS", "valueFrom": {"secretKeyRef": {
         "name": "flame-pool-1-abc", "key": "FLAME_RUNNER_KEYS"}}}
-    assert "FLAME_SECRET" not in env
+    # The parent's root secret never reaches a runner: blanked, so it also wins over envFrom.
+    assert env["FLAME_SECRET"] == {"name": "FLAME_SECRET", "value": ""}
     assert container["resources"] == {"requests": {"cpu": "500m"}, "limits": {"cpu": "500m"}}
     secret = secret_manifest(spec, PARENT, "ns", labels(spec, "web-1", "b1"))
     assert secret["stringData"] == spec.env and secret["metadata"]["name"] == "flame-pool-1-abc"

@@ -560,8 +560,6 @@ async def test_a_runners_subprocesses_do_not_see_its_keys(fork: bool, monkeypatc
         assert not values_found, where
 
 
-@pytest.mark.xfail(strict=True, reason="ProcessBackend copies the parent's os.environ, FLAME_SECRET included, "
-                                       "into the fork server and every runner (process.py, start() and boot())")
 async def test_a_parents_flame_secret_does_not_reach_its_runners(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLAME_SECRET", "root-" + os.urandom(16).hex())  # as docs/security.md allows
     async with FlamePool("env-root", backend=ProcessBackend(), boot_timeout=20) as pool:
@@ -573,9 +571,7 @@ async def test_a_parents_flame_secret_does_not_reach_its_runners(monkeypatch: py
 
 @pytest.mark.parametrize("fork", [
     True,
-    pytest.param(False, marks=pytest.mark.xfail(
-        strict=True, reason="a fresh interpreter's exec-time environment block keeps FLAME_RUNNER_KEYS: "
-                            "os.environ.pop() unsets the variable, /proc/<pid>/environ still shows it")),
+    False,
 ], ids=["forked", "fresh-interpreter"])
 async def test_a_same_uid_process_does_not_find_the_keys_in_proc_environ(fork: bool) -> None:
     async with FlamePool("proc-env", backend=ProcessBackend(fork=fork), boot_timeout=20) as pool:
