@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from flame_asgi import Backend, LocalBackend, ProcessBackend
+from tests.apps import procs
 
 BackendFactory = Callable[[], Backend]
 
@@ -69,19 +70,8 @@ def backend(request: pytest.FixtureRequest) -> BackendFactory:
 
 
 def child_pids() -> set[int]:
-    me = os.getpid()
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == me:
-            found.add(int(entry))
-    return found
+    """This process's children, unreaped ones included: a zombie is a runner not reaped."""
+    return procs.child_pids(os.getpid(), zombies=True)
 
 
 @pytest.fixture(autouse=True)

@@ -13,13 +13,13 @@ def _stat(pid: int) -> list[str] | None:
         return None
 
 
-def child_pids(parent: int) -> set[int]:
-    """Live (not zombie) children of ``parent``."""
+def child_pids(parent: int, *, zombies: bool = False) -> set[int]:
+    """Children of ``parent``: live ones, and with ``zombies`` those not reaped yet too."""
     found = set()
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             fields = _stat(int(entry))
-            if fields is not None and int(fields[1]) == parent and fields[0] != "Z":
+            if fields is not None and int(fields[1]) == parent and (zombies or fields[0] != "Z"):
                 found.add(int(entry))
     return found
 

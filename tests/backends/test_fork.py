@@ -14,22 +14,12 @@ from flame_asgi import FlamePool, ProcessBackend, RunnerLost
 from flame_asgi.backends import _fork_parent as _fork
 from flame_asgi.backends._fork_parent import ForkedProcess, ForkServer, ForkUnavailable
 from flame_asgi.backends._toolkit import BARE_APP
+from tests.apps import procs
 from tests.conftest import child_pids, until
 
 
 def children_of(pid: int) -> set[int]:
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.add(int(entry))
-    return found
+    return procs.child_pids(pid, zombies=True)  # unreaped children count: reaping is what is tested
 
 
 @pytest.fixture

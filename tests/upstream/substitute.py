@@ -29,11 +29,11 @@ if __name__ != "__main__":
 
     os.environ["FLAME_UPSTREAM_SUBSTITUTE"] = os.path.dirname(os.path.abspath(__file__))
 
-    import flame_asgi  # first: binds flame_asgi.FastAPI to the original fastapi.FastAPI
-
     import fastapi
     import fastapi.applications
     import starlette.applications
+
+    import flame_asgi  # first: binds flame_asgi.FastAPI to the original fastapi.FastAPI
 
     ORIGINAL_FASTAPI = fastapi.FastAPI
     ORIGINAL_STARLETTE = starlette.applications.Starlette
@@ -68,12 +68,13 @@ if __name__ != "__main__":
     fastapi.FastAPI = fastapi.applications.FastAPI = FastAPI  # type: ignore[misc]
 
     def pytest_report_header(config: Any) -> str:
-        return (f"flame_asgi substitute: fastapi.FastAPI -> flame_asgi.FastAPI + pool 'probe'; "
-                f"Starlette.__init__ -> + add_flame_pool 'probe'")
+        return ("flame_asgi substitute: fastapi.FastAPI -> flame_asgi.FastAPI + pool 'probe'; "
+                "Starlette.__init__ -> + add_flame_pool 'probe'")
 
     def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_line(
-            f"flame_asgi substitute: built {built['FastAPI']} FastAPI and {built['Starlette']} Starlette apps with a probe pool")
+            f"flame_asgi substitute: built {built['FastAPI']} FastAPI and {built['Starlette']} Starlette apps "
+            "with a probe pool")
 
 
 def _outcomes(path: str) -> dict[str, str]:
