@@ -130,7 +130,7 @@ def _payload(raw: P) -> P:
 
 
 def targets(m: P) -> list[P]:
-    """The BRIEF's section 5 targets, each met (True), not met (False) or unknown (None)."""
+    """The performance targets (docs/performance.md), each met (True), not met (False) or unknown (None)."""
     pool = get(m, "throughput", "ours", "best_pool")
     burst = m["burst"]["ours"]
     return [
