@@ -24,6 +24,7 @@ from flame_asgi._parent import code_version
 from flame_asgi.backends import RunnerSpec
 from flame_asgi.backends.process import ProcessRunnerHandle
 from tests import remote
+from tests.knock import knock
 
 SECRET = "test-secret-" + "x" * 20
 
@@ -159,21 +160,7 @@ async def runner(tmp_path: pathlib.Path) -> AsyncIterator[tuple[str, ProcessRunn
 
 
 async def _session(url: str, frames: list[bytes], token: str | None = None) -> str:
-    """Send frames on a fresh connection (its upgrade carrying ``token``, if any); return
-    how the runner answered (or closed)."""
-    headers = {AUTH_HEADER: token} if token is not None else {}
-    try:
-        ws = await connect(url.replace("http", "ws") + "/_flame/ws", compression=None, additional_headers=headers)
-    except websockets.InvalidStatus as exc:
-        return f"refused {exc.response.status_code}"
-    async with ws:
-        for frame in frames:
-            await ws.send(frame)
-        try:
-            reply = await asyncio.wait_for(ws.recv(), 3)
-            return f"reply {len(reply)} bytes"
-        except websockets.ConnectionClosed as exc:
-            return f"closed {exc.rcvd.code if exc.rcvd else ''}"
+    return await knock(url, frames, token)
 
 
 async def test_runner_refuses_unsigned_forged_and_expired_hellos(runner: tuple[str, ProcessRunnerHandle],

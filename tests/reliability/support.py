@@ -57,16 +57,26 @@ def active(pool: FlamePool) -> int:
     return sum(r.active for r in pool.stats().runners)
 
 
-def _tcp_sockets(pid: int) -> list[tuple[str, tuple[str, int], tuple[str, int]]]:
-    """(state, local, remote) of every TCP socket process ``pid`` holds open."""
+def socket_inodes(pid: int) -> set[str]:
+    """The inodes of the sockets process ``pid`` holds open (none once it is gone)."""
     inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return inodes
+    for fd in fds:
         try:
             target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
             continue
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
+    return inodes
+
+
+def _tcp_sockets(pid: int) -> list[tuple[str, tuple[str, int], tuple[str, int]]]:
+    """(state, local, remote) of every TCP socket process ``pid`` holds open."""
+    inodes = socket_inodes(pid)
     found = []
     for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
         with open(f"/proc/{pid}/net/{table}") as f:

@@ -27,8 +27,6 @@ from typing import Any
 
 import httpx
 import pytest
-import websockets
-from websockets.asyncio.client import connect
 
 from flame_asgi import FlamePool, ProcessBackend
 from flame_asgi._codec import FrameKey, FrameSealer
@@ -36,8 +34,10 @@ from flame_asgi._keys import AUTH_HEADER, RunnerKeys
 from flame_asgi._secret import channel_secret
 from flame_asgi.backends import RunnerSpec
 from flame_asgi.backends.process import ProcessRunnerHandle
+from tests.apps.procs import descendants
+from tests.knock import knock
 from tests.reliability import work
-from tests.reliability.support import booted, in_flight, until
+from tests.reliability.support import booted, in_flight, socket_inodes, until
 
 MiB = 1024 * 1024
 
@@ -144,34 +144,7 @@ def _listening_on_loopback() -> set[tuple[int, str]]:
 
 def _socket_inodes_of_this_process_tree() -> set[str]:
     """The socket inodes held by this process and its descendants (runners, the fork server)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    pids, todo = set(), [os.getpid()]
-    while todo:
-        pid = todo.pop()
-        pids.add(pid)
-        todo.extend(children.get(pid, ()))
-    inodes = set()
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
-    return inodes
+    return set().union(*(socket_inodes(pid) for pid in {os.getpid(), *descendants(os.getpid())}))
 
 
 RACER_STAYS = 0.3  # seconds a racer let in would stay; the test's calls last longer
@@ -586,20 +559,7 @@ async def test_a_same_uid_process_does_not_find_the_keys_in_proc_environ(fork: b
 # == 5. one runner's keys on another runner ======================================================================
 async def _door(url: str, token: str, frames: list[bytes]) -> str:
     """Knock with ``token``, send ``frames``; how the runner answered."""
-    ws_url = url.replace("http://", "ws://") + "/_flame/ws"
-    try:
-        ws = await connect(ws_url, additional_headers={AUTH_HEADER: token}, compression=None, proxy=None,
-                           open_timeout=10)
-    except websockets.InvalidStatus as exc:
-        return f"refused {exc.response.status_code}"
-    async with ws:
-        for frame in frames:
-            await ws.send(frame)
-        try:
-            reply = await asyncio.wait_for(ws.recv(), 5)
-            return f"answered {len(reply)} bytes"
-        except websockets.ConnectionClosed as exc:
-            return f"closed {exc.rcvd.code if exc.rcvd else ''}"
+    return await knock(url, frames, token, wait=5)
 
 
 @pytest.fixture
