@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import shutil
 import signal
 import socket
 import sqlite3
@@ -17,15 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-
-requires_ffmpeg = pytest.mark.skipif(
-    shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None,
-    reason="ffmpeg is not installed: run .ci/media.sh (apt-get install ffmpeg)",
-)
-
 
 @dataclasses.dataclass
 class ExampleServer:
