@@ -1,0 +1,149 @@
+"""flame_asgi.pool_view: the live pool page, mounted in a FastAPI and in a plain Starlette app
+(tests/pool_view_apps.py) served by uvicorn, read over its WebSocket and in Debian's chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+from tests.conftest import CHROMIUM
+from tests.pool_view_apps import TOKEN
+from tests.servers import serve
+
+APPS = ["tests.pool_view_apps:fastapi_app", "tests.pool_view_apps:starlette_app"]
+
+
+@pytest.fixture(params=APPS, ids=["fastapi", "starlette"])
+def served(request: pytest.FixtureRequest) -> Iterator[tuple[str, set[int]]]:
+    with serve(request.param, probe="/ping") as (url, _proc, watched):
+        yield url, watched
+
+
+def snapshots(url: str, **headers: str) -> Iterator[dict[str, Any]]:
+    with connect(url.replace("http", "ws", 1) + "/pools/ws", additional_headers=headers, open_timeout=10) as ws:
+        while True:
+            yield json.loads(ws.recv(timeout=10))
+
+
+def first(url: str, predicate: Any, what: str, **headers: str) -> dict[str, Any]:
+    """The first pushed snapshot of pool ``work`` that satisfies ``predicate``."""
+    deadline = time.monotonic() + 30
+    for snap in snapshots(url, **headers):
+        (pool,) = snap["pools"]
+        if predicate(pool):
+            return pool
+        assert time.monotonic() < deadline, f"no snapshot showed {what}; the last: {pool}"
+    raise AssertionError("unreachable")
+
+
+def test_importing_the_view_costs_nothing_until_one_is_created() -> None:
+    code = ("from flame_asgi import _telemetry\nimport flame_asgi.pool_view as v\n"
+            "assert not _telemetry.active(), 'importing subscribed'\n"
+            "v.pool_view(dependencies=[])\nassert _telemetry.active(), 'a view records events'\nprint('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "ok", done.stderr
+
+
+def test_dependencies_are_required_and_must_be_depends() -> None:
+    from flame_asgi.pool_view import pool_view
+
+    with pytest.raises(TypeError, match="dependencies"):
+        pool_view()  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match=r"Depends\(your_check\)"):
+        pool_view(dependencies=[lambda: None])  # type: ignore[list-item]
+
+
+def test_the_guard_refuses_the_page_and_the_websocket(served: tuple[str, set[int]]) -> None:
+    url, _ = served
+    refused = httpx.get(url + "/pools/", timeout=10)
+    assert refused.status_code == 403 and refused.json() == {"detail": "operators only"}
+    with pytest.raises(InvalidStatus) as denied:
+        next(snapshots(url))
+    assert denied.value.response.status_code == 403
+    page = httpx.get(url + "/pools/", params={"token": TOKEN}, timeout=10)
+    assert page.status_code == 200 and "flame_asgi pools" in page.text
+    assert page.headers["cache-control"] == "no-store" and page.headers["referrer-policy"] == "no-referrer"
+    (pool,) = next(snapshots(url, Authorization=f"Bearer {TOKEN}"))["pools"]
+    assert pool["name"] == "work" and pool["backend"] == "process" and pool["running"]
+    assert (pool["runners"], pool["max"], pool["capacity"]) == ([], 2, 2)
+
+
+def test_boots_calls_failures_and_losses_are_pushed(served: tuple[str, set[int]]) -> None:
+    url, watched = served
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    pid = httpx.get(url + "/pid", timeout=30).json()["pid"]
+    watched.add(pid)
+    assert httpx.get(url + "/refuse", timeout=30).status_code == 500
+    pool = first(url, lambda p: p["calls_total"] == 2 and p["failures"], "two calls and a failure", **auth)
+    (runner,) = pool["runners"]
+    assert runner["state"] == "idle" and runner["active"] == 0 and runner["url"].startswith("http://127.0.0.1:")
+    assert runner["boot_time"] > 0 and pool["boot_times"] == [runner["boot_time"]]
+    assert pool["history"][-1][1:3] == [1, 0]  # one runner, none booting
+    (failure,) = pool["failures"]
+    assert (failure["what"], failure["reason"], failure["runner"]) == ("call error", "ValueError", runner["id"])
+
+    # Busy while a call runs on it: two slots, one in use.
+    busy = threading.Thread(target=httpx.get, args=(url + "/pid",), kwargs={"params": {"nap": "2"}, "timeout": 30})
+    busy.start()
+    try:
+        pool = first(url, lambda p: p["slots_used"] == 1, "a busy runner", **auth)
+        assert pool["runners"][0]["state"] == "busy" and pool["slots"] == 2
+    finally:
+        busy.join()
+
+    os.kill(pid, signal.SIGKILL)
+    pool = first(url, lambda p: not p["runners"], "the killed runner gone", **auth)
+    lost = pool["failures"][0]
+    assert (lost["what"], lost["reason"], lost["runner"]) == ("runner lost", "crash", runner["id"])
+    assert "SIGKILL" in lost["detail"]
+
+
+@pytest.mark.browser
+@pytest.mark.usefixtures("media")
+@pytest.mark.timeout(60, func_only=True)
+def test_in_chromium_a_runner_appears_and_its_crash_shows_with_the_reason(served: tuple[str, set[int]]) -> None:
+    from playwright import sync_api
+
+    url, watched = served
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(f"{url}/pools/?token={TOKEN}")
+            page.locator("#conn[data-state=live]").wait_for(timeout=15_000)
+            pool = page.locator("section.pool[data-pool=work]")
+            pool.get_by_text("No runners: scaled to zero.").wait_for(timeout=15_000)
+
+            # Nothing reloads the page: every change below arrives over its WebSocket.
+            pid = httpx.get(url + "/pid", timeout=30).json()["pid"]
+            watched.add(pid)
+            row = pool.locator("tr.runner[data-state=idle]")
+            row.wait_for(timeout=15_000)
+            runner_id = row.get_attribute("data-runner")
+            assert runner_id and runner_id.startswith("work-")
+            assert pool.locator(".tile[data-key=runners] b").inner_text() == "1 / 2"
+            assert pool.locator("svg.chart path").count() >= 4
+
+            os.kill(pid, signal.SIGKILL)
+            failure = pool.locator("li.failure[data-reason=crash]")
+            failure.wait_for(timeout=15_000)
+            text = failure.inner_text()
+            assert "runner lost" in text and runner_id in text and "SIGKILL" in text
+            pool.get_by_text("No runners: scaled to zero.").wait_for(timeout=15_000)
+            assert errors == []
+        finally:
+            browser.close()
