@@ -98,7 +98,7 @@ class Database:
             s.add(job)
 
     async def claim_job(self, job_id: str) -> Job | None:
-        """pending → running, once: a second WebSocket for the same job gets ``None``."""
+        """pending → running, once: a job is started by one task only."""
         async with self.session.begin() as s:
             claimed = await s.execute(
                 update(Job).where(Job.id == job_id, Job.status == "pending").values(status="running"))
@@ -106,11 +106,15 @@ class Database:
                 return None
             return await s.get(Job, job_id)
 
-    async def fail_job(self, job_id: str, error: str) -> None:
-        """Record a failure the runner could not (it never started, or died): if still running."""
+    async def settle_job(self, job_id: str, status: str, error: str | None = None) -> None:
+        """End a job the runner could not (it never started, died, or was cut off): if not ended yet."""
         async with self.session.begin() as s:
-            await s.execute(update(Job).where(Job.id == job_id, Job.status == "running")
-                            .values(status="failed", error=error[:2000], finished_at=_now()))
+            await s.execute(update(Job).where(Job.id == job_id, Job.status.in_(("pending", "running")))
+                            .values(status=status, error=error and error[:2000], finished_at=_now()))
+
+    async def job(self, job_id: str) -> Job | None:
+        async with self.session() as s:
+            return await s.scalar(select(Job).options(selectinload(Job.thumbnails)).where(Job.id == job_id))
 
     async def recent_jobs(self, limit: int = 20) -> Sequence[Job]:
         async with self.session() as s:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import tempfile
 import time
@@ -22,6 +23,7 @@ from example_app.db import Thumbnail, database, thumbnail_json
 from example_app.tracing import span
 from flame_asgi import parent, report
 
+log = logging.getLogger("example_app.thumbs")
 THUMB_WIDTH = 320
 SAMPLE = "testsrc2=duration=10:size=640x360:rate=25"  # what "use a generated sample" makes
 
@@ -44,9 +46,9 @@ async def make_thumbnails(job_id: str, video: str | None, count: int) -> dict[st
                 await report({"stage": "generating a sample video", "runner": runner_id})
                 video = await make_sample(Path(tmp) / "sample.mp4")
             elif not os.path.exists(video):
-                raise FileNotFoundError(
-                    f"{video} is not on this runner: uploads are shared through DATA_DIR, which "
-                    "runners on other machines must mount (see docs/tutorial.md)")
+                log.warning("job %s: %s is not on runner %s", job_id, video, runner_id)
+                raise JobFailed("the upload is not on the runner: runners on other machines must mount the "
+                                "web process's DATA_DIR (see the tutorial)")
             probe = await probe_video(video)
             await db.start_job(job_id, runner_id, probe.duration)
             await report({"started": {"runner": runner_id, "duration": probe.duration, "total": count}})
@@ -57,15 +59,20 @@ async def make_thumbnails(job_id: str, video: str | None, count: int) -> dict[st
                 row = await db.add_thumbnail(Thumbnail(
                     job_id=job_id, index=index, timestamp=timestamp, width=width, height=height,
                     size=len(jpeg), image=jpeg))
-                # Awaited: if the browser is slow, the runner waits instead of piling up events.
+                # Awaited: if the web process is slow, the runner waits instead of piling up events.
                 await report({"thumbnail": thumbnail_json(row), "index": index, "total": count})
-    except asyncio.CancelledError:  # the browser left or pressed Cancel
+    except asyncio.CancelledError:  # Cancel was pressed, or the web process is shutting down
         # Shielded: a second cancellation (a runner shutting down) must not lose the status.
         await asyncio.shield(db.finish_job(job_id, "cancelled"))
         raise
     except Exception as exc:
-        await db.finish_job(job_id, "failed", f"{type(exc).__name__}: {exc}")
-        raise
+        # The full story (paths, ffmpeg's output) goes to the log, which a ProcessBackend
+        # runner forwards to the web process; the page gets a sentence without them.
+        log.warning("job %s failed on runner %s: %s: %s", job_id, runner_id, type(exc).__name__, exc)
+        failure = exc if isinstance(exc, JobFailed) else JobFailed(
+            f"the runner could not make the thumbnails ({type(exc).__name__}); the server log has the details")
+        await db.finish_job(job_id, "failed", str(failure))
+        raise failure from None
     finally:
         if upload is not None:
             with contextlib.suppress(OSError):
@@ -73,6 +80,10 @@ async def make_thumbnails(job_id: str, video: str | None, count: int) -> dict[st
     await db.finish_job(job_id, "done")
     return {"job_id": job_id, "thumbnails": count, "runner": runner_id, "pid": os.getpid(),
             "seconds": round(time.monotonic() - started, 3)}
+
+
+class JobFailed(Exception):
+    """A job's failure in words fit for the browser: no paths, addresses or tool output."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,26 +98,34 @@ class Probe:
 
 
 async def probe_video(path: str) -> Probe:
-    out = await run("ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
-                    "stream=width,height,duration:format=duration", "-of", "json", path)
+    try:
+        out = await run("ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
+                        "stream=width,height,duration:format=duration", "-of", "json", path)
+    except ToolFailed as exc:
+        log.warning("ffprobe %s: %s", path, exc)
+        raise JobFailed("the file is not a video ffmpeg can read") from None
     data = json.loads(out)
     if not data.get("streams"):
-        raise ValueError("no video stream found: is this a video file?")
+        raise JobFailed("the file has no video stream ffmpeg can read")
     stream = data["streams"][0]
     duration = stream.get("duration") or data.get("format", {}).get("duration")
     if not duration or float(duration) <= 0:
-        raise ValueError("ffprobe could not read the video's duration")
+        raise JobFailed("ffmpeg could not read the video's duration")
     return Probe(float(duration), int(stream["width"]), int(stream["height"]))
 
 
 async def grab_frame(path: str, timestamp: float, width: int, height: int) -> bytes:
     """One JPEG frame at ``timestamp`` (seeking before ``-i`` makes this quick)."""
     with span("ffmpeg frame", timestamp=timestamp):
-        jpeg = await run("ffmpeg", "-nostdin", "-v", "error", "-ss", f"{timestamp:.3f}", "-i", path,
-                         "-frames:v", "1", "-vf", f"scale={width}:{height}", "-q:v", "4",
-                         "-f", "image2pipe", "-c:v", "mjpeg", "pipe:1")
+        try:
+            jpeg, said = await run_tool("ffmpeg", "-nostdin", "-v", "error", "-ss", f"{timestamp:.3f}", "-i", path,
+                                        "-frames:v", "1", "-vf", f"scale={width}:{height}", "-q:v", "4",
+                                        "-f", "image2pipe", "-c:v", "mjpeg", "pipe:1")
+        except ToolFailed as exc:
+            jpeg, said = b"", str(exc)
     if not jpeg:
-        raise RuntimeError(f"ffmpeg found no frame at {timestamp:.3f} s")
+        log.warning("ffmpeg found no frame at %.3f s of %s: %s", timestamp, path, said[-500:] or "(it said nothing)")
+        raise JobFailed(f"ffmpeg could not read a frame at {timestamp:.1f} s: the video may be damaged or cut short")
     return jpeg
 
 
@@ -118,6 +137,12 @@ async def make_sample(path: Path) -> str:
 
 async def run(*cmd: str) -> bytes:
     """Run a command, return its stdout; kill it if the work is cancelled meanwhile."""
+    out, _ = await run_tool(*cmd)
+    return out
+
+
+async def run_tool(*cmd: str) -> tuple[bytes, str]:
+    """``run``, also returning what the tool wrote on stderr (for the log: never for a page)."""
     proc = await asyncio.create_subprocess_exec(
         *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
@@ -126,6 +151,11 @@ async def run(*cmd: str) -> bytes:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+    said = err.decode(errors="replace").strip()
     if proc.returncode != 0:
-        raise RuntimeError(f"{cmd[0]} failed (exit {proc.returncode}): {err.decode(errors='replace').strip()[-500:]}")
-    return out
+        raise ToolFailed(f"{cmd[0]} failed (exit {proc.returncode}): {said[-500:]}")
+    return out, said
+
+
+class ToolFailed(RuntimeError):
+    """ffmpeg or ffprobe exited with an error: its message holds the tool's own output (log it only)."""

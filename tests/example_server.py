@@ -80,8 +80,19 @@ def serve_example(data_dir: Path, **env: str) -> Iterator[ExampleServer]:
         raise AssertionError(f"the example app logged an error:\n{log.read_text()}")
 
 
-def make_video(path: Path, seconds: int = 5, size: str = "320x240") -> Path:
+def make_video(path: Path, seconds: int = 5, size: str = "320x240", *, cut: float | None = None) -> Path:
+    """A test-pattern MP4; ``cut``: keep only that fraction of its bytes (its index is at the
+    front, so ffprobe still reads it, but frames past the cut are gone)."""
     subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-f", "lavfi",
-                    "-i", f"testsrc=duration={seconds}:size={size}:rate=10", "-pix_fmt", "yuv420p", "-y", str(path)],
-                   check=True)
+                    "-i", f"testsrc=duration={seconds}:size={size}:rate=10", "-pix_fmt", "yuv420p",
+                    "-movflags", "+faststart", "-y", str(path)], check=True)
+    if cut is not None:
+        data = path.read_bytes()
+        path.write_bytes(data[: int(len(data) * cut)])
     return path
+
+
+def uploads(server: ExampleServer) -> list[Path]:
+    """What is left in the app's upload folder."""
+    folder = server.data_dir / "uploads"
+    return sorted(folder.iterdir()) if folder.exists() else []

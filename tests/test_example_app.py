@@ -26,7 +26,7 @@ import httpx
 import pytest
 import websockets
 
-from tests.example_server import ExampleServer, free_port, make_video, serve_example
+from tests.example_server import ExampleServer, free_port, make_video, serve_example, uploads
 
 # ffmpeg (and PostgreSQL) come from .ci/media.sh, which the media fixture (tests/conftest.py) runs when
 # they are missing; that may take minutes on a fresh machine, so the timeout covers the tests only.
@@ -39,15 +39,25 @@ def server(tmp_path: Path) -> Iterator[ExampleServer]:
         yield served
 
 
+FINAL = ("result", "error", "cancelled")
+
+
 async def follow(server: ExampleServer, live: str, *, stop_after: int | None = None) -> list[dict[str, Any]]:
-    """The messages of a job's WebSocket, up to its result or error (or ``stop_after`` messages)."""
+    """The messages of a job's WebSocket, up to its final one (or ``stop_after`` messages)."""
     messages: list[dict[str, Any]] = []
     async with asyncio.timeout(60), websockets.connect(server.url.replace("http", "ws", 1) + live) as ws:
         async for raw in ws:
             messages.append(json.loads(raw))
-            if "result" in messages[-1] or "error" in messages[-1] or len(messages) == stop_after:
+            if any(k in messages[-1] for k in FINAL) or len(messages) == stop_after:
                 break
     return messages
+
+
+async def until_status(server: ExampleServer, job_id: str, status: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while server.sqlite("SELECT status FROM jobs WHERE id = ?", job_id) != [(status,)]:
+        assert time.monotonic() < deadline, f"job {job_id} is not {status}: {server.sqlite('SELECT * FROM jobs')}"
+        await asyncio.sleep(0.05)
 
 
 async def test_an_uploaded_video_becomes_thumbnails_the_runner_writes_to_sqlite(
@@ -94,9 +104,62 @@ async def test_an_uploaded_video_becomes_thumbnails_the_runner_writes_to_sqlite(
         assert (await http.get(runner["url"] + "/")).status_code == 404
         assert (await http.get(runner["url"] + "/_flame/health")).json()["runner_id"] == runner["id"]
 
-        # A job runs once: a second WebSocket for it is told so.
+        # A page that attaches later gets the same story, read back from the database.
         again = await follow(server, job["live"])
-        assert again == [{"error": {"type": "NotFound", "message": f"no pending job {job['id']}"}}]
+        assert again[:-1] == messages[:-1]
+        assert again[-1]["result"]["thumbnails"] == 5 and again[-1]["result"]["runner"] == result["runner"]
+        assert server.sqlite("SELECT count(*) FROM jobs") == [(1,)]  # attaching starts nothing
+
+
+@pytest.mark.parametrize("content", [b"just some text, renamed\n", b""], ids=["text-renamed-mp4", "empty"])
+async def test_an_upload_that_is_not_a_video_is_refused_before_anything_boots(
+        server: ExampleServer, content: bytes) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        refused = await http.post("/api/jobs", data={"count": "3"},
+                                  files={"file": ("holiday.mp4", content, "video/mp4")})
+        assert refused.status_code == 422
+        detail = refused.json()["detail"]
+        assert detail.startswith("'holiday.mp4' is ") and ("not a video" if content else "empty") in detail
+        assert "/" not in detail.replace("'holiday.mp4'", "")  # no server path
+        stats = (await http.get("/api/stats")).json()
+    assert (stats["runners"], stats["booting"]) == ([], 0)
+    assert server.sqlite("SELECT count(*) FROM jobs") == [(0,)]
+    assert uploads(server) == []
+    if content:  # what ffprobe said is in the log, not in the answer
+        assert "upload 'holiday.mp4' refused: ffprobe" in server.log.read_text()
+
+
+async def test_a_job_uploaded_with_curl_runs_without_a_page(server: ExampleServer, tmp_path: Path) -> None:
+    video = make_video(tmp_path / "clip.mp4", seconds=3)
+    done = subprocess.run(["curl", "-sS", "-F", f"file=@{video}", "-F", "count=2", f"{server.url}/api/jobs"],
+                          capture_output=True, text=True, timeout=30, check=True)
+    job = json.loads(done.stdout)
+    await until_status(server, job["id"], "done")  # nobody opened its WebSocket
+    assert server.sqlite("SELECT count(*) FROM thumbnails WHERE job_id = ?", job["id"]) == [(2,)]
+    assert uploads(server) == []
+
+
+async def test_a_failure_reaches_the_page_without_paths_addresses_or_tool_output(
+        server: ExampleServer, tmp_path: Path) -> None:
+    # ffprobe reads the index at its front, so it is accepted; the frames past the cut are gone.
+    video = make_video(tmp_path / "cut.mp4", seconds=5, cut=0.3)
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        created = await http.post("/api/jobs", data={"count": "3"},
+                                  files={"file": ("cut.mp4", video.read_bytes(), "video/mp4")})
+        assert created.status_code == 201
+        job = created.json()
+        messages = await follow(server, job["live"])
+        listed = {j["id"]: j for j in (await http.get("/api/jobs")).json()}[job["id"]]
+    error = messages[-1]["error"]
+    assert error["message"].startswith("ffmpeg could not read a frame at ")
+    assert listed["status"] == "failed" and listed["error"] == error["message"]
+    for shown in (error["message"], listed["error"]):
+        assert not re.search(r"/\w|0x[0-9a-f]{4}|NAL|Traceback", shown), shown
+    # The full story is in the server's log: the upload's path and what ffmpeg said.
+    log = server.log.read_text()
+    assert f"job {job['id']} failed on runner thumbs-" in log
+    assert str(server.data_dir / "uploads" / job["id"]) in log and "ffmpeg" in log
+    assert uploads(server) == []
 
 
 async def test_a_sample_is_generated_on_the_runner(server: ExampleServer) -> None:
@@ -111,27 +174,34 @@ async def test_a_sample_is_generated_on_the_runner(server: ExampleServer) -> Non
     assert server.sqlite("SELECT filename, status FROM jobs") == [("generated sample (testsrc2)", "done")]
 
 
-@pytest.mark.parametrize("how", ["leave", "cancel"])
-async def test_leaving_or_cancelling_stops_the_job_on_its_runner(server: ExampleServer, how: str) -> None:
+async def test_leaving_the_page_leaves_the_job_running_and_a_new_page_catches_up(server: ExampleServer) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        job = (await http.post("/api/jobs", data={"count": "12"})).json()
+    first = await follow(server, job["live"], stop_after=3)  # the stage, the start, one thumbnail: then leave
+    assert "thumbnail" in first[-1]["event"]
+    again = await follow(server, job["live"])  # the reloaded page: everything so far, then live
+    assert again[:3] == first
+    assert [m["event"]["index"] for m in again[2:-1]] == list(range(12))
+    assert again[-1]["result"]["thumbnails"] == 12
+    assert server.sqlite("SELECT status FROM jobs WHERE id = ?", job["id"]) == [("done",)]
+
+
+async def test_cancel_stops_the_job_on_its_runner(server: ExampleServer) -> None:
     async with httpx.AsyncClient(base_url=server.url) as http:
         job = (await http.post("/api/jobs", data={"count": "60"})).json()
         url = server.url.replace("http", "ws", 1) + job["live"]
         async with asyncio.timeout(60), websockets.connect(url) as ws:
             while "thumbnail" not in json.loads(await ws.recv()).get("event", {}):
                 pass
-            if how == "cancel":  # what the page's Cancel button sends
-                await ws.send("cancel")
-                rest = [json.loads(m) async for m in ws]  # the server closes the socket
-                assert all("event" in m for m in rest) and ws.close_code == 1000
-            # else: leave the page, closing the socket
-
-        deadline = time.monotonic() + 20
-        while server.sqlite("SELECT status FROM jobs WHERE id = ?", job["id"]) != [("cancelled",)]:
-            assert time.monotonic() < deadline, "the job was not cancelled"
-            await asyncio.sleep(0.05)
+            await ws.send("cancel")  # what the page's Cancel button sends
+            rest = [json.loads(m) async for m in ws]  # the server closes the socket
+        assert rest[-1] == {"cancelled": True} and all("event" in m for m in rest[:-1])
+        assert ws.close_code == 1000
+        await until_status(server, job["id"], "cancelled")
         (made,) = server.sqlite("SELECT count(*) FROM thumbnails WHERE job_id = ?", job["id"])[0]
         assert 1 <= made < 60
         # Its slot is free again: the runner has stopped the child.
+        deadline = time.monotonic() + 20
         while (await http.get("/api/stats")).json()["runners"][0]["active"]:
             assert time.monotonic() < deadline, "the cancelled child still holds its slot"
             await asyncio.sleep(0.05)
