@@ -28,6 +28,10 @@ class Config:
     burst_rounds: int = 3
     memory_runners: int = 4
     memory_queued: int = 1000
+    stream_mb: int = 200  # Upload / RemoteBytes size, each way
+    stream_rounds: int = 3
+    pool_sim_waiters: int = 1_000_000  # callers queued in the bookkeeping simulation
+    pool_sim_ops: int = 20_000  # timed decisions of each kind, per round and size
     peer_timeout: float = 300.0  # seconds for one peer's whole subprocess
     total_budget_s: float | None = None  # peers share what is left of it (``--quick``)
 
@@ -46,6 +50,10 @@ class Config:
             peer_payload_rounds=(3, 2, 1),
             scaleout_rounds=2,
             burst_rounds=1,
+            stream_mb=100,
+            stream_rounds=2,
+            pool_sim_waiters=100_000,
+            pool_sim_ops=5_000,
             peer_timeout=50.0,
             total_budget_s=110.0,
         )

@@ -1,4 +1,5 @@
-"""The report as Markdown: one table of figures beside the peers and floors, one of targets."""
+"""The report as Markdown: one table of figures beside the peers and floors, one of targets
+(each met, not met, or not measured with the reason), and the bookkeeping simulation's."""
 
 from __future__ import annotations
 
@@ -24,15 +25,32 @@ def times(value: Any) -> str:
     return f"{value:.2f}x" if isinstance(value, (int, float)) else "n/a"
 
 
-def reason(d: Any) -> str:
-    text = str(get(d, "reason") or "").replace("|", "/").replace("\n", " ")
+def reason(d: Any, key: str = "reason") -> str:
+    text = str(get(d, key) or "").replace("|", "/").replace("\n", " ")
     return text if len(text) < 160 else text[:157] + "..."
+
+
+def figure(goal: P) -> str:
+    """A target's measured figure with its unit, or "not measured"."""
+    if goal["value"] is None:
+        return "not measured"
+    return cell(goal, "value", unit=goal["unit"], digits=2 if goal["unit"] == "x" else (0 if goal["value"] >= 100
+                                                                                        else 1))
+
+
+def verdict(goal: P) -> str:
+    """``measured (threshold) met / not met``, or ``not measured (why)``."""
+    bound = ("<=" if goal["lower_is_better"] else ">=") + f" {goal['threshold']:g} {goal['unit']}"
+    if goal["met"] is None:
+        return f"not measured ({goal['why']}); threshold {bound}"
+    return f"{figure(goal)} (threshold {bound}): {'met' if goal['met'] else 'not met'}"
 
 
 def render(report: P) -> str:
     m, meta = report["measurements"], report["meta"]
     rows = [*_warm(m["warm_call"]), *_throughput(m["throughput"]), *_cold(m["cold"]), *_scale(m["scale_out"]),
-            *_payload(m["payload"]), *_burst_memory(m["burst"]["ours"], m["memory"]["ours"])]
+            *_payload(m["payload"]), *_docker(m["docker"]["ours"]), *_streams(m["streams"]["ours"]),
+            *_burst_memory(m["burst"]["ours"], m["memory"]["ours"])]
     peers = m["warm_call"]["peers"]
     lines = [
         f"Run {meta['timestamp']} ({'--quick' if meta['quick'] else 'full'}), {meta['cpus']} CPUs, "
@@ -44,11 +62,14 @@ def render(report: P) -> str:
         "| --- | --- | --- | --- | --- | --- |",
         *("| " + " | ".join(row) + " |" for row in rows),
         "",
-        "| target | measured | met |",
-        "| --- | --- | --- |",
-        *(f"| {g['target']} | {cell(g, 'value', unit=g['unit'], digits=2 if g['unit'] == 'x' else 0)} "
-          f"({g['how']}) | {'yes' if g['met'] else ('unknown' if g['met'] is None else 'no')} |"
+        "| target | measured | threshold | met |",
+        "| --- | --- | --- | --- |",
+        *(f"| {g['target']} | {figure(g)} ({g['how'] if g['met'] is not None else reason(g, 'why')}) | "
+          f"{'≤' if g['lower_is_better'] else '≥'} {g['threshold']:g} {g['unit']} | "
+          f"{'not measured' if g['met'] is None else ('met' if g['met'] else 'not met')} |"
           for g in report["targets"]),
+        "",
+        *_bookkeeping(m["pool_bookkeeping"]["ours"]),
     ]
     unavailable = [(name, d) for name, d in _parts(m) if isinstance(d, dict) and d.get("available") is False]
     if unavailable:
@@ -130,6 +151,49 @@ def _payload(p: P) -> list[Row]:
              cell(p["peers"]["ray"], size, "mb_per_s", unit="MB/s"),
              cell(p["peers"]["dask"], size, "mb_per_s", unit="MB/s"), "",
              f"ours/Ray {times(p['ratios'].get(f'{size}_ours_over_ray'))}") for size in p["ours"]]
+
+
+def _docker(d: P) -> list[Row]:
+    if d.get("available") is False:
+        return [("DockerBackend: cold call, 100 MB round trip", "unavailable", "", "", "", "")]
+    return [
+        ("DockerBackend: cold call (pool min=0) to result", cell(d, "cold_call", "best_ms", unit="ms"), "", "",
+         "`docker run` of the same image to first response "
+         f"{cell(d, 'docker_run_first_response', 'best_ms', unit='ms')}",
+         f"ours/docker run {times(get(d, 'ratios', 'cold_call_over_docker_run'))}"),
+        ("DockerBackend: payload round trip 100MB", cell(d, "payload_100MB", "mb_per_s", unit="MB/s"), "", "", "",
+         ""),
+    ]
+
+
+def _streams(s: P) -> list[Row]:
+    if s.get("available") is False:
+        return [("streams: Upload and RemoteBytes", "unavailable", "", "", "", "")]
+    size = cell(s, "size_mb", unit="MB")
+    return [
+        (f"stream: Upload of {size} to a runner", cell(s, "upload", "mb_per_s", unit="MB/s"), "", "", "", ""),
+        (f"stream: RemoteBytes of {size} back", cell(s, "download", "mb_per_s", unit="MB/s"), "", "", "", ""),
+        (f"stream: parent peak RSS growth over {size} each way", cell(s, "parent_peak_growth_mb", unit="MB", digits=1),
+         "", "", "", ""),
+    ]
+
+
+def _bookkeeping(sim: P) -> list[str]:
+    """Per-decision time of ``PoolState`` at each simulated size."""
+    if sim.get("available") is False:
+        return [f"Pool bookkeeping simulation unavailable: {reason(sim)}"]
+    sizes = list(sim["per_decision_us"])
+    ops = list(sim["per_decision_us"][sizes[0]])
+    return [
+        f"Pool bookkeeping (`PoolState` alone, {sim['waiters']:,} callers queued, µs per decision, best of "
+        f"{sim['rounds']} rounds of {sim['ops_per_round']:,}):",
+        "",
+        "| decision | " + " | ".join(f"{int(n):,} runners" for n in sizes)
+        + f" | {int(sizes[-1]):,} / {int(sizes[0]):,} |",
+        "| --- | " + " | ".join("---" for _ in sizes) + " | --- |",
+        *(f"| {op.replace('_', ' ')} | " + " | ".join(f"{sim['per_decision_us'][n][op]:.2f}" for n in sizes)
+          + f" | {times(sim['ratio_largest_over_smallest'][op])} |" for op in ops),
+    ]
 
 
 def _burst_memory(b: P, mem: P) -> list[Row]:

@@ -1,7 +1,8 @@
 """``python -m bench [--quick] [--out DIR]``: run every benchmark, write the report.
 
 Families run one after another (never two at once: they share the CPUs), ours first,
-then memory and the peers in fresh interpreters. Writes ``report.json``, ``report.md``
+then memory and the peers in fresh interpreters. Every target is then reported on stderr
+as met, not met, or not measured (with the reason), and in ``report.md``. Writes ``report.json``, ``report.md``
 and ``report.png`` to DIR (default ``bench/results/<timestamp>/``) and prints the JSON
 path as the last line of stdout; progress goes to stderr.
 """
@@ -21,7 +22,23 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import flame_asgi
-from bench import burst, cold, floors, latency, markdown, memory, payload, peers, plot, report, scaleout, tasks
+from bench import (
+    burst,
+    cold,
+    container,
+    floors,
+    latency,
+    markdown,
+    memory,
+    payload,
+    peers,
+    plot,
+    pool_sim,
+    report,
+    scaleout,
+    streams,
+    tasks,
+)
 from bench import throughput as throughput_
 from bench._config import Config
 from bench._measure import now, unavailable
@@ -47,8 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         except Exception as exc:  # the JSON is written: a broken table or plot must not hide it
             _progress(f"could not write {name}: {exc!r}")
     for goal in full["targets"]:
-        verdict = {True: "MET", False: "NOT MET", None: "UNKNOWN"}[goal["met"]]
-        _progress(f"target {goal['id']}: {goal['value']} {goal['unit']} (threshold {goal['threshold']}) {verdict}")
+        _progress(f"target {goal['id']}: {markdown.verdict(goal)}")
     print(json_path.resolve())
 
 
@@ -79,6 +95,9 @@ async def run(cfg: Config, stamp: str) -> dict[str, Any]:
         "scaleout": await step("scaleout", lambda: scaleout.measure(cfg, spin)),
         "payload": await step("payload", lambda: payload.measure(cfg)),
         "burst": await step("burst", lambda: burst.measure(cfg)),
+        "docker": await step("docker", lambda: container.measure(cfg)),
+        "streams": await step("streams", lambda: streams.measure(cfg)),
+        "pool_sim": await step("pool_sim", lambda: pool_sim.measure(cfg)),
         "memory": await step("memory", lambda: memory.measure(cfg)),
         "peers": await step("peers", lambda: peers.measure(cfg, spin, deadline)),
     }

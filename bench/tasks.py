@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterable, Callable, Iterator
+from typing import Any
 
 
 def nothing() -> None:
@@ -21,6 +22,29 @@ def make_closure(value: int) -> Callable[[], int]:
 
 def echo(data: bytes) -> bytes:
     return data
+
+
+async def drain(data: AsyncIterable[bytes]) -> int:
+    """Read a ``RemoteBytes`` to its end; returns the byte count (no other work per chunk)."""
+    total = 0
+    async for chunk in data:
+        total += len(chunk)
+    return total
+
+
+def produce(size: int, chunk: int = 1 << 20) -> Any:
+    """An ``Upload`` of ``size`` bytes made on the runner chunk by chunk (never held whole)."""
+    from flame_asgi import Upload
+
+    block = b"\x5a" * chunk
+
+    def chunks() -> Iterator[bytes]:
+        left = size
+        while left > 0:
+            yield block if left >= chunk else block[:left]
+            left -= chunk
+
+    return Upload(chunks(), chunk_size=chunk)
 
 
 def identity(value: int) -> int:
