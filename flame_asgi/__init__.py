@@ -24,12 +24,14 @@ from flame_asgi._exceptions import (
 )
 from flame_asgi._extension import add_flame_pool
 from flame_asgi._lease import FlameRunner
+from flame_asgi._map import MapIterator
 from flame_asgi._parent import ParentInfo, parent
 from flame_asgi._pool import FlamePool, PoolStats, RunnerInfo
-from flame_asgi._progress import report
+from flame_asgi._progress import receive, report
 from flame_asgi._relay import relay
 from flame_asgi._stream import RemoteStream
 from flame_asgi._telemetry import subscribe
+from flame_asgi._tracking import Trackable, release
 from flame_asgi._transfer import RemoteBytes, Upload
 from flame_asgi.backends import Backend, LocalBackend, ProcessBackend
 
@@ -58,6 +60,7 @@ __all__ = [
     "FlyBackend",
     "KubernetesBackend",
     "LocalBackend",
+    "MapIterator",
     "ParentInfo",
     "PayloadTooLarge",
     "PoolClosed",
@@ -70,6 +73,7 @@ __all__ = [
     "RunnerInfo",
     "RunnerLost",
     "SerializationError",
+    "Trackable",
     "TransferError",
     "Upload",
     "VersionSkew",
@@ -77,7 +81,9 @@ __all__ = [
     "flame_pool",
     "flame_runner",
     "parent",
+    "receive",
     "relay",
+    "release",
     "report",
     "subscribe",
 ]

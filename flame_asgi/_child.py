@@ -15,7 +15,8 @@ from collections.abc import AsyncIterator, Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 from flame_asgi import _telemetry
-from flame_asgi._pickling import loads
+from flame_asgi._exceptions import FlameError
+from flame_asgi._pickling import dumps, loads
 
 if TYPE_CHECKING:
     from flame_asgi._connection import RemoteCall
@@ -24,7 +25,8 @@ EVENT_BUFFER = 1024  # events held for a handle nobody iterates yet, before back
 
 
 class ChildHandle:
-    """Await it for the result; ``async for`` over it for progress events; ``cancel()`` it."""
+    """Await it for the result; ``async for`` over it for progress events; ``await
+    send(message)`` to steer it; ``cancel()`` it."""
 
     def __init__(self, rid: str, remote: RemoteCall, link: bool, on_progress: Callable[[Any], Any] | None,
                  obs: _telemetry.CallObserver = _telemetry.OFF) -> None:
@@ -95,6 +97,18 @@ class ChildHandle:
                 return
             self._changed.clear()
             await self._changed.wait()
+
+    async def send(self, message: Any) -> None:
+        """Send ``message`` (any picklable value) to the child, where ``flame_asgi.receive()``
+        returns it; messages arrive in order. Waits while the child has not taken the last
+        ``MESSAGE_WINDOW`` (16) messages yet (back-pressure). Raises ``FlameError`` once the
+        child has ended."""
+        if self._ended:
+            raise FlameError(f"the child on runner {self.runner_id} has ended: it takes no more messages")
+        tokens: list[str] = []
+        data = dumps(message, "a message to the child", tokens)
+        self._remote.tokens.extend(tokens)  # its Uploads are forgotten when the child ends
+        await self._remote.send_message(data)
 
     def cancel(self) -> None:
         """Ask the runner to stop the child; its slot is freed once the runner has stopped it."""

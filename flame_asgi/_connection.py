@@ -17,7 +17,16 @@ from flame_asgi._channel import Channel, ChannelClosed
 from flame_asgi._codec import TO_PARENT, TO_RUNNER, FrameOpener, FrameSealer, make_signer
 from flame_asgi._exceptions import BootError, FlameError, RunnerLost, VersionSkew
 from flame_asgi._pickling import unpack_exception
-from flame_asgi._protocol import CREDITED, TERMINAL, FrameType, Reply, WorkKind, is_transfer, is_work_reply
+from flame_asgi._protocol import (
+    CREDITED,
+    MESSAGE_WINDOW,
+    TERMINAL,
+    FrameType,
+    Reply,
+    WorkKind,
+    is_transfer,
+    is_work_reply,
+)
 from flame_asgi._telemetry import loss_label
 from flame_asgi._transfer import TransferHub, forget
 from flame_asgi._writer import FrameWriter, split
@@ -37,6 +46,8 @@ class RemoteCall:
         self.hub = conn.hub  # results may carry Uploads, read back over this runner's channel
         self.tokens: list[str] = []  # Uploads this call sends: forgotten when it ends
         self._consumed = 0
+        self._message_credit = MESSAGE_WINDOW  # messages the runner has room for (a child's)
+        self._credit_changed: asyncio.Event | None = None  # made when a sender waits for room
         self.finished = False  # the runner is done with it (or gone): the slot is free
         self.detached = False  # nobody reads any more
 
@@ -88,6 +99,24 @@ class RemoteCall:
             return data
         return RunnerLost(f"runner {rid} cancelled the work (it is shutting down)", runner_id=rid)
 
+    async def send_message(self, data: bytes) -> None:
+        """Send a message to this work (a child), in order; wait while the runner holds
+        ``MESSAGE_WINDOW`` untaken ones."""
+        while self._message_credit <= 0 and not self.finished:
+            if self._credit_changed is None:
+                self._credit_changed = asyncio.Event()
+            self._credit_changed.clear()
+            await self._credit_changed.wait()
+        if self.finished:
+            raise FlameError(f"the child on runner {self._conn.runner_id} has ended: it takes no more messages")
+        self._message_credit -= 1
+        await self._conn._send("message", self.id, data)
+
+    def add_message_credit(self, n: int) -> None:
+        self._message_credit += n
+        if self._credit_changed is not None:
+            self._credit_changed.set()
+
     def request_cancel(self) -> None:
         """Ask the runner to stop the work, and keep reading until it says it has."""
         if not self.finished:
@@ -97,6 +126,8 @@ class RemoteCall:
         if not self.finished:
             self.finished = True
             forget(self.tokens)
+            if self._credit_changed is not None:
+                self._credit_changed.set()  # a sender waiting for room learns the child ended
             self._on_finish()
 
 
@@ -162,7 +193,7 @@ class RunnerConnection:
 
     async def start(self, kind: WorkKind, payload: bytes, *, link: bool, progress: bool, window: int,
                     on_finish: Callable[[], None], trace: dict[str, str] | None = None,
-                    tokens: list[str] | None = None) -> RemoteCall:
+                    tokens: list[str] | None = None, track: bool = False) -> RemoteCall:
         if self.closed is not None:
             forget(tokens or [])
             on_finish()  # nothing was sent: hand the slot back
@@ -172,7 +203,9 @@ class RunnerConnection:
         call.tokens = tokens or []
         self._calls[call.id] = call
         try:
-            extra = {"tc": trace} if trace else {}  # the caller's trace context (W3C), when traced
+            extra: dict[str, Any] = {"tc": trace} if trace else {}  # the caller's trace context (W3C)
+            if track:
+                extra["tr"] = True  # track the resources in the result
             await self._send("call", call.id, payload, k=kind, l=link, p=progress, w=window, **extra)
         except ChannelClosed as exc:
             self._calls.pop(call.id, None)
@@ -222,6 +255,8 @@ class RunnerConnection:
                         if type_ in TERMINAL:
                             del self._calls[frame.id]
                         call.deliver(type_, frame.payload)
+                    elif type_ == "credit" and call is not None:
+                        call.add_message_credit(int(frame.meta.get("c", 0)))
                     elif type_ == "recycle":
                         self._on_recycle(str(frame.meta.get("reason", "")))
         except ChannelClosed as exc:

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, TypeVarTuple, overload
+import functools
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 from flame_asgi._exceptions import CallTimeout, PoolClosed, RunnerLost
 from flame_asgi._protocol import WorkKind
@@ -24,12 +25,24 @@ from flame_asgi._protocol import WorkKind
 if TYPE_CHECKING:
     from flame_asgi._child import ChildHandle
     from flame_asgi._connection import RemoteCall
+    from flame_asgi._map import MapIterator
     from flame_asgi._pool import FlamePool
     from flame_asgi._stream import RemoteStream
     from flame_asgi._telemetry import CallObserver
 
-Ts = TypeVarTuple("Ts")
 T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class CallOptions:
+    """What a caller asked of one call, besides the function and its arguments."""
+
+    wait: float | None  # for a slot
+    run: float | None  # on the runner; past it the work is cancelled there too
+    link: bool
+    on_progress: Callable[[Any], Any] | None
+    track_resources: bool
+    retries: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +57,8 @@ class StartWork(Protocol):
     """Sends work to slot ``rid`` of ``placement``; the RemoteCall then owns the slot."""
 
     async def __call__(self, rid: str, kind: WorkKind, payload: bytes, *, link: bool, progress: bool,
-                       obs: CallObserver, tokens: list[str], placement: Placement) -> RemoteCall: ...
+                       obs: CallObserver, tokens: list[str], placement: Placement,
+                       track: bool = False) -> RemoteCall: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,33 +167,53 @@ class FlameRunner:
                 break
 
     # -- the calls ----------------------------------------------------------------------
+    # A lease is one runner: if it dies there is no other to retry on, so no ``retries``.
     @overload
-    async def call(self, fn: Callable[[*Ts], Awaitable[T]], *args: *Ts, timeout: float | None = None,
-                   link: bool = True, on_progress: Callable[[Any], Any] | None = None) -> T: ...
+    async def call(self, fn: Callable[..., Awaitable[T]], *args: Any, timeout: float | None = None,
+                   link: bool = True, on_progress: Callable[[Any], Any] | None = None,
+                   track_resources: bool = False, **kwargs: Any) -> T: ...
 
     @overload
-    async def call(self, fn: Callable[[*Ts], T], *args: *Ts, timeout: float | None = None,
-                   link: bool = True, on_progress: Callable[[Any], Any] | None = None) -> T: ...
+    async def call(self, fn: Callable[..., T], *args: Any, timeout: float | None = None,
+                   link: bool = True, on_progress: Callable[[Any], Any] | None = None,
+                   track_resources: bool = False, **kwargs: Any) -> T: ...
 
-    async def call(self, fn: Callable[[*Ts], Any], *args: *Ts, timeout: float | None = None, link: bool = True,
-                   on_progress: Callable[[Any], Any] | None = None) -> Any:
+    async def call(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None, link: bool = True,
+                   on_progress: Callable[[Any], Any] | None = None, track_resources: bool = False,
+                   **kwargs: Any) -> Any:
         """``pool.call`` on the leased runner."""
         from flame_asgi import _telemetry
 
-        with _telemetry.observe_call(self._pool, "call", fn) as obs:
-            return await self._pool._call(obs, fn, args, timeout, link, on_progress, self._placement)
+        pool = self._pool
+        opts = CallOptions(pool.boot_timeout if timeout is None else timeout,
+                           pool.timeout if timeout is None else timeout, link, on_progress, track_resources, 0)
+        with _telemetry.observe_call(pool, "call", fn) as obs:
+            return await pool._call(obs, fn, args, kwargs, opts, self._placement)
 
-    def cast(self, fn: Callable[[*Ts], Any], *args: *Ts, link: bool = True) -> None:
+    def cast(self, fn: Callable[..., Any], *args: Any, link: bool = True, timeout: float | None = None,
+             **kwargs: Any) -> None:
         """``pool.cast`` on the leased runner."""
-        self._pool._cast_on(self._placement, fn, args, link)
+        pool = self._pool
+        opts = CallOptions(pool.boot_timeout if timeout is None else timeout, timeout, link, None, False, 0)
+        pool._cast_on(self._placement, fn, args, kwargs, opts)
 
-    def stream(self, fn: Callable[[*Ts], Any], *args: *Ts, timeout: float | None = None, link: bool = True,
-               on_progress: Callable[[Any], Any] | None = None) -> RemoteStream:
+    def stream(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None, link: bool = True,
+               on_progress: Callable[[Any], Any] | None = None, **kwargs: Any) -> RemoteStream:
         """``pool.stream`` on the leased runner."""
-        return self._pool._stream_on(self._placement, fn, args, timeout, link, on_progress)
+        return self._pool._stream_on(self._placement, fn, args, kwargs, timeout, link, on_progress)
 
-    async def place_child(self, fn: Callable[[*Ts], Any], *args: *Ts, link: bool = True,
-                          on_progress: Callable[[Any], Any] | None = None) -> ChildHandle:
+    async def place_child(self, fn: Callable[..., Any], *args: Any, link: bool = True,
+                          on_progress: Callable[[Any], Any] | None = None, **kwargs: Any) -> ChildHandle:
         """``pool.place_child`` on the leased runner (the child holds a slot until it ends)."""
-        return await self._pool._place_child_on(self._placement, fn, args, link, on_progress)
+        return await self._pool._place_child_on(self._placement, fn, args, kwargs, link, on_progress)
 
+    def map(self, fn: Callable[..., Any], iterable: Iterable[Any] | AsyncIterable[Any], *,
+            timeout: float | None = None, ordered: bool = True, max_in_flight: int | None = None,
+            return_exceptions: bool = False) -> MapIterator:
+        """``pool.map`` on the leased runner (at most its ``max_concurrency`` at once)."""
+        from flame_asgi._map import MapIterator
+
+        run = functools.partial(self.call, timeout=timeout)
+        limit = self._pool.max_concurrency if max_in_flight is None else max_in_flight
+        return MapIterator(run, fn, iterable, ordered=ordered, max_in_flight=limit,
+                           return_exceptions=return_exceptions)

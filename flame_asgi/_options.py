@@ -24,9 +24,10 @@ def check_options(name: Any, options: dict[str, Any]) -> None:
         raise ValueError(f"{where}: max_concurrency must be at least 1 (got {options['max_concurrency']})")
     idle = options["idle_shutdown_after"]
     if isinstance(idle, tuple):
-        raise ValueError(
-            f"{where}: idle_shutdown_after=(seconds, predicate) is not supported by this release; "
-            "pass a number of seconds or None")
+        if len(idle) != 2 or not callable(idle[1]) or idle[0] is None:
+            raise TypeError(f"{where}: idle_shutdown_after=(seconds, predicate) takes a number of seconds and a "
+                            f"function of no arguments that runs on the runner (got {idle!r})")
+        idle = idle[0]
     _seconds(where, "idle_shutdown_after", idle, zero_ok=True)
     _seconds(where, "min_idle_shutdown_after", options["min_idle_shutdown_after"], zero_ok=True)
     for key in ("boot_timeout", "timeout", "shutdown_timeout"):
@@ -36,6 +37,7 @@ def check_options(name: Any, options: dict[str, Any]) -> None:
     for key in ("on_grow_start", "on_grow_end", "on_shrink"):
         if options[key] is not None and not callable(options[key]):
             raise TypeError(f"{where}: {key} must be a function (sync or async) or None (got {options[key]!r})")
+    check_retries(where, options["retries"])
     backend = options["backend"]
     if backend is not None:
         from flame_asgi.backends import Backend
@@ -55,3 +57,10 @@ def _seconds(where: str, key: str, value: Any, *, zero_ok: bool) -> None:
     if math.isnan(value) or value < 0 or (value == 0 and not zero_ok):
         accepts = "zero or more" if zero_ok else "more than zero"
         raise ValueError(f"{where}: {key} must be {accepts} seconds, or None for never (got {value!r})")
+
+
+def check_retries(where: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{where}: retries must be an int (got {type(value).__name__} {value!r})")
+    if value < 0:
+        raise ValueError(f"{where}: retries must be 0 or more (got {value})")

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import cloudpickle  # type: ignore[import-untyped]
 
 from flame_asgi._exceptions import RemoteError, SerializationError
+from flame_asgi._tracking import ResourceTable, reduce_tracked
 from flame_asgi._transfer import collecting_tokens, forget, receiving_through
 
 if TYPE_CHECKING:
@@ -48,22 +49,38 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle ships 
     dispatch_table = ChainMap({types.CodeType: _reduce_code}, cloudpickle.Pickler.dispatch_table)
 
 
-def _dumps(obj: Any) -> bytes:
+class _TrackingPickler(_Pickler):
+    """Pickles a tracked result: trackable objects are kept in ``table`` (``_tracking``)."""
+
+    def __init__(self, file: io.BytesIO, table: ResourceTable) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self._table = table
+
+    def reducer_override(self, obj: Any) -> Any:
+        reduced = reduce_tracked(self._table, obj, pickle.HIGHEST_PROTOCOL)
+        return super().reducer_override(obj) if reduced is NotImplemented else reduced
+
+
+def _dumps(obj: Any, resources: ResourceTable | None = None) -> bytes:
     buffer = io.BytesIO()
-    _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    if resources is None:
+        _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    else:
+        _TrackingPickler(buffer, resources).dump(obj)
     return buffer.getvalue()
 
 
-def dumps(obj: Any, what: str, tokens: list[str] | None = None) -> bytes:
+def dumps(obj: Any, what: str, tokens: list[str] | None = None, resources: ResourceTable | None = None) -> bytes:
     """Pickle ``obj``; on failure, raise SerializationError naming the object that failed.
 
     Uploads inside ``obj`` are registered for the other side to pull; their tokens are
-    appended to ``tokens`` so the caller can forget them when the call ends.
+    appended to ``tokens`` so the caller can forget them when the call ends. With
+    ``resources`` (a runner's tracked result), trackable objects are kept there.
     """
     collected: list[str] = []
     try:
         with collecting_tokens(collected):
-            data = _dumps(obj)
+            data = _dumps(obj, resources)
     except Exception as exc:  # pickling raises TypeError, PicklingError, AttributeError...
         forget(collected)  # nothing will be sent: nobody will pull these
         with collecting_tokens(collected := []):  # the search pickles parts again
@@ -126,6 +143,9 @@ def _children(obj: Any, path: str) -> list[tuple[str, Any]]:
     if isinstance(obj, (tuple, list)):
         return [(_item_path(path, i), item) for i, item in enumerate(obj)]
     if isinstance(obj, dict):
+        if path.startswith("keyword arguments of "):
+            return [(f"keyword argument {k!r} of {path.removeprefix('keyword arguments of ')}", v)
+                    for k, v in obj.items()]
         return [(f"{path}[{k!r}]", v) for k, v in obj.items()]
     state = getattr(obj, "__dict__", None)
     if isinstance(state, dict):
@@ -134,9 +154,9 @@ def _children(obj: Any, path: str) -> list[tuple[str, Any]]:
 
 
 def _item_path(path: str, i: int) -> str:
-    # The top-level call is pickled as (fn, args): name those parts as a user sees them.
+    # The top-level call is pickled as (fn, args, kwargs): name those parts as a user sees them.
     if path.startswith("the call to "):
-        return path if i == 0 else f"argument list of {path}"
+        return (path, f"argument list of {path}", f"keyword arguments of {path}")[min(i, 2)]
     if path.startswith("argument list of "):
         return f"argument {i} of {path.removeprefix('argument list of ')}"
     return f"{path}[{i}]"

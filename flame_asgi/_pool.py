@@ -14,14 +14,15 @@ import inspect
 import itertools
 import logging
 import os
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar, TypeVarTuple, overload
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from flame_asgi import _telemetry
 from flame_asgi._child import ChildHandle
-from flame_asgi._exceptions import BootError, CallTimeout, FlameError, PoolClosed
-from flame_asgi._lease import Dispatch, FlameRunner, Placement
-from flame_asgi._options import check_options
+from flame_asgi._exceptions import BootError, CallTimeout, FlameError, PoolClosed, RunnerLost
+from flame_asgi._lease import CallOptions, Dispatch, FlameRunner, Placement
+from flame_asgi._map import MapIterator
+from flame_asgi._options import check_options, check_retries
 from flame_asgi._parent import runner_mode
 from flame_asgi._pickling import dumps, loads
 from flame_asgi._pool_scaling import BOOT_RETRY_INTERVAL, PoolScaling, _Runner
@@ -30,14 +31,19 @@ from flame_asgi._pool_state import PoolState
 from flame_asgi._secret import channel_secret
 from flame_asgi._settings import MAX_PAYLOAD
 from flame_asgi._stream import RemoteStream
+from flame_asgi._tracking import track
 from flame_asgi._transfer import forget
 from flame_asgi.backends import Backend, backend_from_env
 
+if TYPE_CHECKING:
+    from flame_asgi._connection import RemoteCall
+
 log = logging.getLogger("flame_asgi.pool")
-Ts = TypeVarTuple("Ts")
 T = TypeVar("T")
 Hook = Callable[..., Any]
 WINDOW = 32  # progress events / stream items in flight per call (back-pressure)
+RETRY_BACKOFF = 0.1  # a retry waits this long, doubling with each further attempt,
+MAX_RETRY_BACKOFF = 2.0  # up to this: a replacement runner usually needs one boot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,13 +75,16 @@ class FlamePool(PoolSlots, PoolScaling):
     - ``min`` / ``max``: runners kept warm / never exceeded (booting ones count).
     - ``max_concurrency``: calls, streams and children one runner takes at once.
     - ``idle_shutdown_after``: a runner with no work this long stops; the ``min``
-      runners use ``min_idle_shutdown_after`` (default: never).
+      runners use ``min_idle_shutdown_after`` (default: never). ``(seconds, predicate)``:
+      it stops only if ``predicate()``, run on the runner, also returns true then.
     - ``boot_timeout``: how long a boot may take, and a queued caller's default wait.
     - ``timeout``: default run time of a call. ``shutdown_timeout``: how long closing
       waits for ``link=False`` work.
     - ``single_use``: each runner serves one call, then stops.
     - ``on_grow_start(meta)``, ``on_grow_end(error_or_None, meta)``, ``on_shrink(meta)``:
       hooks (sync or async) with ``meta`` = ``{"name", "count", "runner_id"[, "reason"]}``.
+    - ``retries``: default of ``call(..., retries=)`` and ``cast``: how often a call whose
+      runner was lost is re-run on another runner (0: never; only for idempotent work).
     """
 
     def __init__(
@@ -86,7 +95,7 @@ class FlamePool(PoolSlots, PoolScaling):
         min: int = 0,
         max: int = 1,
         max_concurrency: int = 100,
-        idle_shutdown_after: float | None = 30.0,
+        idle_shutdown_after: float | tuple[float, Callable[[], Any]] | None = 30.0,
         min_idle_shutdown_after: float | None = None,
         boot_timeout: float | None = 30.0,
         timeout: float | None = 30.0,
@@ -95,18 +104,22 @@ class FlamePool(PoolSlots, PoolScaling):
         on_grow_start: Hook | None = None,
         on_grow_end: Hook | None = None,
         on_shrink: Hook | None = None,
+        retries: int = 0,
     ) -> None:
         check_options(name, dict(
             backend=backend, min=min, max=max, max_concurrency=max_concurrency,
             idle_shutdown_after=idle_shutdown_after, min_idle_shutdown_after=min_idle_shutdown_after,
             boot_timeout=boot_timeout, timeout=timeout, shutdown_timeout=shutdown_timeout, single_use=single_use,
-            on_grow_start=on_grow_start, on_grow_end=on_grow_end, on_shrink=on_shrink))
+            on_grow_start=on_grow_start, on_grow_end=on_grow_end, on_shrink=on_shrink, retries=retries))
         self.name = name
         self.backend = backend if backend is not None else backend_from_env()
         self.min = min
         self.max = max
         self.max_concurrency = max_concurrency
         self.idle_shutdown_after = idle_shutdown_after
+        # FLAME's {time, fn}: idle that long *and* the predicate, run on the runner, agrees.
+        self._idle_after, self._idle_predicate = (
+            idle_shutdown_after if isinstance(idle_shutdown_after, tuple) else (idle_shutdown_after, None))
         self.min_idle_shutdown_after = min_idle_shutdown_after
         self.boot_timeout = boot_timeout
         self.timeout = timeout
@@ -115,6 +128,7 @@ class FlamePool(PoolSlots, PoolScaling):
         self.on_grow_start = on_grow_start
         self.on_grow_end = on_grow_end
         self.on_shrink = on_shrink
+        self.retries = retries
         self.app: Any | None = None
         self._state: PoolState[asyncio.Future[str | None]] = PoolState(
             min=min, max=max, max_concurrency=max_concurrency, single_use=single_use)
@@ -243,115 +257,168 @@ class FlamePool(PoolSlots, PoolScaling):
 
     # -- the public calls ---------------------------------------------------------------
     # Two overloads, async first: with one union parameter mypy cannot tell whether T is
-    # the coroutine or its result, and rejects every async function.
+    # the coroutine or its result, and rejects every async function. The option names are
+    # reserved; every other keyword argument goes to ``fn`` (as with ``asyncio.to_thread``).
     @overload
-    async def call(self, fn: Callable[[*Ts], Awaitable[T]], *args: *Ts, timeout: float | None = None,
-                   link: bool = True, on_progress: Callable[[Any], Any] | None = None) -> T: ...
+    async def call(self, fn: Callable[..., Awaitable[T]], *args: Any, timeout: float | None = None,
+                   link: bool = True, on_progress: Callable[[Any], Any] | None = None,
+                   track_resources: bool = False, retries: int | None = None, **kwargs: Any) -> T: ...
 
     @overload
-    async def call(self, fn: Callable[[*Ts], T], *args: *Ts, timeout: float | None = None,
-                   link: bool = True, on_progress: Callable[[Any], Any] | None = None) -> T: ...
+    async def call(self, fn: Callable[..., T], *args: Any, timeout: float | None = None,
+                   link: bool = True, on_progress: Callable[[Any], Any] | None = None,
+                   track_resources: bool = False, retries: int | None = None, **kwargs: Any) -> T: ...
 
-    async def call(self, fn: Callable[[*Ts], Any], *args: *Ts,
-                   timeout: float | None = None, link: bool = True,
-                   on_progress: Callable[[Any], Any] | None = None) -> Any:
-        """Run ``fn(*args)`` on a runner and return its result (see the module docs)."""
+    async def call(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None, link: bool = True,
+                   on_progress: Callable[[Any], Any] | None = None, track_resources: bool = False,
+                   retries: int | None = None, **kwargs: Any) -> Any:
+        """Run ``fn(*args, **kwargs)`` on a runner and return its result.
+
+        ``timeout`` bounds the wait for a slot (default ``boot_timeout``) and the run
+        (default the pool's ``timeout``); a run past it is cancelled on the runner, whatever
+        ``link``. ``link=False``: the work runs on if the caller goes away. ``retries``
+        (default the pool's): re-run on another runner if the runner is lost (idempotent
+        work only). ``track_resources``: ``RemoteBytes`` and trackable objects in the
+        result keep their runner up until read or released.
+        """
+        opts = CallOptions(self.boot_timeout if timeout is None else timeout,
+                           self.timeout if timeout is None else timeout,
+                           link, on_progress, track_resources, self._retries(retries))
         with _telemetry.observe_call(self, "call", fn) as obs:
-            return await self._call(obs, fn, args, timeout, link, on_progress, self._placement)
+            return await self._call(obs, fn, args, kwargs, opts, self._placement)
 
     async def _call(self, obs: _telemetry.CallObserver, fn: Callable[..., Any], args: tuple[Any, ...],
-                    timeout: float | None, link: bool, on_progress: Callable[[Any], Any] | None,
-                    placement: Placement) -> Any:
-        tokens: list[str] = []
-        payload = dumps((fn, args), f"the call to {_name(fn)}", tokens)
-        rid = await placement.checkout(tokens, self.boot_timeout if timeout is None else timeout)
-        run = self.timeout if timeout is None else timeout
-        remote = await self._start(rid, "call", payload, link=link, progress=on_progress is not None, obs=obs,
-                                   tokens=tokens, placement=placement)
-        hub = remote.hub
+                    kwargs: dict[str, Any], opts: CallOptions, placement: Placement,
+                    pickled: tuple[bytes, list[str]] | None = None) -> Any:
+        attempt = 0
+        while True:
+            try:
+                return await self._attempt(obs, fn, args, kwargs, opts, placement, pickled)
+            except RunnerLost as exc:
+                pickled = None  # its Upload tokens were forgotten when the attempt ended
+                if attempt >= opts.retries or not self._running:
+                    raise
+                attempt += 1
+                delay = min(RETRY_BACKOFF * 2 ** (attempt - 1), MAX_RETRY_BACKOFF)
+                log.warning("pool %r: %s lost its runner (%s); retry %d of %d in %.2f s", self.name, _name(fn),
+                            exc.reason or exc, attempt, opts.retries, delay)
+                await asyncio.sleep(delay)
+
+    async def _attempt(self, obs: _telemetry.CallObserver, fn: Callable[..., Any], args: tuple[Any, ...],
+                       kwargs: dict[str, Any], opts: CallOptions, placement: Placement,
+                       pickled: tuple[bytes, list[str]] | None) -> Any:
+        # Pickled per attempt: a retry's Uploads are registered anew (the lost attempt's
+        # tokens were forgotten when it ended).
+        if pickled is None:
+            tokens: list[str] = []
+            payload = dumps((fn, args, kwargs), f"the call to {_name(fn)}", tokens)
+        else:
+            payload, tokens = pickled
+        rid = await placement.checkout(tokens, opts.wait)
+        holding = self._hold(rid) if opts.track_resources else None  # until the result's resources are known
         try:
-            async with asyncio.timeout(run) as scope:
+            remote = await self._start(rid, "call", payload, link=opts.link, progress=opts.on_progress is not None,
+                                       obs=obs, tokens=tokens, placement=placement, track=opts.track_resources)
+            return await self._await_result(remote, fn, opts, rid)
+        finally:
+            if holding is not None:
+                holding()
+
+    async def _await_result(self, remote: RemoteCall, fn: Any, opts: CallOptions, rid: str) -> Any:
+        hub = remote.hub
+        ended = False
+        try:
+            async with asyncio.timeout(opts.run) as scope:
                 while True:
                     type_, data = await remote.next()
                     if type_ == "event":
-                        assert on_progress is not None
-                        result = on_progress(loads(data, hub))
+                        assert opts.on_progress is not None
+                        result = opts.on_progress(loads(data, hub))
                         if inspect.isawaitable(result):
                             await result
                     elif type_ == "result":
+                        if opts.track_resources:
+                            return track(loads, data, hub, functools.partial(self._hold, rid))
                         return loads(data, hub)
                     else:
                         raise remote.failure(type_, data)
         except TimeoutError:
             if scope.expired():
-                raise CallTimeout(_overran(fn, run, link)) from None
+                # FLAME: a call's timeout ends the work on the runner too, linked or not.
+                ended = True
+                remote.abandon(True)
+                raise CallTimeout(_overran(fn, opts.run)) from None
             raise
         finally:
-            remote.abandon(link)
+            if not ended:
+                remote.abandon(opts.link)
 
-    def cast(self, fn: Callable[[*Ts], Any], *args: *Ts, link: bool = True) -> None:
-        """Schedule ``fn(*args)`` on a runner and return at once; failures are logged."""
-        self._cast_on(self._placement, fn, args, link)
+    def cast(self, fn: Callable[..., Any], *args: Any, link: bool = True, timeout: float | None = None,
+             retries: int | None = None, **kwargs: Any) -> None:
+        """Schedule ``fn(*args, **kwargs)`` on a runner and return at once.
 
-    def _cast_on(self, placement: Placement, fn: Callable[..., Any], args: tuple[Any, ...], link: bool) -> None:
+        As in FLAME, a cast runs to completion unless ``timeout`` is given; a failed cast
+        is logged (``flame_asgi.pool``) with the function's name and the reason.
+        """
+        # No run limit unless the cast has a timeout (the wait for a slot has boot_timeout).
+        opts = CallOptions(self.boot_timeout if timeout is None else timeout, timeout, link, None, False,
+                           self._retries(retries))
+        self._cast_on(self._placement, fn, args, kwargs, opts)
+
+    def _cast_on(self, placement: Placement, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                 opts: CallOptions) -> None:
         tokens: list[str] = []
-        payload = dumps((fn, args), f"the cast of {_name(fn)}", tokens)
+        payload = dumps((fn, args, kwargs), f"the cast of {_name(fn)}", tokens)  # fails here, in the caller
         try:
             self._ensure_running()
         except PoolClosed:
             forget(tokens)
             raise
         loop = asyncio.get_running_loop()
-        task = loop.create_task(self._cast(fn, payload, tokens, link, placement))
-        self._casts[task] = link
+        task = loop.create_task(self._cast(fn, args, kwargs, opts, placement, (payload, tokens)))
+        self._casts[task] = opts.link
         task.add_done_callback(self._casts.pop)
 
-    async def _cast(self, fn: Any, payload: bytes, tokens: list[str], link: bool, placement: Placement) -> None:
+    async def _cast(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], opts: CallOptions,
+                    placement: Placement, pickled: tuple[bytes, list[str]]) -> None:
         obs = _telemetry.observe_call(self, "cast", fn)
         try:
-            rid = await placement.checkout(tokens, self.boot_timeout)
-            remote = await self._start(rid, "cast", payload, link=link, progress=False, obs=obs, tokens=tokens,
-                                       placement=placement)
-            try:
-                async with asyncio.timeout(self.timeout):
-                    type_, data = await remote.next()
-                    if type_ != "result":
-                        raise remote.failure(type_, data)
-            finally:
-                remote.abandon(link)
+            await self._call(obs, fn, args, kwargs, opts, placement, pickled)
         except asyncio.CancelledError as exc:
             obs.end(exc)
             raise
         except Exception as exc:
             obs.end(exc)
-            log.error("pool %r: cast of %s failed: %s", self.name, _name(fn), exc,
-                      exc_info=exc if not isinstance(exc, FlameError) else None)
+            log.error("pool %r: cast of %s failed: %s: %s", self.name, _name(fn), type(exc).__name__,
+                      str(exc) or "(no message)", exc_info=exc if not isinstance(exc, FlameError) else None)
         else:
             obs.end()
 
-    def stream(self, fn: Callable[[*Ts], Any], *args: *Ts, timeout: float | None = None,
-               link: bool = True, on_progress: Callable[[Any], Any] | None = None) -> RemoteStream:
-        """Iterate (``async for``) over what generator ``fn(*args)`` yields on a runner;
-        ``report(event)`` calls in it reach ``on_progress``, in order with the items."""
-        return self._stream_on(self._placement, fn, args, timeout, link, on_progress)
+    def stream(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None,
+               link: bool = True, on_progress: Callable[[Any], Any] | None = None, **kwargs: Any) -> RemoteStream:
+        """Iterate (``async for``) over what generator ``fn(*args, **kwargs)`` yields on a
+        runner; ``report(event)`` calls in it reach ``on_progress``, in order with the items."""
+        return self._stream_on(self._placement, fn, args, kwargs, timeout, link, on_progress)
 
-    def _stream_on(self, placement: Placement, fn: Callable[..., Any], args: tuple[Any, ...],
+    def _stream_on(self, placement: Placement, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                    timeout: float | None, link: bool, on_progress: Callable[[Any], Any] | None) -> RemoteStream:
         tokens: list[str] = []
-        payload = dumps((fn, args), f"the stream of {_name(fn)}", tokens)
+        payload = dumps((fn, args, kwargs), f"the stream of {_name(fn)}", tokens)
         dispatch = Dispatch(placement, self._start, functools.partial(_telemetry.observe_call, self))
         return RemoteStream(dispatch, fn, payload, tokens, wait=self.boot_timeout if timeout is None else timeout,
                             per_item=self.timeout if timeout is None else timeout, link=link, on_progress=on_progress)
 
-    async def place_child(self, fn: Callable[[*Ts], Any], *args: *Ts, link: bool = True,
-                          on_progress: Callable[[Any], Any] | None = None) -> ChildHandle:
-        """Start long-running ``fn(*args)`` on a runner; it holds a slot until it ends."""
-        return await self._place_child_on(self._placement, fn, args, link, on_progress)
+    async def place_child(self, fn: Callable[..., Any], *args: Any, link: bool = True,
+                          on_progress: Callable[[Any], Any] | None = None, **kwargs: Any) -> ChildHandle:
+        """Start long-running ``fn(*args, **kwargs)`` on a runner; it holds a slot until it
+        ends. ``await handle.send(message)`` reaches ``flame_asgi.receive()`` in the child."""
+        return await self._place_child_on(self._placement, fn, args, kwargs, link, on_progress)
 
     async def _place_child_on(self, placement: Placement, fn: Callable[..., Any], args: tuple[Any, ...],
-                              link: bool, on_progress: Callable[[Any], Any] | None) -> ChildHandle:
+                              kwargs: dict[str, Any], link: bool,
+                              on_progress: Callable[[Any], Any] | None) -> ChildHandle:
         tokens: list[str] = []
-        payload = dumps((fn, args), f"the child {_name(fn)}", tokens)
+        payload = dumps((fn, args, kwargs), f"the child {_name(fn)}", tokens)
         obs = _telemetry.observe_call(self, "child", fn)
         try:
             rid = await placement.checkout(tokens, self.boot_timeout)
@@ -362,13 +429,52 @@ class FlamePool(PoolSlots, PoolScaling):
             raise
         return ChildHandle(rid, remote, link, on_progress, obs)
 
+    def map(self, fn: Callable[..., Any], iterable: Iterable[Any] | AsyncIterable[Any], *,
+            timeout: float | None = None, ordered: bool = True, max_in_flight: int | None = None,
+            return_exceptions: bool = False, retries: int | None = None) -> MapIterator:
+        """``async for result in pool.map(fn, items)``: ``fn(item)`` for each item, spread over
+        the pool, at most ``max_in_flight`` at once (default: every slot the pool can have).
+
+        Results come in input order (``ordered=True``) or as they finish. The first error
+        cancels the calls still running and is raised, unless ``return_exceptions=True``
+        (the exception is then yielded in the item's place). Leaving the loop early cancels
+        what is still running.
+        """
+        run = functools.partial(self.call, timeout=timeout, retries=retries)
+        limit = self.max * self.max_concurrency if max_in_flight is None else max_in_flight
+        return MapIterator(run, fn, iterable, ordered=ordered, max_in_flight=limit,
+                           return_exceptions=return_exceptions)
+
+    def _retries(self, retries: int | None) -> int:
+        if retries is None:
+            return self.retries
+        check_retries(f"call on pool {self.name!r}", retries)
+        return retries
+
+    def _hold(self, rid: str) -> Callable[[], None]:
+        """Keep runner ``rid`` up (past idle shutdown and single use) until the returned
+        function is called, once."""
+        if not self._state.hold(rid):
+            return lambda: None
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                decision = self._state.unhold(rid, self.loop.time())
+                if self._running:  # a closing pool stops every runner anyway
+                    self._apply(decision)
+
+        return release
+
+
 def _name(fn: Any) -> str:
     while isinstance(fn, functools.partial):
         fn = fn.func
     return f"{getattr(fn, '__qualname__', type(fn).__qualname__)}()"
 
 
-def _overran(fn: Any, run: float | None, link: bool) -> str:
-    fate = "the remote work was cancelled" if link else "it keeps running on the runner (link=False)"
-    return f"{_name(fn)} did not finish within {run:g} s; {fate}"
+def _overran(fn: Any, run: float | None) -> str:
+    return f"{_name(fn)} did not finish within {run:g} s; it was cancelled on the runner"
 

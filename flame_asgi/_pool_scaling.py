@@ -14,13 +14,14 @@ import inspect
 import itertools
 import logging
 import secrets
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from flame_asgi import _telemetry
 from flame_asgi._connection import RunnerConnection
 from flame_asgi._exceptions import BootError, VersionSkew
 from flame_asgi._parent import ParentInfo, code_version, parent_address
+from flame_asgi._pickling import dumps, loads
 from flame_asgi._pool_state import Decision, PoolState
 from flame_asgi.backends import Backend, RunnerHandle, RunnerSpec
 
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("flame_asgi.pool")
 BOOT_RETRY_INTERVAL = 1.0
 MAX_BOOT_BACKOFF = 30.0
+PREDICATE_TIMEOUT = 5.0  # for an idle_shutdown_after predicate's answer
 
 
 @dataclasses.dataclass
@@ -46,7 +48,8 @@ class PoolScaling:
     backend: Backend
     boot_timeout: float | None
     shutdown_timeout: float | None
-    idle_shutdown_after: float | None
+    _idle_after: float | None
+    _idle_predicate: Callable[[], Any] | None
     min_idle_shutdown_after: float | None
     single_use: bool
     on_grow_start: Hook | None
@@ -234,13 +237,46 @@ class PoolScaling:
                                               "runner_id": rid, "reason": reason}, swallow=True)
 
     async def _reap_idle(self) -> None:
-        thresholds = [t for t in (self.idle_shutdown_after, self.min_idle_shutdown_after) if t is not None]
+        thresholds = [t for t in (self._idle_after, self.min_idle_shutdown_after) if t is not None]
         tick = max(0.02, min(1.0, min(thresholds) / 5)) if thresholds else 1.0
         while True:
             await asyncio.sleep(tick)
-            for rid in self._state.idle_runners(self.loop.time(), self.idle_shutdown_after,
-                                                self.min_idle_shutdown_after):
-                self._spawn(self._stop_runner(rid, "idle"))
+            for rid in self._state.idle_runners(self.loop.time(), self._idle_after, self.min_idle_shutdown_after):
+                if self._idle_predicate is None:
+                    self._spawn(self._stop_runner(rid, "idle"))
+                else:
+                    self._spawn(self._stop_if_willing(rid, self._idle_predicate))
+
+    async def _stop_if_willing(self, rid: str, predicate: Callable[[], Any]) -> None:
+        """FLAME's ``{time, fn}``: an idle runner stops only if ``predicate()``, run on it, agrees.
+
+        It takes no new work while asked. Asked again after another idle period if it
+        declines; stopped if the predicate fails or does not answer (an idle runner must not
+        be kept forever by a broken predicate).
+        """
+        runner = self._runners.get(rid)
+        if runner is None:
+            return
+        try:
+            payload = dumps((predicate, (), {}), "the idle_shutdown_after predicate")
+            remote = await runner.conn.start("call", payload, link=True, progress=False, window=1,
+                                             on_finish=lambda: None)
+            try:
+                async with asyncio.timeout(PREDICATE_TIMEOUT):
+                    type_, data = await remote.next()
+                if type_ != "result":
+                    raise remote.failure(type_, data)
+                willing = bool(loads(data))
+            finally:
+                remote.abandon(True)
+        except Exception as exc:
+            log.warning("pool %r: the idle_shutdown_after predicate failed on runner %s, so it stops: %s: %s",
+                        self.name, rid, type(exc).__name__, exc)
+            willing = True
+        if willing:
+            await self._stop_runner(rid, "idle")
+        else:
+            self._apply(self._state.keep(rid, self.loop.time()))
 
 
 

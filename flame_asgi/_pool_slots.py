@@ -136,7 +136,8 @@ class PoolSlots:
             raise
 
     async def _start(self, rid: str, kind: WorkKind, payload: bytes, *, link: bool, progress: bool,
-                     obs: _telemetry.CallObserver, tokens: list[str], placement: Placement) -> RemoteCall:
+                     obs: _telemetry.CallObserver, tokens: list[str], placement: Placement,
+                     track: bool = False) -> RemoteCall:
         """Send the work to its runner; the RemoteCall then owns the slot and the Upload tokens."""
         obs.acquired(rid)
         runner = self._runners.get(rid)
@@ -148,7 +149,7 @@ class PoolSlots:
             self._unlinked += 1  # every path out of conn.start calls on_finish exactly once
         return await runner.conn.start(kind, payload, link=link, progress=progress, window=WINDOW,
                                        on_finish=functools.partial(self._finished, rid, link, placement),
-                                       trace=obs.trace, tokens=tokens)
+                                       trace=obs.trace, tokens=tokens, track=track)
 
     def _finished(self, rid: str, link: bool, placement: Placement) -> None:
         if not link:

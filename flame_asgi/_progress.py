@@ -1,7 +1,8 @@
-"""``report(event)``: progress events from remote code back to its caller.
+"""Remote code talking with its caller: ``report(event)`` sends progress back, and
+``receive()`` takes the next message a placed child was sent (``handle.send``).
 
-The runner sets a reporter in the context of each piece of work; worker threads get a
-copy of that context, so ``report`` finds it from async code, sync code and generators.
+The runner sets the current work in the context of each piece of work; worker threads get
+a copy of that context, so both find it from async code, sync code and generators.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any, Protocol
 
 class Reporter(Protocol):
     def report(self, event: Any) -> Sent: ...
+
+    def receive(self, timeout: float | None) -> Any: ...
 
 
 class Sent:
@@ -50,3 +53,18 @@ def report(event: Any) -> Sent:
     if reporter is None:
         return _DONE
     return reporter.report(event)
+
+
+def receive(timeout: float | None = None) -> Any:
+    """Take the next message sent to this child (``await handle.send(message)``), in order.
+
+    In async code, ``await receive()``; in a sync function running in a worker thread,
+    ``receive()`` blocks and returns the message. ``timeout`` (seconds) bounds the wait:
+    past it ``TimeoutError`` is raised (``timeout=0`` polls). Messages go only to children
+    placed with ``place_child``: elsewhere this raises ``RuntimeError``.
+    """
+    reporter = current_reporter.get()
+    if reporter is None:
+        raise RuntimeError("flame_asgi.receive() works only inside a child placed with pool.place_child(); "
+                           "there is no caller here to receive from")
+    return reporter.receive(timeout)

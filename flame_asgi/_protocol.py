@@ -14,14 +14,21 @@ Session (id 0)
                     not stop).
 
 Work (id chosen by the parent, one per call, cast, stream or child)
-  parent -> runner  ``call``: the payload is the pickled ``(fn, args)``; ``k`` is its
-                    ``WorkKind``, ``l`` link, ``p`` whether progress is wanted, ``w`` the
-                    credit window, ``tc`` the caller's trace context.
+  parent -> runner  ``call``: the payload is the pickled ``(fn, args, kwargs)``; ``k`` is
+                    its ``WorkKind``, ``l`` link, ``p`` whether progress is wanted, ``w`` the
+                    credit window, ``tc`` the caller's trace context, ``tr`` whether the
+                    resources in the result are tracked (``_tracking``).
   runner -> parent  ``event`` (a ``report()``) and ``item`` (a stream's next value), each
                     spending one credit; then exactly one terminal reply: ``result`` (the
                     return value), ``end`` (a stream finished), ``error`` (the exception)
                     or ``cancelled`` (stopped on request).
   parent -> runner  ``credit`` (``c``: that many events or items consumed), ``cancel``.
+  parent -> runner  ``message`` (a child's): the payload is what ``handle.send`` sent;
+                    the parent sends at most ``MESSAGE_WINDOW`` unacknowledged ones.
+  runner -> parent  ``credit`` (``c``: that many messages taken by ``receive()``).
+
+Tracked resources (id 0, ``x`` the resource's token)
+  parent -> runner  ``release``: the parent is done with a tracked object of a result.
 
 Transfers (id 0, ``x`` the Upload's token; either way, see ``_transfer``)
   reader -> source  ``pull`` (``c`` more chunks), ``drop`` (stopped reading early).
@@ -43,9 +50,11 @@ WorkReply = Literal[Credited, Terminal]  # frames a runner sends about one piece
 Reply = Literal[WorkReply, "lost"]  # what the parent's RemoteCall yields: "lost" is its own, never sent
 TransferAnswer = Literal["chunk", "eof", "abort"]  # a source's frames
 Transfer = Literal["pull", "drop", TransferAnswer]
-ToRunner = Literal["hello", "call", "credit", "cancel", "ping", "stop", Transfer]
-ToParent = Literal["ready", "refused", "ping", "recycle", WorkReply, Transfer]
+ToRunner = Literal["hello", "call", "credit", "cancel", "message", "release", "ping", "stop", Transfer]
+ToParent = Literal["ready", "refused", "ping", "recycle", "credit", WorkReply, Transfer]
 FrameType = Literal[ToRunner, ToParent]
+
+MESSAGE_WINDOW = 16  # messages to a child in flight, not yet taken by receive()
 
 WORK_KINDS: frozenset[str] = frozenset(get_args(WorkKind))
 CREDITED: frozenset[str] = frozenset(get_args(Credited))

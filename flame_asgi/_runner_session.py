@@ -28,9 +28,19 @@ from flame_asgi._keys import RunnerKeys
 from flame_asgi._parent import ParentInfo, _local_parent, code_version
 from flame_asgi._pickling import dumps, loads, pack_exception
 from flame_asgi._progress import Sent, current_reporter
-from flame_asgi._protocol import CREDITED, FrameType, WorkKind, WorkReply, is_to_runner, is_transfer, is_work_kind
+from flame_asgi._protocol import (
+    CREDITED,
+    MESSAGE_WINDOW,
+    FrameType,
+    WorkKind,
+    WorkReply,
+    is_to_runner,
+    is_transfer,
+    is_work_kind,
+)
 from flame_asgi._threads import ElasticThreadPool
 from flame_asgi._tracing import remote_span
+from flame_asgi._tracking import ResourceTable
 from flame_asgi._transfer import TransferHub
 from flame_asgi._writer import FrameWriter, split
 
@@ -69,6 +79,8 @@ class _Work:
         self.wants_progress: bool = frame.meta.get("p", False)
         self.credit: int = frame.meta.get("w", 32)
         self.trace: dict[str, str] | None = frame.meta.get("tc")  # the caller's trace context
+        self.track: bool = bool(frame.meta.get("tr", False))  # keep the result's resources (``_tracking``)
+        self._inbox: asyncio.Queue[bytes] | None = None  # a child's messages, made on first use
         self.task: asyncio.Task[None] | None = None
         self.started = False
         self.cancelled = False
@@ -92,6 +104,39 @@ class _Work:
         # From a worker thread: block it until the event is sent (back-pressure).
         asyncio.run_coroutine_threadsafe(self._enqueue_and_wait("event", data), loop).result()
         return Sent()
+
+    def deliver_message(self, data: bytes) -> None:
+        if self._inbox is None:
+            self._inbox = asyncio.Queue()
+        if self._inbox.qsize() < MESSAGE_WINDOW:  # the parent keeps within it; a peer that does not loses
+            self._inbox.put_nowait(data)
+
+    def receive(self, timeout: float | None) -> Any:
+        if self.kind != "child":
+            raise RuntimeError("flame_asgi.receive() works only inside a child placed with pool.place_child(), "
+                               f"not in a {self.kind}")
+        if threading.get_ident() == self.session.loop_thread:
+            return self._next_message(timeout)
+        # From a worker thread: block in short waits, so that a cancellation raised into
+        # this thread (WorkCancelled) is seen between them.
+        future = asyncio.run_coroutine_threadsafe(self._next_message(timeout), self.session.loop)
+        try:
+            while True:
+                try:
+                    return future.result(0.1)
+                except TimeoutError:
+                    if future.done():  # receive's own timeout, not this wait's
+                        raise
+        finally:
+            future.cancel()
+
+    async def _next_message(self, timeout: float | None) -> Any:
+        if self._inbox is None:
+            self._inbox = asyncio.Queue()
+        async with asyncio.timeout(timeout):
+            data = await self._inbox.get()
+        self.session.spawn_send("credit", self.id, c=1)
+        return loads(data, self.session.hub)
 
     async def _enqueue_and_wait(self, type_: WorkReply, data: bytes) -> None:
         await self.enqueue(type_, data)
@@ -128,11 +173,12 @@ class _Work:
             await self.session.send(type_, self.id, data)
 
     # -- threads -----------------------------------------------------------------------
-    def thread_call(self, ctx: contextvars.Context, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    def thread_call(self, ctx: contextvars.Context, fn: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
         with self._thread_lock:
             self.thread_ident = threading.get_ident()
         try:
-            return ctx.run(fn, *args)
+            return ctx.run(fn, *args, **kwargs)
         finally:
             with self._thread_lock:
                 self.thread_ident = None
@@ -180,6 +226,8 @@ class RunnerSession:
         self.loop_thread = 0
         self.end_reason: str | None = None
         self.hub = TransferHub(self.send, info.max_payload)
+        self.resources = ResourceTable()  # tracked objects the parent still holds
+        self._background: set[asyncio.Task[None]] = set()
 
     @property
     def active(self) -> int:
@@ -188,6 +236,15 @@ class RunnerSession:
     async def send(self, type_: FrameType, id_: int = 0, payload: bytes = b"", **meta: Any) -> None:
         assert self._writer is not None
         await self._writer.send(type_, id_, payload, **meta)
+
+    def spawn_send(self, type_: FrameType, id_: int = 0, **meta: Any) -> None:
+        """Send a control frame without waiting for it (a credit, say)."""
+        self._spawn(self._send_quietly(type_, id_, **meta))
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = self.loop.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def serve(self, channel: Channel) -> str:
         """Run the session to its end; return why it ended."""
@@ -273,6 +330,12 @@ class RunnerSession:
             target = self._work.get(frame.id)
             if target is not None:
                 target.add_credit(int(frame.meta.get("c", 0)))
+        elif type_ == "message":
+            target = self._work.get(frame.id)
+            if target is not None:
+                target.deliver_message(bytes(frame.payload))
+        elif type_ == "release":
+            self._spawn(self.resources.release(str(frame.meta.get("x", ""))))
         # "ping" needs nothing: every frame already refreshed _last_seen.
 
     async def _heartbeat(self) -> None:
@@ -295,9 +358,9 @@ class RunnerSession:
                         self.info.runner_id)
             self.loop.create_task(self._send_quietly("recycle", reason="a cancelled sync call is still running"))
 
-    async def _send_quietly(self, type_: FrameType, **meta: Any) -> None:
+    async def _send_quietly(self, type_: FrameType, id_: int = 0, **meta: Any) -> None:
         try:
-            await self.send(type_, **meta)
+            await self.send(type_, id_, **meta)
         except ChannelClosed:
             pass
 
@@ -308,15 +371,16 @@ class RunnerSession:
         try:
             if work.cancelled:
                 raise asyncio.CancelledError
-            fn, args = loads(payload, self.hub)
+            fn, args, kwargs = loads(payload, self.hub)
             del payload
             span.named(fn)
             if work.kind == "stream":
-                await self._run_stream(work, fn, args)
+                await self._run_stream(work, fn, args, kwargs)
                 await work.emit("end")
             else:
-                result = await self._invoke(work, fn, args)
-                await work.emit("result", dumps(result, f"the result of {_name(fn)}"))
+                result = await self._invoke(work, fn, args, kwargs)
+                await work.emit("result", dumps(result, f"the result of {_name(fn)}",
+                                                resources=self.resources if work.track else None))
         except asyncio.CancelledError:
             if not work.cancelled:
                 raise
@@ -339,25 +403,27 @@ class RunnerSession:
         except ChannelClosed:
             pass
 
-    async def _invoke(self, work: _Work, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    async def _invoke(self, work: _Work, fn: Callable[..., Any], args: tuple[Any, ...],
+                      kwargs: dict[str, Any]) -> Any:
         if inspect.iscoroutinefunction(_unwrap(fn)):
-            return await fn(*args)
-        result = await self._in_thread(work, fn, *args)
+            return await fn(*args, **kwargs)
+        result = await self._in_thread(work, fn, *args, **kwargs)
         if inspect.isawaitable(result):
             result = await result
         return result
 
-    async def _in_thread(self, work: _Work, fn: Callable[..., Any], *args: Any) -> Any:
+    async def _in_thread(self, work: _Work, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         ctx = contextvars.copy_context()
         assert self._executor is not None
-        return await self.loop.run_in_executor(self._executor, work.thread_call, ctx, fn, args)
+        return await self.loop.run_in_executor(self._executor, work.thread_call, ctx, fn, args, kwargs)
 
-    async def _run_stream(self, work: _Work, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    async def _run_stream(self, work: _Work, fn: Callable[..., Any], args: tuple[Any, ...],
+                          kwargs: dict[str, Any]) -> None:
         target = _unwrap(fn)
         if inspect.isasyncgenfunction(target) or inspect.isgeneratorfunction(target):
-            source = fn(*args)  # creating a generator runs none of its code
+            source = fn(*args, **kwargs)  # creating a generator runs none of its code
         else:
-            source = await self._invoke(work, fn, args)
+            source = await self._invoke(work, fn, args, kwargs)
         if hasattr(source, "__aiter__"):
             iterator = source.__aiter__()
             try:
@@ -395,6 +461,7 @@ class RunnerSession:
             for work in list(self._work.values()):
                 work.cancel()
         self.hub.close(reason)
+        await self.resources.release_all()  # the parent is gone or done: nobody will release them
         await self._flush()
         if self._channel is not None:
             await self._channel.aclose(reason)

@@ -70,8 +70,9 @@ class RemoteStream:
         except TimeoutError as exc:
             # ``scope`` is None when the wait for a slot timed out (a CallTimeout already).
             if scope is not None and scope.expired():
-                error = CallTimeout(f"stream did not yield its next item within {per_item:g} s")
-                self._close(error)
+                error = CallTimeout(f"stream did not yield its next item within {per_item:g} s; "
+                                    "it was cancelled on the runner")
+                self._close(error, cancel=True)  # a timeout ends the remote work, linked or not
                 raise error from None
             self._close(exc)
             raise
@@ -92,12 +93,12 @@ class RemoteStream:
         if self._remote is None and self._on_progress is None:
             self._on_progress = on_progress
 
-    def _close(self, exc: BaseException | None = None, outcome: str = "stopped") -> None:
+    def _close(self, exc: BaseException | None = None, outcome: str = "stopped", *, cancel: bool = False) -> None:
         """Stop for good: ``exc`` ended the stream, or it ended (``ok``) or was dropped (``stopped``)."""
         self._done = True
         self._obs.end(exc, None if exc is not None else outcome)
         if self._remote is not None:
-            self._remote.abandon(self._link)
+            self._remote.abandon(self._link or cancel)
 
     async def aclose(self) -> None:
         """Stop consuming: the remote generator is cancelled if linked, and the slot freed."""

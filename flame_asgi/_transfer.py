@@ -18,12 +18,13 @@ import os
 import secrets
 import threading
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
-from typing import Any, BinaryIO
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from typing import Any, BinaryIO, Literal
 
 from flame_asgi._exceptions import PayloadTooLarge, TransferError
 from flame_asgi._protocol import SendFrame, Transfer, TransferAnswer
 from flame_asgi._settings import MAX_TRANSFER
+from flame_asgi._tracking import noticed
 
 CHUNK_SIZE = 1 << 20
 WINDOW = 4  # chunks in flight per transfer
@@ -117,7 +118,9 @@ def _receive(token: str, size: int | None, limit: int) -> RemoteBytes:
     hub = _hub.get()
     if hub is None:
         raise TransferError("an Upload can only be received as part of a flame_asgi call")
-    return hub.remote(token, size, limit)
+    reader = hub.remote(token, size, limit)
+    noticed("drop", token, reader)  # in a tracked result, it keeps its runner up until read
+    return reader
 
 
 # Uploads pickled in this process, waiting to be pulled: token -> Upload. A token is
@@ -219,7 +222,11 @@ class TransferHub:
             self._credit_events.pop(token, None)
             forget([token])
 
-    async def _quiet(self, type_: Transfer, **meta: Any) -> None:
+    async def tell(self, type_: Literal["drop", "release"], token: str) -> None:
+        """Tell the other side it may free ``token`` (an unread transfer, a tracked object)."""
+        await self._quiet(type_, x=token)
+
+    async def _quiet(self, type_: Transfer | Literal["release"], **meta: Any) -> None:
         try:
             await self._send(type_, 0, b"", **meta)
         except Exception:
@@ -247,6 +254,7 @@ class RemoteBytes:
         self._started = False
         self._done = False
         self._received = 0
+        self._on_end: Callable[[], Any] | None = None  # a tracked one's release (``_tracking``)
 
     def __repr__(self) -> str:
         return f"<RemoteBytes size={self.size} received={self._received}>"
@@ -282,6 +290,8 @@ class RemoteBytes:
             if not self._done:
                 self._done = True
                 await self._hub._quiet("drop", x=self.token)
+            if self._on_end is not None:
+                self._on_end()
 
     def __iter__(self) -> Iterator[bytes]:
         """Sync iteration, for code running in a worker thread (not on the event loop)."""
