@@ -171,3 +171,130 @@ def count_with_progress(n: int) -> Iterator[int]:
     for i in range(n):
         report(f"making {i}")
         yield i
+
+
+# -- parity (tests/test_parity.py) ------------------------------------------------------
+def add(a: int, b: int = 0, *, c: int = 0) -> int:
+    return a + b + c
+
+
+async def aadd(a: int, *, b: int) -> int:
+    await asyncio.sleep(0)
+    return a + b
+
+
+def kw_count(n: int, *, step: int) -> Iterator[int]:
+    yield from range(0, n, step)
+
+
+def die_once(marker: str) -> str:
+    """Kill this runner the first time (as a crash would); succeed on the retry."""
+    if not os.path.exists(marker):
+        pathlib.Path(marker).touch()
+        die()
+    return "survived"
+
+
+def record_run(log: str, value: int) -> int:
+    """Append ``start value`` to ``log`` (one line per execution), then return ``value``."""
+    with open(log, "a") as f:
+        f.write(f"{value} {time.time()!r}\n")
+    return value
+
+
+def attempt_then_raise(path: str) -> None:
+    with open(path, "a") as f:
+        f.write("x")
+    raise ValueError("user error: not retried")
+
+
+def fail_on(value: int, bad: int) -> int:
+    if value == bad:
+        raise ValueError(f"bad item {value}")
+    return value
+
+
+async def slow_square(value: int, delay: float) -> int:
+    await asyncio.sleep(delay)
+    return value * value
+
+
+async def gated_square(value: int, gate: str, started_dir: str) -> int:
+    pathlib.Path(started_dir, str(value)).touch()
+    while not os.path.exists(gate):
+        await asyncio.sleep(0.01)
+    return value * value
+
+
+async def steer(count: int) -> list[Any]:
+    """A child steered by its parent: report each message taken, return them all."""
+    from flame_asgi import receive
+
+    got = []
+    for _ in range(count):
+        message = await receive()
+        got.append(message)
+        await report(("got", message))
+    return got
+
+
+def steer_sync(count: int) -> list[Any]:
+    """The same in a sync function (a worker thread): ``receive()`` blocks there."""
+    from flame_asgi import receive
+
+    got = []
+    for _ in range(count):
+        message = receive()
+        got.append(message)
+        report(("got", message))
+    return got
+
+
+async def poll_once() -> str:
+    from flame_asgi import receive
+
+    try:
+        await receive(timeout=0)
+    except TimeoutError:
+        return "nothing yet"
+    return "something"
+
+
+async def receive_outside_child() -> str:
+    from flame_asgi import receive
+
+    try:
+        await receive()
+    except RuntimeError as exc:
+        return str(exc)
+    return "no error"
+
+
+class Scratch:
+    """A file made on the runner, deleted there when the parent releases it (a trackable)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __flame_release__(self) -> None:
+        os.remove(self.path)
+
+
+def make_scratch(directory: str, name: str) -> Scratch:
+    path = os.path.join(directory, name)
+    pathlib.Path(path).write_text("scratch")
+    return Scratch(path)
+
+
+def make_bytes(size: int) -> dict[str, Any]:
+    from flame_asgi import Upload
+
+    return {"data": Upload(b"x" * size), "size": size}
+
+
+def file_exists(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def broken_predicate() -> bool:
+    raise RuntimeError("predicate broke")

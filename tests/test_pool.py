@@ -182,7 +182,7 @@ async def test_linked_cast_failure_is_reported_on_the_caller_side(backend: Backe
     async with FlamePool("castlink", backend=backend()) as pool:
         with caplog.at_level(logging.ERROR, logger="flame_asgi.pool"):
             pool.cast(remote.raise_value_error)
-            await until(lambda: "cast of raise_value_error() failed: remote boom" in caplog.text)
+            await until(lambda: "cast of raise_value_error() failed: ValueError: remote boom" in caplog.text)
 
 
 async def test_boot_error_reaches_the_caller_with_its_reason(tmp_path: pathlib.Path) -> None:

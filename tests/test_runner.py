@@ -106,7 +106,7 @@ async def test_execution_timeout_single_use_kills_work_and_runner(backend: Backe
     shrinks: list[str] = []
     async with FlamePool("single-timeout", backend=backend(), single_use=True, min=1,
                          on_shrink=lambda m: shrinks.append(m["reason"])) as pool:
-        with pytest.raises(CallTimeout, match=r"did not finish within 0\.5 s; the remote work was cancelled"):
+        with pytest.raises(CallTimeout, match=r"did not finish within 0\.5 s; it was cancelled on the runner"):
             await pool.call(sleep_noting_cancellation, str(tmp_path), timeout=0.5)
         await until(lambda: shrinks == ["single_use"])
     # The runner is gone; the remote sleep was cancelled, not left to finish (or, on a
@@ -124,15 +124,28 @@ async def test_execution_timeout_multi_use_runner_survives(backend: BackendFacto
         assert await pool.call(remote.runner_id) == rid
 
 
-async def test_unlinked_timeout_lets_the_work_finish(backend: BackendFactory, tmp_path: pathlib.Path) -> None:
+async def test_unlinked_work_outlives_its_caller_but_not_its_timeout(backend: BackendFactory,
+                                                                    tmp_path: pathlib.Path) -> None:
     gate, finished = tmp_path / "gate", tmp_path / "finished"
     async with FlamePool("unlinked-timeout", backend=backend(), min=1) as pool:
-        with pytest.raises(CallTimeout, match="keeps running"):
-            await pool.call(gated_touch, str(gate), str(finished), timeout=0.05, link=False)
+        # FLAME: a timeout terminates the function on the runner, linked or not.
+        with pytest.raises(CallTimeout, match="cancelled on the runner"):
+            # Its own gate, never opened: the runner may still be importing this module
+            # when the cancel arrives, and must not find the gate open by then.
+            await pool.call(gated_touch, str(tmp_path / "closed"), str(tmp_path / "timed-out"), timeout=0.05,
+                            link=False)
+        await until(lambda: sum(r.active for r in pool.stats().runners) == 0, what="the timed-out work's slot")
+        # link=False only decides whether the work outlives a caller that goes away.
+        caller = asyncio.create_task(pool.call(gated_touch, str(gate), str(finished), link=False))
+        await until(lambda: sum(r.active for r in pool.stats().runners) == 1, what="the unlinked call to start")
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
         assert sum(r.active for r in pool.stats().runners) == 1  # the slot stays held for it
         gate.touch()
         await until(lambda: finished.exists(), what="the unlinked work to finish")
         await until(lambda: sum(r.active for r in pool.stats().runners) == 0)
+        assert not (tmp_path / "timed-out").exists()
 
 
 async def test_cancelled_caller_cancels_linked_work(backend: BackendFactory, tmp_path: pathlib.Path) -> None:
