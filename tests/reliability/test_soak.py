@@ -1,11 +1,13 @@
 """Soak: 10,000 calls through a ProcessBackend pool while runners are killed at random.
 Every call returns its correct result or raises a documented error; none hangs, none is
-lost, the pool never runs more than ``max`` runners, and no process is left behind."""
+lost, the pool never runs more than ``max`` runners, and no process is left behind.
+With ``retries=3``, every call returns its result, and none runs again after it returned."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import pathlib
 import random
 import time
 
@@ -89,3 +91,65 @@ async def test_ten_thousand_calls_with_random_runner_kills() -> None:
     while child_pids() - before and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert child_pids() - before == set()  # ...and reaped, fork server included
+
+
+@pytest.mark.slow
+async def test_with_retries_every_call_succeeds_and_none_runs_after_it_returned(tmp_path: pathlib.Path) -> None:
+    rng = random.Random(20261201)
+    before = child_pids()
+    calls = CALLS
+    returned: dict[int, float] = {}
+    failures: list[BaseException] = []
+    kills: list[int] = []
+    todo = iter(range(calls))
+    backend = ProcessBackend(heartbeat_interval=0.5, heartbeat_timeout=5.0)
+    pool = FlamePool("soak-retries", backend=backend, max=MAX, max_concurrency=CONCURRENCY, boot_timeout=15,
+                     timeout=15, idle_shutdown_after=None, retries=3)
+
+    async def caller() -> None:
+        for i in todo:
+            try:
+                result = await pool.call(work.square_logged, i, str(tmp_path))
+            except Exception as exc:
+                failures.append(exc)
+            else:
+                returned[i] = time.time()
+                assert result == i * i
+
+    async def chaos(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(rng.uniform(0.05, 0.25))
+            pids = list(runner_pids(pool).values())
+            if pids:
+                victim = rng.choice(pids)
+                kill(victim)
+                kills.append(victim)
+
+    stop = asyncio.Event()
+    await pool.start()
+    try:
+        monkey = asyncio.create_task(chaos(stop))
+        async with asyncio.timeout(150):
+            await asyncio.gather(*(caller() for _ in range(CALLERS)))
+        stop.set()
+        await monkey
+    finally:
+        await pool.aclose()
+    runs: collections.defaultdict[int, list[float]] = collections.defaultdict(list)
+    for log in tmp_path.glob("runs.*"):
+        for line in log.read_text().splitlines():
+            value, at = line.split()
+            runs[int(value)].append(float(at))
+    again = sum(len(times) - 1 for times in runs.values())
+    print(f"\nsoak with retries=3: {calls} calls, {len(kills)} runners killed, {len(returned)} returned, "
+          f"{again} re-executions after a lost runner")
+    assert failures == []  # every call succeeded
+    assert len(returned) == calls
+    assert len(kills) >= 5
+    late = [i for i, times in runs.items() if max(times) > returned[i]]
+    assert late == []  # no execution started after its call had returned
+    assert set(runs) == set(range(calls))
+    deadline = time.monotonic() + 5
+    while child_pids() - before and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert child_pids() - before == set()
