@@ -254,3 +254,16 @@ async def test_troubleshooting_page_quotes_the_real_messages(monkeypatch: pytest
         quoted("was started in another event loop", other_loop)
         quoted("a pool serves the loop it started in. With Starlette's TestClient, use `with TestClient(app) as "
                "client:` so the app's lifespan starts its pools in the loop that serves the requests.", other_loop)
+
+
+@pytest.mark.parametrize(("page", "name", "expected"), [
+    ("pools.md", "map_demo.py", ["[5, 4, 3]", "16", "2 ValueError", "5"]),
+    ("pools.md", "track_demo.py", ["runners kept: 1", "frame bytes: 1000000", "scratch removed: True"]),
+    ("progress.md", "steer_demo.py", ["3 frame 3 at quality 5", "stopped after a few frames"]),
+])
+def test_parity_examples(tmp_path: pathlib.Path, page: str, name: str, expected: list[str]) -> None:
+    assert name in write_files(page, tmp_path)
+    run = subprocess.run([sys.executable, name], cwd=tmp_path, env=CLEAN_ENV, capture_output=True, text=True,
+                         timeout=100)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == expected
