@@ -1,4 +1,4 @@
-"""How much work each benchmark does: ``--quick`` (under two minutes) or the full run."""
+"""How much work each benchmark does: ``--quick`` (about two minutes) or the full run."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ class Config:
             pool_sim_waiters=100_000,
             pool_sim_ops=5_000,
             peer_timeout=50.0,
-            total_budget_s=110.0,
+            total_budget_s=140.0,
         )
 
     def as_dict(self) -> dict[str, object]:

@@ -32,10 +32,11 @@ def reason(d: Any, key: str = "reason") -> str:
 
 def figure(goal: P) -> str:
     """A target's measured figure with its unit, or "not measured"."""
-    if goal["value"] is None:
+    value = goal["value"]
+    if value is None:
         return "not measured"
-    return cell(goal, "value", unit=goal["unit"], digits=2 if goal["unit"] == "x" else (0 if goal["value"] >= 100
-                                                                                        else 1))
+    digits = 2 if goal["unit"] == "x" else (0 if isinstance(value, int) or value >= 100 else 1)
+    return cell(goal, "value", unit=goal["unit"], digits=digits)
 
 
 def verdict(goal: P) -> str:

@@ -1,4 +1,4 @@
-"""The report's PNG: warm-call latency distributions (left) and scale-out (right)."""
+"""The report's PNG: warm-call latency distributions, scale-out, and pool bookkeeping at scale."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def render(report: P, path: str) -> None:
     import matplotlib.pyplot as plt
 
     m = report["measurements"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    fig, (left, right, sim_ax) = plt.subplots(1, 3, figsize=(19, 5))
     w = m["warm_call"]
     series = [
         ("flame_asgi call (closure)", get(w, "ours", "closure")),
@@ -57,8 +57,27 @@ def render(report: P, path: str) -> None:
     right.set_title(f"Scale-out: {so.get('tasks', '?')} CPU-bound tasks of ~{so.get('task_ms', 0):g} ms")
     right.legend(fontsize=8)
     right.grid(True, axis="y", alpha=0.3)
+    _bookkeeping(sim_ax, m["pool_bookkeeping"]["ours"])
     meta = report["meta"]
     fig.suptitle(f"flame_asgi benchmark {meta['timestamp']} ({'--quick' if meta['quick'] else 'full'})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _bookkeeping(ax: Any, sim: P) -> None:
+    """Per-decision time against the number of runners: flat or logarithmic, not linear."""
+    per_size = sim.get("per_decision_us") if isinstance(sim, dict) else None
+    if not per_size:
+        ax.set_title("Pool bookkeeping: not measured in this run")
+        return
+    sizes = [int(n) for n in per_size]
+    for op in per_size[str(sizes[0])]:
+        ax.plot(sizes, [per_size[str(n)][op] for n in sizes], marker="o", label=op.replace("_", " "))
+    ax.set_xscale("log")
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("runners (log scale)")
+    ax.set_ylabel("µs per decision")
+    ax.set_title(f"Pool bookkeeping, {sim['waiters']:,} callers queued")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)

@@ -195,7 +195,7 @@ def targets(m: P) -> list[P]:
                                       f"cold call {get(d, 'cold_call', 'best_ms')} ms / `docker run` to first "
                                       f"response {get(d, 'docker_run_first_response', 'best_ms')} ms", [d]),
         "pool_bookkeeping": (get(sim, "worst_ratio"),
-                             "slowest decision's time at 10,000 runners / at 10, "
+                             "the decision that grows most: its time at 10,000 runners / at 10, "
                              f"{get(sim, 'waiters') or 0:,} callers queued", [sim]),
         "burst_none_lost": (b.get("lost"), f"{b.get('calls')} calls, {len(b.get('rounds_ms', []))} round(s)", [b]),
     }
