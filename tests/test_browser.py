@@ -7,14 +7,21 @@ tests launch /usr/bin/chromium).
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+from tests.apps.procs import descendants
 from tests.conftest import CHROMIUM
-from tests.example_server import ExampleServer, make_video, serve_example
+from tests.example_server import ExampleServer, make_video, serve_example, uploads
+from tests.reliability.support import listening_addresses
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
@@ -82,3 +89,138 @@ def test_thumbnails_appear_live_then_are_listed_from_the_database(
     page.screenshot(path=str(tmp_path / "after-reload.png"), full_page=True, animations="disabled")
     print(f"screenshots: {tmp_path / 'live.png'} {tmp_path / 'after-reload.png'}")
     assert page_errors == []
+
+
+def open_page(browser: Any, server: ExampleServer, width: int = 1100) -> tuple[Any, list[str]]:
+    """The showcase in a new page; the list collects its script errors and failed requests."""
+    page = browser.new_page(viewport={"width": width, "height": 900})
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    page.on("response", lambda r: problems.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    page.goto(server.url)
+    page.locator("#pool[data-state=live]").wait_for(timeout=15_000)
+    return page, problems
+
+
+def runner_pid(server: ExampleServer) -> int:
+    """The process of the pool's one runner: the server's Python descendant listening on its
+    port (the ffmpeg it runs holds that socket too)."""
+    (runner,) = httpx.get(server.url + "/api/stats", timeout=10).json()["runners"]
+    port = int(runner["url"].rsplit(":", 1)[1])
+    (pid,) = [p for p in descendants(server.pid)
+              if ("127.0.0.1", port) in listening_addresses(p) and b"python" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    return pid
+
+
+def test_a_file_that_is_not_a_video_is_refused_and_nothing_boots(
+        browser: Any, server: ExampleServer, tmp_path: Path) -> None:
+    notes = tmp_path / "notes.mp4"
+    notes.write_text("a shopping list, renamed\n")
+    page, problems = open_page(browser, server)
+    page.set_input_files("#file", str(notes))
+    page.click("#upload")
+    status = page.locator("#status[data-state=error]")
+    status.wait_for(timeout=15_000)
+    assert status.inner_text() == ("Upload refused: 'notes.mp4' is not a video ffmpeg can read: "
+                                   "choose an MP4, MOV, WebM or MKV file")
+    assert page.locator("#progress").is_hidden()
+    assert page.locator("#pool").inner_text() == "none (scaled to zero)"
+    assert not page.locator("#upload").is_disabled()  # ready for the next try
+    assert page.locator("#jobs li").count() == 0 and uploads(server) == []
+    assert problems == [f"422 {server.url}/api/jobs"]
+
+
+def test_after_a_runner_dies_the_progress_bar_stops_and_says_so(browser: Any, server: ExampleServer) -> None:
+    page, problems = open_page(browser, server)
+    page.fill("#count", "60")
+    page.click("#sample")
+    page.wait_for_function("document.querySelectorAll('#grid figure').length >= 2", timeout=30_000)
+    os.kill(runner_pid(server), signal.SIGKILL)
+
+    page.locator("#status[data-state=error]").wait_for(timeout=30_000)
+    status = page.locator("#status").inner_text()
+    assert status == "Failed: the runner doing this job stopped unexpectedly (it crashed or was killed)"
+    made = page.locator("#grid figure").count()
+    bar = page.locator("#progress")
+    assert bar.get_attribute("data-state") == "error" and bar.evaluate("b => [b.value, b.max]") == [made, 60]
+    assert bar.evaluate("b => b.matches(':indeterminate')") is False  # it no longer moves
+    assert page.locator("#progress-note").inner_text() == f"Stopped at {made} of 60 thumbnails."
+    assert page.locator("#cancel").is_hidden() and not page.locator("#sample").is_disabled()
+    job = page.locator("#jobs li.job[data-status=failed]")
+    job.wait_for(timeout=10_000)
+    shown = job.locator("p.error").inner_text()
+    assert shown == "the runner doing this job stopped unexpectedly (it crashed or was killed)"
+    assert "runner thumbs-" in server.log.read_text()  # the detail went to the log
+    assert problems == []
+
+
+def test_a_reloaded_page_attaches_to_its_job_and_cancel_still_cancels(browser: Any, server: ExampleServer) -> None:
+    page, problems = open_page(browser, server)
+    page.fill("#count", "60")
+    page.click("#sample")
+    page.wait_for_function("document.querySelectorAll('#grid figure').length >= 2", timeout=30_000)
+    job_id = page.locator("#live").get_attribute("data-job")
+    assert page.evaluate("location.hash") == f"#job={job_id}"
+
+    page.reload()
+    page.locator("#live").wait_for(timeout=10_000)
+    page.wait_for_function("document.querySelectorAll('#grid figure').length >= 3", timeout=30_000)
+    assert page.locator("#live").get_attribute("data-job") == job_id
+    indexes = page.locator("#grid figure").evaluate_all("fs => fs.map(f => Number(f.dataset.index))")
+    assert indexes == list(range(len(indexes)))  # replayed from the first, then live
+    assert page.locator("#progress").evaluate("b => b.max") == 60
+
+    page.click("#cancel")
+    page.locator("#status[data-state=cancelled]").wait_for(timeout=30_000)
+    assert page.locator("#status").inner_text() == "Cancelled: the runner stopped the job."
+    assert page.locator("#progress").get_attribute("data-state") == "cancelled"
+    deadline = time.monotonic() + 20
+    while server.sqlite("SELECT status FROM jobs WHERE id = ?", job_id) != [("cancelled",)]:
+        assert time.monotonic() < deadline, "the job was not cancelled"
+        time.sleep(0.05)
+    page.reload()  # the job is over: the page starts fresh, the job is listed
+    page.locator(f"#jobs li.job[data-job='{job_id}'][data-status=cancelled]").wait_for(timeout=10_000)
+    assert page.locator("#live").is_hidden()
+    assert problems == []
+
+
+def test_the_runner_panel_shows_a_booting_runner_live(browser: Any, tmp_path: Path) -> None:
+    # Runners that take two seconds to come up, as containers do: long enough to be seen booting.
+    with serve_example(tmp_path / "data", EXAMPLE_BOOT_DELAY="2") as server:
+        page, problems = open_page(browser, server)
+        panel = page.locator("#pool")
+        assert panel.inner_text() == "none (scaled to zero)"
+        page.fill("#count", "3")
+        page.click("#sample")
+        panel.locator(".runner[data-state=booting]").wait_for(timeout=15_000)
+        assert panel.locator(".runner").all_inner_texts() == ["booting…", "1 waiting"]  # the job waits for it
+        panel.locator(".runner[data-state=busy]").wait_for(timeout=30_000)
+        (busy,) = panel.locator(".runner").all_inner_texts()
+        assert re.fullmatch(r"thumbs-1-\w+ · 1 active", busy)
+        page.locator("#status[data-state=done]").wait_for(timeout=30_000)
+        panel.locator(".runner[data-state=idle]").wait_for(timeout=10_000)
+        assert problems == []
+
+
+def test_the_layout_holds_on_a_phone_and_with_a_long_strip(
+        browser: Any, server: ExampleServer, tmp_path: Path) -> None:
+    video = make_video(tmp_path / "a-long-holiday-video-name-straight-from-the-phone-2026-07-14.mp4", seconds=4)
+    page, problems = open_page(browser, server)
+    page.set_input_files("#file", str(video))
+    page.fill("#count", "20")  # a strip of 20 thumbnails (140 px each): far wider than the page
+    page.click("#upload")
+    page.locator("#status[data-state=done]").wait_for(timeout=45_000)
+    page.locator("#jobs li.job .strip figure >> nth=19").wait_for(timeout=10_000)
+    for width in (1100, 375):
+        page.set_viewport_size({"width": width, "height": 800})
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+        strip = page.locator("#jobs li.job .strip").first
+        assert strip.evaluate("s => s.scrollWidth > s.clientWidth")  # it scrolls inside its card
+        for selector in (".job-head", ".job-head .name", ".job-head .muted", "#live h2"):
+            box = page.locator(selector).first.bounding_box()
+            assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= width, (width, selector, box)
+    icon = page.evaluate("fetch(document.querySelector('link[rel=icon]').href)"
+                         ".then(r => [r.status, r.headers.get('content-type')])")
+    assert icon == [200, "image/svg+xml"]
+    assert httpx.get(server.url + "/favicon.ico", timeout=10).status_code == 200
+    assert problems == []
