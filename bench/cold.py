@@ -2,7 +2,7 @@
 
 - ``empty_pool``: create a ProcessBackend pool with ``min=0`` and await one call.
 - ``scale_from_zero``: the pool is running, its runner has idled away (and exited);
-  a call arrives. The performance target is this one (≤ 150 ms).
+  a call arrives. The performance target is this one (≤ 20 ms).
 - references: ``python -c pass``; a fresh interpreter + uvicorn + FastAPI app to its
   first HTTP response; and the same app forked from a pre-imported template process
   (``bench._forkref``) to its first response, what a fork server could reach.
