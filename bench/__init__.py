@@ -6,6 +6,6 @@ call), ``latency``, ``throughput``, ``cold``, ``scaleout``, ``payload``, ``burst
 ``pool_sim`` (the pool's bookkeeping at scale) and ``memory``; ``peers`` runs Ray
 (``peer_ray``) and Dask (``peer_dask``) in their own interpreters. ``run`` drives them
 one after another; ``report``, ``markdown`` and ``plot`` write the JSON, the tables and
-the PNG. What runners execute lives in
-``tasks``; ``python -m bench.profile`` shows where a call's time goes.
+the PNG. What runners execute lives in ``tasks``; ``python -m bench.profile`` shows
+where a call's time goes.
 """
