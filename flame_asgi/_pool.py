@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import inspect
 import itertools
 import logging
 import os
@@ -19,31 +18,27 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from flame_asgi import _telemetry
 from flame_asgi._child import ChildHandle
-from flame_asgi._exceptions import BootError, CallTimeout, FlameError, PoolClosed, RunnerLost
-from flame_asgi._lease import CallOptions, Dispatch, FlameRunner, Placement
+from flame_asgi._exceptions import BootError
+from flame_asgi._lease import CallOptions, FlameRunner, Placement
 from flame_asgi._map import MapIterator
-from flame_asgi._options import check_options, check_retries
+from flame_asgi._options import check_options
 from flame_asgi._parent import runner_mode
-from flame_asgi._pickling import dumps, loads
+from flame_asgi._pool_calls import PoolCalls
 from flame_asgi._pool_scaling import BOOT_RETRY_INTERVAL, PoolScaling, _Runner
 from flame_asgi._pool_slots import PoolSlots
 from flame_asgi._pool_state import PoolState
 from flame_asgi._secret import channel_secret
 from flame_asgi._settings import MAX_PAYLOAD
 from flame_asgi._stream import RemoteStream
-from flame_asgi._tracking import track
-from flame_asgi._transfer import forget
 from flame_asgi.backends import Backend, backend_from_env
 
 if TYPE_CHECKING:
-    from flame_asgi._connection import RemoteCall
+    pass
 
 log = logging.getLogger("flame_asgi.pool")
 T = TypeVar("T")
 Hook = Callable[..., Any]
 WINDOW = 32  # progress events / stream items in flight per call (back-pressure)
-RETRY_BACKOFF = 0.1  # a retry waits this long, doubling with each further attempt,
-MAX_RETRY_BACKOFF = 2.0  # up to this: a replacement runner usually needs one boot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +60,7 @@ class PoolStats:
     pid: int = dataclasses.field(default_factory=os.getpid)
 
 
-class FlamePool(PoolSlots, PoolScaling):
+class FlamePool(PoolCalls, PoolSlots, PoolScaling):
     """A pool of runners: copies of this app, booted on demand through a backend.
 
     Use it as ``async with FlamePool("name", ...) as pool`` or register it on an app with
@@ -287,72 +282,6 @@ class FlamePool(PoolSlots, PoolScaling):
         with _telemetry.observe_call(self, "call", fn) as obs:
             return await self._call(obs, fn, args, kwargs, opts, self._placement)
 
-    async def _call(self, obs: _telemetry.CallObserver, fn: Callable[..., Any], args: tuple[Any, ...],
-                    kwargs: dict[str, Any], opts: CallOptions, placement: Placement,
-                    pickled: tuple[bytes, list[str]] | None = None) -> Any:
-        attempt = 0
-        while True:
-            try:
-                return await self._attempt(obs, fn, args, kwargs, opts, placement, pickled)
-            except RunnerLost as exc:
-                pickled = None  # its Upload tokens were forgotten when the attempt ended
-                if attempt >= opts.retries or not self._running:
-                    raise
-                attempt += 1
-                delay = min(RETRY_BACKOFF * 2 ** (attempt - 1), MAX_RETRY_BACKOFF)
-                log.warning("pool %r: %s lost its runner (%s); retry %d of %d in %.2f s", self.name, _name(fn),
-                            exc.reason or exc, attempt, opts.retries, delay)
-                await asyncio.sleep(delay)
-
-    async def _attempt(self, obs: _telemetry.CallObserver, fn: Callable[..., Any], args: tuple[Any, ...],
-                       kwargs: dict[str, Any], opts: CallOptions, placement: Placement,
-                       pickled: tuple[bytes, list[str]] | None) -> Any:
-        # Pickled per attempt: a retry's Uploads are registered anew (the lost attempt's
-        # tokens were forgotten when it ended).
-        if pickled is None:
-            tokens: list[str] = []
-            payload = dumps((fn, args, kwargs), f"the call to {_name(fn)}", tokens)
-        else:
-            payload, tokens = pickled
-        rid = await placement.checkout(tokens, opts.wait)
-        holding = self._hold(rid) if opts.track_resources else None  # until the result's resources are known
-        try:
-            remote = await self._start(rid, "call", payload, link=opts.link, progress=opts.on_progress is not None,
-                                       obs=obs, tokens=tokens, placement=placement, track=opts.track_resources)
-            return await self._await_result(remote, fn, opts, rid)
-        finally:
-            if holding is not None:
-                holding()
-
-    async def _await_result(self, remote: RemoteCall, fn: Any, opts: CallOptions, rid: str) -> Any:
-        hub = remote.hub
-        ended = False
-        try:
-            async with asyncio.timeout(opts.run) as scope:
-                while True:
-                    type_, data = await remote.next()
-                    if type_ == "event":
-                        assert opts.on_progress is not None
-                        result = opts.on_progress(loads(data, hub))
-                        if inspect.isawaitable(result):
-                            await result
-                    elif type_ == "result":
-                        if opts.track_resources:
-                            return track(loads, data, hub, functools.partial(self._hold, rid))
-                        return loads(data, hub)
-                    else:
-                        raise remote.failure(type_, data)
-        except TimeoutError:
-            if scope.expired():
-                # FLAME: a call's timeout ends the work on the runner too, linked or not.
-                ended = True
-                remote.abandon(True)
-                raise CallTimeout(_overran(fn, opts.run)) from None
-            raise
-        finally:
-            if not ended:
-                remote.abandon(opts.link)
-
     def cast(self, fn: Callable[..., Any], *args: Any, link: bool = True, timeout: float | None = None,
              retries: int | None = None, **kwargs: Any) -> None:
         """Schedule ``fn(*args, **kwargs)`` on a runner and return at once.
@@ -365,69 +294,17 @@ class FlamePool(PoolSlots, PoolScaling):
                            self._retries(retries))
         self._cast_on(self._placement, fn, args, kwargs, opts)
 
-    def _cast_on(self, placement: Placement, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-                 opts: CallOptions) -> None:
-        tokens: list[str] = []
-        payload = dumps((fn, args, kwargs), f"the cast of {_name(fn)}", tokens)  # fails here, in the caller
-        try:
-            self._ensure_running()
-        except PoolClosed:
-            forget(tokens)
-            raise
-        loop = asyncio.get_running_loop()
-        task = loop.create_task(self._cast(fn, args, kwargs, opts, placement, (payload, tokens)))
-        self._casts[task] = opts.link
-        task.add_done_callback(self._casts.pop)
-
-    async def _cast(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], opts: CallOptions,
-                    placement: Placement, pickled: tuple[bytes, list[str]]) -> None:
-        obs = _telemetry.observe_call(self, "cast", fn)
-        try:
-            await self._call(obs, fn, args, kwargs, opts, placement, pickled)
-        except asyncio.CancelledError as exc:
-            obs.end(exc)
-            raise
-        except Exception as exc:
-            obs.end(exc)
-            log.error("pool %r: cast of %s failed: %s: %s", self.name, _name(fn), type(exc).__name__,
-                      str(exc) or "(no message)", exc_info=exc if not isinstance(exc, FlameError) else None)
-        else:
-            obs.end()
-
     def stream(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None,
                link: bool = True, on_progress: Callable[[Any], Any] | None = None, **kwargs: Any) -> RemoteStream:
         """Iterate (``async for``) over what generator ``fn(*args, **kwargs)`` yields on a
         runner; ``report(event)`` calls in it reach ``on_progress``, in order with the items."""
         return self._stream_on(self._placement, fn, args, kwargs, timeout, link, on_progress)
 
-    def _stream_on(self, placement: Placement, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-                   timeout: float | None, link: bool, on_progress: Callable[[Any], Any] | None) -> RemoteStream:
-        tokens: list[str] = []
-        payload = dumps((fn, args, kwargs), f"the stream of {_name(fn)}", tokens)
-        dispatch = Dispatch(placement, self._start, functools.partial(_telemetry.observe_call, self))
-        return RemoteStream(dispatch, fn, payload, tokens, wait=self.boot_timeout if timeout is None else timeout,
-                            per_item=self.timeout if timeout is None else timeout, link=link, on_progress=on_progress)
-
     async def place_child(self, fn: Callable[..., Any], *args: Any, link: bool = True,
                           on_progress: Callable[[Any], Any] | None = None, **kwargs: Any) -> ChildHandle:
         """Start long-running ``fn(*args, **kwargs)`` on a runner; it holds a slot until it
         ends. ``await handle.send(message)`` reaches ``flame_asgi.receive()`` in the child."""
         return await self._place_child_on(self._placement, fn, args, kwargs, link, on_progress)
-
-    async def _place_child_on(self, placement: Placement, fn: Callable[..., Any], args: tuple[Any, ...],
-                              kwargs: dict[str, Any], link: bool,
-                              on_progress: Callable[[Any], Any] | None) -> ChildHandle:
-        tokens: list[str] = []
-        payload = dumps((fn, args, kwargs), f"the child {_name(fn)}", tokens)
-        obs = _telemetry.observe_call(self, "child", fn)
-        try:
-            rid = await placement.checkout(tokens, self.boot_timeout)
-            remote = await self._start(rid, "child", payload, link=link, progress=True, obs=obs, tokens=tokens,
-                                       placement=placement)
-        except BaseException as exc:
-            obs.end(exc)
-            raise
-        return ChildHandle(rid, remote, link, on_progress, obs)
 
     def map(self, fn: Callable[..., Any], iterable: Iterable[Any] | AsyncIterable[Any], *,
             timeout: float | None = None, ordered: bool = True, max_in_flight: int | None = None,
@@ -444,37 +321,3 @@ class FlamePool(PoolSlots, PoolScaling):
         limit = self.max * self.max_concurrency if max_in_flight is None else max_in_flight
         return MapIterator(run, fn, iterable, ordered=ordered, max_in_flight=limit,
                            return_exceptions=return_exceptions)
-
-    def _retries(self, retries: int | None) -> int:
-        if retries is None:
-            return self.retries
-        check_retries(f"call on pool {self.name!r}", retries)
-        return retries
-
-    def _hold(self, rid: str) -> Callable[[], None]:
-        """Keep runner ``rid`` up (past idle shutdown and single use) until the returned
-        function is called, once."""
-        if not self._state.hold(rid):
-            return lambda: None
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                decision = self._state.unhold(rid, self.loop.time())
-                if self._running:  # a closing pool stops every runner anyway
-                    self._apply(decision)
-
-        return release
-
-
-def _name(fn: Any) -> str:
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    return f"{getattr(fn, '__qualname__', type(fn).__qualname__)}()"
-
-
-def _overran(fn: Any, run: float | None) -> str:
-    return f"{_name(fn)} did not finish within {run:g} s; it was cancelled on the runner"
-

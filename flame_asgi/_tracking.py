@@ -25,10 +25,7 @@ import logging
 import secrets
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
-
-if TYPE_CHECKING:
-    from flame_asgi._transfer import TransferHub
+from typing import Any, Literal, Protocol, runtime_checkable
 
 log = logging.getLogger("flame_asgi.tracking")
 
@@ -92,6 +89,14 @@ def reduce_tracked(table: ResourceTable, obj: Any, protocol: int) -> Any:
 
 # -- parent side ------------------------------------------------------------------------
 Let = Literal["drop", "release"]  # the frame that lets the runner free a resource
+
+
+class Teller(Protocol):
+    """Where a release is told: the channel end the result came through (a ``TransferHub``)."""
+
+    async def tell(self, type_: Let, token: str) -> None: ...
+
+
 _found: contextvars.ContextVar[list[tuple[Let, str, Any]] | None] = contextvars.ContextVar(
     "flame_tracked_found", default=None)
 # id(object) -> its finalizer, for release(obj): ids, because user objects need not be hashable.
@@ -112,7 +117,7 @@ def noticed(frame: Let, token: str, obj: Any) -> None:
         found.append((frame, token, obj))
 
 
-def track(load: Callable[[Any, TransferHub], Any], data: Any, hub: TransferHub,
+def track(load: Callable[[Any, Any], Any], data: Any, hub: Teller,
           hold: Callable[[], Callable[[], None]]) -> Any:
     """Unpickle a tracked result; every resource in it takes a hold (``hold()`` returns the
     hold's release) that ends when the resource is read, released or dropped."""
@@ -162,7 +167,7 @@ class _Manual:
             fn(*self._args)
 
 
-def _let_go(key: int, loop: asyncio.AbstractEventLoop, hub: TransferHub, frame: Let,
+def _let_go(key: int, loop: asyncio.AbstractEventLoop, hub: Teller, frame: Let,
             token: str, unhold: Callable[[], None]) -> None:
     # Runs while the object is released or dies (so its id cannot have been reused yet):
     # in any thread, or on the loop itself. The frame and the hold's end belong to the loop.

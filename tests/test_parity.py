@@ -82,7 +82,7 @@ async def test_map_keeps_input_order_or_yields_as_finished(backend: BackendFacto
                 yield i
 
         assert [r async for r in pool.map(remote.square, numbers())] == [0, 1, 4, 9, 16]
-        delays = [0.4, 0.0, 0.2]
+        delays = [1.0, 0.0, 0.5]
         fn = functools.partial(remote.slow_square, delay=0.0)
         assert [r async for r in pool.map(fn, [])] == []
         got = [r async for r in pool.map(_delayed, list(zip(range(3), delays, strict=True)), ordered=False)]
@@ -90,12 +90,9 @@ async def test_map_keeps_input_order_or_yields_as_finished(backend: BackendFacto
         assert got[0] == 1  # the one without a delay came first
 
 
-def _delayed(pair: tuple[int, float]) -> int:
-    import time
-
+async def _delayed(pair: tuple[int, float]) -> int:
     value, delay = pair
-    time.sleep(delay)
-    return value * value
+    return await remote.slow_square(value, delay)
 
 
 async def test_map_bounds_calls_in_flight(backend: BackendFactory, tmp_path: pathlib.Path) -> None:
