@@ -1,12 +1,14 @@
 # The showcase app (example_app) as one image for the web process *and* its runners:
-# DockerBackend(image=None) boots runners from the image the web process runs, and
-# FlyBackend from FLY_IMAGE_REF, so both sides always run the same code.
+# DockerBackend(image=None) boots runners from the image the web process runs,
+# KubernetesBackend from the parent Pod's image and FlyBackend from FLY_IMAGE_REF, so
+# both sides always run the same code (FLAME_BACKEND=docker|kubernetes|fly picks one).
 #   docker build -t flame-thumbs .
 #   docker run --rm -p 8000:8000 -v "$PWD/data:/data" flame-thumbs   # runners: local processes
 # See docs/tutorial.md ("Deploying") for container runners.
 FROM python:3.11-slim
 
-# ffmpeg for the runners' work (and for the sample videos they generate).
+# ffmpeg for the runners' work (and the sample videos they generate), and ffprobe for the
+# web process, which checks that an upload is a video before it boots anything.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ffmpeg \
     && rm -rf /var/lib/apt/lists/*
@@ -20,7 +22,7 @@ WORKDIR /app
 # The library and the app's dependencies first: this layer is reused while only the app changes.
 COPY pyproject.toml README.md ./
 COPY flame_asgi ./flame_asgi
-RUN pip install '.[example,docker]'
+RUN pip install '.[example,docker,kubernetes]'
 COPY example_app ./example_app
 
 RUN mkdir -p /data

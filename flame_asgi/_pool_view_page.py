@@ -79,13 +79,18 @@ const secs = (s) => s == null ? "–" : s < 1 ? `${Math.round(s * 1000)} ms` : `
 
 function tile(value, label, key) { return el("div", { class: "tile", "data-key": key }, el("b", { text: value }), el("span", { text: label })); }
 
-function chart(pool, now) {
-  const NS = "http://www.w3.org/2000/svg", W = 600, H = 100, span = 600;
+// The chart covers the last ten minutes, or less while this process is younger (from 1 min).
+const chartSpan = (data) => Math.min(600, Math.max(60, data.now - data.since));
+
+function chart(pool, now, span) {
+  const NS = "http://www.w3.org/2000/svg", W = 600, H = 100;
   const svg = document.createElementNS(NS, "svg");
   svg.setAttribute("class", "chart"); svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
   svg.setAttribute("preserveAspectRatio", "none");
   const top = Math.max(pool.max, 1), x = (t) => W - (now - t) / span * W, y = (v) => H - 4 - v / top * (H - 10);
-  const pts = pool.history.filter((p) => now - p[0] <= span);
+  const before = pool.history.filter((p) => now - p[0] > span).pop();  // the state as the window opens
+  const pts = [...(before ? [[now - span, before[1], before[2], before[3]]] : []),
+    ...pool.history.filter((p) => now - p[0] <= span)];
   const last = pts.length ? pts[pts.length - 1] : [now, 0, 0, 0];
   const series = [...pts, [now, last[1], last[2], last[3]]];
   const step = (value) => {
@@ -127,7 +132,7 @@ function failures(pool, now) {
 
 function render(data) {
   document.getElementById("pid").textContent = data.pid;
-  const now = data.now;
+  const now = data.now, span = chartSpan(data);
   const sections = data.pools.map((pool) => el("section", { class: "pool", "data-pool": pool.name },
     el("h2", {}, el("span", { text: pool.name }), el("span", { class: "tag", text: pool.backend }),
       el("span", { class: "tag", text: `min ${pool.min} · max ${pool.max} · ${pool.capacity} slot(s) each` }),
@@ -140,11 +145,11 @@ function render(data) {
       tile(pool.calls_per_second.toFixed(1), `calls/s (${pool.calls_total} done)`, "rate"),
       tile(secs(pool.boot_median), `median boot (${pool.boot_times.length})`, "boot"),
       tile(String(pool.failed_total), "failed calls", "failed")),
-    chart(pool, now),
+    chart(pool, now, span),
     el("div", { class: "legend" }, el("span", {}, el("i", { style: "background:#ffa94d" }), "runners"),
       el("span", {}, el("i", { style: "background:#ffe066" }), "booting"),
       el("span", {}, el("i", { style: "background:#1971c2" }), "waiting"),
-      el("span", { text: "last 10 min; dashed: max" })),
+      el("span", { text: `last ${span < 90 ? `${Math.round(span)} s` : `${Math.round(span / 60)} min`}; dashed: max (${pool.max})` })),
     el("h3", { text: "Runners" }), runnersTable(pool, now),
     el("h3", { text: "Recent failures" }), failures(pool, now)));
   if (!sections.length) sections.push(el("p", { class: "empty", text: "This app has no pools." }));

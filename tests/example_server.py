@@ -17,6 +17,9 @@ from typing import Any
 
 import httpx
 
+from tests.apps.procs import descendants
+from tests.reliability.support import listening_addresses
+
 REPO = Path(__file__).resolve().parent.parent
 
 @dataclasses.dataclass
@@ -96,3 +99,13 @@ def uploads(server: ExampleServer) -> list[Path]:
     """What is left in the app's upload folder."""
     folder = server.data_dir / "uploads"
     return sorted(folder.iterdir()) if folder.exists() else []
+
+
+def runner_pid(server: ExampleServer) -> int:
+    """The process of the pool's one runner: the server's Python descendant listening on its
+    port (the ffmpeg it runs holds that socket too)."""
+    (runner,) = httpx.get(server.url + "/api/stats", timeout=10).json()["runners"]
+    port = int(runner["url"].rsplit(":", 1)[1])
+    (pid,) = [p for p in descendants(server.pid)
+              if ("127.0.0.1", port) in listening_addresses(p) and b"python" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    return pid

@@ -18,10 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.apps.procs import descendants
 from tests.conftest import CHROMIUM
-from tests.example_server import ExampleServer, make_video, serve_example, uploads
-from tests.reliability.support import listening_addresses
+from tests.example_server import ExampleServer, make_video, runner_pid, serve_example, uploads
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
@@ -100,16 +98,6 @@ def open_page(browser: Any, server: ExampleServer, width: int = 1100) -> tuple[A
     page.goto(server.url)
     page.locator("#pool[data-state=live]").wait_for(timeout=15_000)
     return page, problems
-
-
-def runner_pid(server: ExampleServer) -> int:
-    """The process of the pool's one runner: the server's Python descendant listening on its
-    port (the ffmpeg it runs holds that socket too)."""
-    (runner,) = httpx.get(server.url + "/api/stats", timeout=10).json()["runners"]
-    port = int(runner["url"].rsplit(":", 1)[1])
-    (pid,) = [p for p in descendants(server.pid)
-              if ("127.0.0.1", port) in listening_addresses(p) and b"python" in Path(f"/proc/{p}/cmdline").read_bytes()]
-    return pid
 
 
 def test_a_file_that_is_not_a_video_is_refused_and_nothing_boots(
@@ -224,3 +212,11 @@ def test_the_layout_holds_on_a_phone_and_with_a_long_strip(
     assert icon == [200, "image/svg+xml"]
     assert httpx.get(server.url + "/favicon.ico", timeout=10).status_code == 200
     assert problems == []
+
+
+def test_the_docs_screenshots_are_taken_from_the_running_app(browser: Any, tmp_path: Path) -> None:
+    from tests.screenshots import take  # `python -m tests.screenshots` writes them to docs/img
+
+    for path in take(browser, tmp_path):
+        png = path.read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") == 1100, path

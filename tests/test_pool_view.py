@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from tests.conftest import CHROMIUM
+from tests.conftest import CHROMIUM, REPO
 from tests.pool_view_apps import TOKEN
 from tests.servers import serve
 
@@ -147,3 +148,13 @@ def test_in_chromium_a_runner_appears_and_its_crash_shows_with_the_reason(served
             assert errors == []
         finally:
             browser.close()
+
+
+def test_the_docs_page_example_runs(tmp_path: Any) -> None:
+    (code,) = re.findall(r"```python\n(# file: ops.py\n.*?)```", (REPO / "docs" / "pool-view.md").read_text(), re.S)
+    (tmp_path / "ops.py").write_text(code)
+    with serve("ops:app", cwd=str(tmp_path), env={"OPS_TOKEN": "s3cret"}) as (url, _proc, _watched):
+        assert httpx.get(url + "/pools/", params={"token": "wrong"}, timeout=10).status_code == 403
+        assert httpx.get(url + "/square/7", timeout=30).json() == 49
+        pool = first(url, lambda p: p["calls_total"] == 1, "the call", Authorization="Bearer s3cret")
+        assert pool["name"] == "work" and [r["state"] for r in pool["runners"]] == ["idle"]

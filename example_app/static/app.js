@@ -114,6 +114,7 @@ function onEvent(event, opened) {
     const s = event.started;
     $("progress").max = s.total;
     $("progress").value = 0;
+    loadJobs();  // it is running now
     setStatus(`Runner ${s.runner} is making ${s.total} thumbnails of a ${s.duration.toFixed(1)} s video…`);
   }
   if (event.thumbnail) {
