@@ -89,7 +89,7 @@ class Monitor:
         self.pools: dict[str, PoolRecord] = {}
         self.started = time.time()
         self._watchers: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Event]] = {}
-        self._unsubscribe = _telemetry.subscribe(self.on_event)
+        _telemetry.subscribe(self.on_event)  # for the life of the process: views come and go
 
     def record(self, pool: str) -> PoolRecord:
         record = self.pools.get(pool)
@@ -158,9 +158,6 @@ class Monitor:
                 changed.set()
             elif not loop.is_closed():
                 loop.call_soon_threadsafe(changed.set)  # an event from another thread
-
-    def close(self) -> None:
-        self._unsubscribe()
 
 
 _lock = threading.Lock()

@@ -111,7 +111,7 @@ async def _push(websocket: WebSocket, watcher: Monitor) -> None:
     try:
         while not gone.done():
             changed.clear()
-            await websocket.send_json(snapshot(_app_pools(websocket.scope), watcher))
+            await websocket.send_json(_snapshot(_app_pools(websocket.scope), watcher))
             woken = asyncio.ensure_future(changed.wait())
             await asyncio.wait({woken, gone}, timeout=TICK, return_when=asyncio.FIRST_COMPLETED)
             woken.cancel()
@@ -138,7 +138,7 @@ def _app_pools(scope: Mapping[str, Any]) -> list[FlamePool]:
     return sorted(_telemetry.pools(), key=lambda p: p.name)  # an app that opened its own pools
 
 
-def snapshot(pools: Sequence[FlamePool], watcher: Monitor) -> dict[str, Any]:
+def _snapshot(pools: Sequence[FlamePool], watcher: Monitor) -> dict[str, Any]:
     """What one push carries (a JSON object): this process and each of ``pools``."""
     running = set(_telemetry.pools())
     return {"now": time.time(), "pid": os.getpid(), "since": watcher.started,

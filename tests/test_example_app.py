@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 import pytest
 import websockets
+import websockets.sync.client
 
 from tests.example_server import ExampleServer, free_port, make_video, serve_example, uploads
 
@@ -302,3 +303,14 @@ def test_a_thumbnail_job_is_one_trace_across_web_process_and_runner(tmp_path: Pa
     assert run["parent_id"] == call["context"]["span_id"]  # the runner's span is the call's child
     frames = by_name["ffmpeg frame"]
     assert len(frames) == 2 and all(f["parent_id"] == run["context"]["span_id"] for f in frames)
+
+
+def test_the_pool_view_is_for_this_machine_unless_a_token_is_set(server: ExampleServer, tmp_path: Path) -> None:
+    assert httpx.get(server.url + "/pools/", timeout=10).status_code == 200  # from 127.0.0.1, no token set
+    with serve_example(tmp_path / "with-token", POOL_VIEW_TOKEN="t0ken") as guarded:
+        refused = httpx.get(guarded.url + "/pools/", timeout=10)
+        assert refused.status_code == 403 and "POOL_VIEW_TOKEN" in refused.json()["detail"]
+        assert httpx.get(guarded.url + "/pools/", params={"token": "t0ken"}, timeout=10).status_code == 200
+        with websockets.sync.client.connect(guarded.url.replace("http", "ws", 1) + "/pools/ws?token=t0ken") as ws:
+            (pool,) = json.loads(ws.recv(timeout=10))["pools"]
+        assert pool["name"] == "thumbs" and pool["max"] == 2
