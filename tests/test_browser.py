@@ -20,6 +20,10 @@ import pytest
 
 from tests.conftest import CHROMIUM
 from tests.example_server import ExampleServer, make_video, runner_pid, serve_example, uploads
+from tests.pool_view_apps import TOKEN
+from tests.servers import serve
+
+POOL_VIEW_APPS = ["tests.pool_view_apps:fastapi_app", "tests.pool_view_apps:starlette_app"]
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
@@ -220,3 +224,34 @@ def test_the_docs_screenshots_are_taken_from_the_running_app(browser: Any, tmp_p
     for path in take(browser, tmp_path):
         png = path.read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") == 1100, path
+
+
+@pytest.mark.parametrize("app", POOL_VIEW_APPS, ids=["fastapi", "starlette"])
+def test_the_pool_view_shows_a_runner_appear_then_its_crash_with_the_reason(browser: Any, app: str) -> None:
+    """flame_asgi.pool_view in a FastAPI and in a Starlette app (tests/pool_view_apps.py)."""
+    with serve(app, probe="/ping") as (url, _proc, watched):
+        page = browser.new_page(viewport={"width": 1000, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(f"{url}/pools/?token={TOKEN}")
+        page.locator("#conn[data-state=live]").wait_for(timeout=15_000)
+        pool = page.locator("section.pool[data-pool=work]")
+        pool.get_by_text("No runners: scaled to zero.").wait_for(timeout=15_000)
+
+        # Nothing reloads the page: every change below arrives over its WebSocket.
+        pid = httpx.get(url + "/pid", timeout=30).json()["pid"]
+        watched.add(pid)
+        row = pool.locator("tr.runner[data-state=idle]")
+        row.wait_for(timeout=15_000)
+        runner_id = row.get_attribute("data-runner")
+        assert runner_id and runner_id.startswith("work-")
+        assert pool.locator(".tile[data-key=runners] b").inner_text() == "1 / 2"
+        assert pool.locator("svg.chart path").count() >= 4
+
+        os.kill(pid, signal.SIGKILL)
+        failure = pool.locator("li.failure[data-reason=crash]")
+        failure.wait_for(timeout=15_000)
+        text = failure.inner_text()
+        assert "runner lost" in text and runner_id in text and "SIGKILL" in text
+        pool.get_by_text("No runners: scaled to zero.").wait_for(timeout=15_000)
+        assert errors == []

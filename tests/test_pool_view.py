@@ -1,5 +1,6 @@
 """flame_asgi.pool_view: the live pool page, mounted in a FastAPI and in a plain Starlette app
-(tests/pool_view_apps.py) served by uvicorn, read over its WebSocket and in Debian's chromium."""
+(tests/pool_view_apps.py) served by uvicorn and read over its WebSocket. In chromium:
+tests/test_browser.py."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from tests.conftest import CHROMIUM, REPO
+from tests.conftest import REPO
 from tests.pool_view_apps import TOKEN
 from tests.servers import serve
 
@@ -109,45 +110,6 @@ def test_boots_calls_failures_and_losses_are_pushed(served: tuple[str, set[int]]
     lost = pool["failures"][0]
     assert (lost["what"], lost["reason"], lost["runner"]) == ("runner lost", "crash", runner["id"])
     assert "SIGKILL" in lost["detail"]
-
-
-@pytest.mark.browser
-@pytest.mark.usefixtures("media")
-@pytest.mark.timeout(60, func_only=True)
-def test_in_chromium_a_runner_appears_and_its_crash_shows_with_the_reason(served: tuple[str, set[int]]) -> None:
-    from playwright import sync_api
-
-    url, watched = served
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-        try:
-            page = browser.new_page(viewport={"width": 1000, "height": 900})
-            errors: list[str] = []
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(f"{url}/pools/?token={TOKEN}")
-            page.locator("#conn[data-state=live]").wait_for(timeout=15_000)
-            pool = page.locator("section.pool[data-pool=work]")
-            pool.get_by_text("No runners: scaled to zero.").wait_for(timeout=15_000)
-
-            # Nothing reloads the page: every change below arrives over its WebSocket.
-            pid = httpx.get(url + "/pid", timeout=30).json()["pid"]
-            watched.add(pid)
-            row = pool.locator("tr.runner[data-state=idle]")
-            row.wait_for(timeout=15_000)
-            runner_id = row.get_attribute("data-runner")
-            assert runner_id and runner_id.startswith("work-")
-            assert pool.locator(".tile[data-key=runners] b").inner_text() == "1 / 2"
-            assert pool.locator("svg.chart path").count() >= 4
-
-            os.kill(pid, signal.SIGKILL)
-            failure = pool.locator("li.failure[data-reason=crash]")
-            failure.wait_for(timeout=15_000)
-            text = failure.inner_text()
-            assert "runner lost" in text and runner_id in text and "SIGKILL" in text
-            pool.get_by_text("No runners: scaled to zero.").wait_for(timeout=15_000)
-            assert errors == []
-        finally:
-            browser.close()
 
 
 def test_the_docs_page_example_runs(tmp_path: Any) -> None:
