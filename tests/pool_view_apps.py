@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+from collections.abc import AsyncIterator
 
 from fastapi import Depends, FastAPI, HTTPException
 from starlette.applications import Starlette
@@ -12,7 +14,7 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 
-from flame_asgi import FlamePool, ProcessBackend, add_flame_pool, flame_pool
+from flame_asgi import FlamePool, ProcessBackend, add_flame_pool, flame_pool, parent
 from flame_asgi.pool_view import pool_view
 
 TOKEN = "operators-only"
@@ -70,3 +72,17 @@ fastapi_app.mount("/pools", pool_view(dependencies=[Depends(operators)]))
 
 starlette_app = Starlette(routes=[*ROUTES, Mount("/pools", app=pool_view(dependencies=[Depends(operators)]))])
 add_pool(starlette_app)
+
+
+@contextlib.asynccontextmanager
+async def slow_to_stop(app: FastAPI) -> AsyncIterator[None]:
+    yield
+    if parent():  # a runner: its shutdown takes two seconds, so it is seen stopping
+        await asyncio.sleep(2)
+
+
+# Runners that stop after one idle second and take two seconds to do it.
+stopping_app = FastAPI(lifespan=slow_to_stop)
+add_flame_pool(stopping_app, "work", backend=ProcessBackend(), max=1, idle_shutdown_after=1)
+stopping_app.add_route("/pid", _pid)
+stopping_app.mount("/pools", pool_view(dependencies=[]))

@@ -112,6 +112,14 @@ def test_boots_calls_failures_and_losses_are_pushed(served: tuple[str, set[int]]
     assert "SIGKILL" in lost["detail"]
 
 
+def test_a_runner_on_its_way_out_is_shown_stopping() -> None:
+    with serve("tests.pool_view_apps:stopping_app", probe="/pools/") as (url, _proc, watched):
+        watched.add(httpx.get(url + "/pid", timeout=30).json()["pid"])
+        pool = first(url, lambda p: [r["state"] for r in p["runners"]] == ["stopping"], "a stopping runner")
+        assert pool["slots"] == 0  # it takes no more work
+        first(url, lambda p: not p["runners"], "the runner gone")
+
+
 def test_the_docs_page_example_runs(tmp_path: Any) -> None:
     (code,) = re.findall(r"```python\n(# file: ops.py\n.*?)```", (REPO / "docs" / "pool-view.md").read_text(), re.S)
     (tmp_path / "ops.py").write_text(code)
