@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from flame_asgi._channel import Channel, ChannelClosed
+from flame_asgi._channel import Channel, ChannelClosed, MemoryChannel
 from flame_asgi._codec import TO_PARENT, TO_RUNNER, FrameOpener, FrameSealer, make_signer
 from flame_asgi._exceptions import BootError, FlameError, RunnerLost, VersionSkew
 from flame_asgi._pickling import unpack_exception
@@ -27,6 +28,9 @@ from flame_asgi._protocol import (
     is_transfer,
     is_work_reply,
 )
+from flame_asgi._shm import SharedMemory
+from flame_asgi._shm import available as shm_available
+from flame_asgi._shm import probe as shm_probe
 from flame_asgi._telemetry import loss_label
 from flame_asgi._transfer import TransferHub, forget
 from flame_asgi._writer import FrameWriter, split
@@ -165,20 +169,32 @@ class RunnerConnection:
         self._last_seen = 0.0
         self.closed: str | None = None
         self.hub = TransferHub(self._send, max_payload)
+        self._shm = SharedMemory()
 
     async def handshake(self, version: str) -> None:
         session = secrets.token_hex(16)
-        sealer = FrameSealer(make_signer(self._secret, self.runner_id, TO_RUNNER), session, self._max_payload)
+        sealer = FrameSealer(make_signer(self._secret, self.runner_id, TO_RUNNER), session, self._max_payload,
+                             shm=self._shm)
         self._writer = FrameWriter(self._channel, sealer)
-        self._opener = FrameOpener(make_signer(self._secret, self.runner_id, TO_PARENT), self._max_payload, session)
+        self._opener = FrameOpener(make_signer(self._secret, self.runner_id, TO_PARENT), self._max_payload, session,
+                                   shm=self._shm)
+        probe_fd, extra = None, dict[str, Any]()
+        if shm_available() and not isinstance(self._channel, MemoryChannel):
+            # Can the runner read our memfds (same host)? Then large payloads skip the socket.
+            probe_fd, extra["pr"] = shm_probe()
         try:
-            await self._send("hello", runner=self.runner_id, v=version)
+            await self._send("hello", runner=self.runner_id, v=version, **extra)
             reply = self._opener.open(await self._channel.recv())
         except ChannelClosed as exc:
             raise BootError(f"runner {self.runner_id} closed the channel during the handshake: {exc.reason}",
                             reason=exc.reason) from None
         except FlameError as exc:
             raise BootError(f"runner {self.runner_id} answered the handshake with an invalid message: {exc}") from None
+        finally:
+            if probe_fd is not None:
+                os.close(probe_fd)
+        self._shm.enabled = bool(reply.meta.get("shm"))
+        self.pid: int | None = reply.meta.get("pid")  # the runner's process id, as it says
         if reply.type == "refused":
             reason = str(reply.meta.get("reason", "refused"))
             raise VersionSkew(f"runner {self.runner_id} refused: {reason}", reason=reason)
@@ -307,6 +323,7 @@ class RunnerConnection:
         self._fail_calls(error, why)
         self._on_lost(why, loss_label(ended, unreachable))
         self._writer.close()
+        self._shm.close()
         self._channel.abort()  # no closing handshake with a runner that is gone
 
     def _fail_calls(self, error: RunnerLost, reason: str) -> None:
@@ -331,6 +348,7 @@ class RunnerConnection:
         self._writer.close()
         self._fail_calls(RunnerLost(f"runner {self.runner_id} was stopped ({reason})", runner_id=self.runner_id,
                                     reason=reason), reason)
+        self._shm.close()
         try:
             await self._channel.aclose(reason)
         except Exception:

@@ -32,6 +32,7 @@ from flame_asgi._protocol import (
     is_transfer,
 )
 from flame_asgi._runner_work import Work, unwrap
+from flame_asgi._shm import SharedMemory, check_probe
 from flame_asgi._threads import ElasticThreadPool
 from flame_asgi._tracing import remote_span
 from flame_asgi._tracking import ResourceTable
@@ -52,7 +53,8 @@ class RunnerSession:
         self.local = local
         self.ready = False  # the parent's hello was verified: this is the parent's session
         # Only this runner's own keys: it cannot sign for another runner.
-        self._opener = FrameOpener(FrameKey(keys.to_runner), info.max_payload)
+        self._shm = SharedMemory()  # large payloads through sealed memory, if the parent is on this host
+        self._opener = FrameOpener(FrameKey(keys.to_runner), info.max_payload, shm=self._shm)
         self._signer_out = FrameKey(keys.to_parent)
         self._writer: FrameWriter | None = None
         self._work: dict[int, Work] = {}
@@ -116,7 +118,8 @@ class RunnerSession:
     async def _handshake(self, channel: Channel) -> None:
         hello = self._opener.open(await asyncio.wait_for(channel.recv(), self.info.failsafe_timeout))
         assert self._opener.session is not None
-        self._writer = FrameWriter(channel, FrameSealer(self._signer_out, self._opener.session, self.info.max_payload))
+        self._writer = FrameWriter(channel, FrameSealer(self._signer_out, self._opener.session, self.info.max_payload,
+                                                        shm=self._shm))
         if hello.meta.get("runner") != self.info.runner_id:
             raise ProtocolError("hello for another runner refused")
         mine = self.info.code_version if self.local else code_version(self.info.app)
@@ -126,7 +129,9 @@ class RunnerSession:
                 f"version skew: the runner runs code version {mine} but its parent runs {theirs}; "
                 "deploy the same code (or image) to both"))
             raise ProtocolError("version skew")
-        await self.send("ready", pid=os.getpid(), v=mine)
+        # The parent's probe: if we can read its memfds, it can read ours (same host and user).
+        self._shm.enabled = check_probe(hello.meta.get("pr"))
+        await self.send("ready", pid=os.getpid(), v=mine, shm=self._shm.enabled)
         self.ready = True
         if self._on_ready is not None:
             self._on_ready()
@@ -306,6 +311,7 @@ class RunnerSession:
             await self._channel.aclose(reason)
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+        self._shm.close()
 
     async def _flush(self) -> None:
         if self._writer is not None:

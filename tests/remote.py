@@ -298,3 +298,11 @@ def file_exists(path: str) -> bool:
 
 def broken_predicate() -> bool:
     raise RuntimeError("predicate broke")
+
+
+def echo(data: bytes) -> bytes:
+    return data
+
+
+def raise_after_receiving(data: bytes) -> None:
+    raise ValueError(f"remote boom after {len(data)} bytes")
