@@ -130,11 +130,10 @@ async def create_job(pool: Thumbs, file: Annotated[UploadFile | None, File()] = 
         await save_upload(file, video_path)
         try:
             await check_video(video_path, filename[:80])
-        except NotAVideo as exc:
-            os.unlink(video_path)
-            raise HTTPException(422, str(exc)) from None
-        except BaseException:
-            os.unlink(video_path)
+        except BaseException as exc:
+            os.unlink(video_path)  # refused (or the client went away): keep nothing
+            if isinstance(exc, NotAVideo):
+                raise HTTPException(422, str(exc)) from None
             raise
     job = Job(id=job_id, filename=filename[:255], video_path=video_path, requested=count)
     await database().add_job(job)
@@ -222,11 +221,11 @@ async def _page_gone(ws: WebSocket, on_cancel: Callable[[], object] | None = Non
             on_cancel()
 
 
-async def _until(messages: AsyncIterator[dict[str, Any]], gone: asyncio.Future[None]) -> AsyncIterator[dict[str, Any]]:
+async def _until(messages: AsyncIterator[dict[str, Any]], gone: asyncio.Future[Any]) -> AsyncIterator[dict[str, Any]]:
     """``messages`` until ``gone`` completes (the page left)."""
     iterator = aiter(messages)
     while True:
-        step = asyncio.ensure_future(anext(iterator))
+        step: asyncio.Future[Any] = asyncio.ensure_future(anext(iterator))
         await asyncio.wait({step, gone}, return_when=asyncio.FIRST_COMPLETED)
         if not step.done():
             step.cancel()
