@@ -43,11 +43,13 @@ WINDOW = 32  # progress events / stream items in flight per call (back-pressure)
 
 @dataclasses.dataclass(frozen=True)
 class RunnerInfo:
-    """A booted runner: ``url`` is its base URL (``None`` for the local backend)."""
+    """A booted runner: ``url`` is its base URL (``None`` for the local backend); ``active``
+    counts its calls, open streams and placed children."""
 
     id: str
     url: str | None
     active: int
+    stopping: bool = False  # leaving the pool (idle, spent, recycled, shutting down): takes no new work
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,7 +235,7 @@ class FlamePool(PoolCalls, PoolSlots, PoolScaling):
             await asyncio.sleep(0.05)
 
     def stats(self) -> PoolStats:
-        runners = [RunnerInfo(r.id, r.handle.url, self._state.runners[r.id].active)
+        runners = [RunnerInfo(r.id, r.handle.url, self._state.runners[r.id].active, r.id in self._stopping)
                    for r in self._runners.values() if r.id in self._state.runners]
         return PoolStats(runners=runners, booting=self._state.booting, waiting=len(self._state.waiters),
                          pid=os.getpid())

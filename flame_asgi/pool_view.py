@@ -173,17 +173,10 @@ def _pool_json(pool: FlamePool, running: bool, record: PoolRecord) -> dict[str, 
 
 def _runner_json(pool: FlamePool, info: RunnerInfo, capacity: int, record: PoolRecord) -> dict[str, Any]:
     since, boot_time = record.up.get(info.id, (None, None))
-    if _stopping(pool, info):
+    if info.stopping:
         state = "stopping"
     else:
         state = "busy" if info.active else "idle"
     return {"id": info.id, "state": state, "active": info.active, "capacity": capacity, "url": info.url,
             "since": since, "boot_time": boot_time}
 
-
-def _stopping(pool: FlamePool, info: RunnerInfo) -> bool:
-    stopping = getattr(info, "stopping", None)  # RunnerInfo.stopping, where the pool reports it
-    if isinstance(stopping, bool):
-        return stopping
-    # Otherwise the pool's own record of the stops under way (read only, never changed).
-    return info.id in pool._stopping

@@ -306,3 +306,17 @@ def echo(data: bytes) -> bytes:
 
 def raise_after_receiving(data: bytes) -> None:
     raise ValueError(f"remote boom after {len(data)} bytes")
+
+
+async def subprocess_fds() -> list[str]:
+    """What a subprocess of this runner holds open (ffmpeg, say, started by the app)."""
+    proc = await asyncio.create_subprocess_exec("sleep", "5")
+    try:
+        for _ in range(100):  # until it has exec'd
+            if os.readlink(f"/proc/{proc.pid}/exe").endswith("sleep"):
+                break
+            await asyncio.sleep(0.01)
+        return [os.readlink(f"/proc/{proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{proc.pid}/fd")]
+    finally:
+        proc.kill()
+        await proc.wait()

@@ -22,6 +22,9 @@ from flame_asgi._settings import RUNNER_KEYS
 def serve(app: str, fd: int, *, log_level: str, ws_max_size: int, graceful: int) -> int:
     """Serve ``app`` on the listening socket ``fd``; return uvicorn's exit status."""
     sock = socket.socket(fileno=fd)  # family and type read from the descriptor itself
+    # Inherited from the backend, so inheritable: under uvloop (uvicorn[standard]) every
+    # subprocess the app starts (ffmpeg, say) would get the runner's listening socket.
+    sock.set_inheritable(False)
     config = uvicorn.Config(app, lifespan="on", log_level=log_level, access_log=False, ws_max_size=ws_max_size,
                             ws_per_message_deflate=False, timeout_graceful_shutdown=graceful)
     server = uvicorn.Server(config)
