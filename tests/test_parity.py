@@ -258,3 +258,18 @@ async def test_idle_predicate_decides_on_the_runner(backend: BackendFactory, tmp
     assert any("predicate failed" in r.getMessage() and "predicate broke" in r.getMessage() for r in caplog.records)
     with pytest.raises(TypeError, match=r"idle_shutdown_after=\(seconds, predicate\)"):
         FlamePool("bad", idle_shutdown_after=(1.0, "not callable"))
+
+
+async def test_a_lease_takes_keyword_arguments_maps_and_tracks(backend: BackendFactory,
+                                                              tmp_path: pathlib.Path) -> None:
+    async with FlamePool("lease-parity", backend=backend(), max=2, max_concurrency=4) as pool:
+        async with pool.runner() as runner:
+            assert await runner.call(remote.add, 1, b=2) == 3
+            assert [r async for r in runner.map(remote.square, range(5))] == [0, 1, 4, 9, 16]
+            scratch = await runner.call(remote.make_scratch, str(tmp_path), "leased", track_resources=True)
+            handle = await runner.place_child(remote.steer, 1)
+            await handle.send("hi")
+            assert await handle == ["hi"]
+        assert pathlib.Path(scratch.path).exists()  # the lease ended; the tracked object still holds
+        release(scratch)
+        await until(lambda: not pathlib.Path(scratch.path).exists(), what="the leased runner's object released")
