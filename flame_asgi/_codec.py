@@ -2,9 +2,10 @@
 
 A frame is ``[u32 header length][header][signature][payload]``. The header is JSON: the
 session, a per-direction sequence number, the send time, the message type and the
-SHA-256 of the payload. The signature is HMAC-SHA256 over the header, computed and
-compared (in constant time) by itsdangerous' ``HMACAlgorithm`` with a key that
-itsdangerous derives from the secret and a per-runner, per-direction salt (``_keys``).
+SHA-256 of the payload. The signature is HMAC-SHA256 over the header (``hmac.digest``,
+one C call: itsdangerous' ``HMACAlgorithm`` built an HMAC object per frame), compared in
+constant time (``hmac.compare_digest``), with a key that itsdangerous derives from the
+secret and a per-runner, per-direction salt (``_keys``).
 ``FrameOpener.open`` checks, in order: size, signature, age, session, sequence, payload
 digest; only a frame that passes all of them has its payload handed to the unpickler.
 """
@@ -21,8 +22,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from itsdangerous.signer import HMACAlgorithm
-
 from flame_asgi._exceptions import PayloadTooLarge, ProtocolError
 from flame_asgi._keys import TO_PARENT as TO_PARENT  # re-exported: the directions name keys
 from flame_asgi._keys import TO_RUNNER as TO_RUNNER
@@ -38,6 +37,9 @@ TREE_MIN = 16 * 1024 * 1024  # payloads from this size are hashed in pieces, in 
 TREE_CHUNK = 4 * 1024 * 1024
 _hashers: concurrent.futures.ThreadPoolExecutor | None = None
 _RESERVED = frozenset({"s", "n", "t", "i", "d", "ts", "sh", "a"})  # header fields the codec owns
+_encode_header = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps(..., separators) builds one per call
+_decode_header = json.JSONDecoder().decode
+
 def digest_of(payload: bytes | memoryview) -> str:
     """The SHA-256 a frame's header carries for its payload.
 
@@ -59,16 +61,14 @@ def digest_of(payload: bytes | memoryview) -> str:
 class FrameKey:
     """The key of one direction of one runner's channel (derived by ``_keys``)."""
 
-    _algorithm = HMACAlgorithm(hashlib.sha256)
-
     def __init__(self, key: bytes) -> None:
         self._key = key
 
     def sign(self, data: bytes) -> bytes:
-        return self._algorithm.get_signature(self._key, data)
+        return hmac.digest(self._key, data, "sha256")
 
     def verify(self, data: bytes, signature: bytes) -> bool:
-        return self._algorithm.verify_signature(self._key, data, signature)  # constant time
+        return hmac.compare_digest(hmac.digest(self._key, data, "sha256"), signature)  # constant time
 
     def __repr__(self) -> str:
         return "<FrameKey>"  # never the key
@@ -118,7 +118,7 @@ class FrameSealer:
             if self._shm.wants(len(payload)):
                 header["sh"] = self._shm.put(self._seq, payload)  # the payload goes through sealed memory
                 payload = b""
-        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw = _encode_header(header).encode()
         return b"".join((_LEN.pack(len(raw)), raw, self._key.sign(raw), payload))
 
 
@@ -149,8 +149,8 @@ class FrameOpener:
         if not self._key.verify(raw, frame[_LEN.size + hlen : body]):
             raise ProtocolError("message with a bad or missing signature refused")
         try:
-            header = json.loads(raw)
-        except ValueError:
+            header = _decode_header(raw.decode())
+        except ValueError:  # UnicodeDecodeError too
             raise ProtocolError("signed header is not JSON") from None
         age = time.time() - header.get("ts", 0)
         if not -MAX_AGE_SECONDS <= age <= MAX_AGE_SECONDS:
