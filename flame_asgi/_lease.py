@@ -43,6 +43,7 @@ class CallOptions:
     on_progress: Callable[[Any], Any] | None
     track_resources: bool
     retries: int
+    kind: WorkKind = "call"  # or "cast": how the runner and telemetry name it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,7 +195,7 @@ class FlameRunner:
              **kwargs: Any) -> None:
         """``pool.cast`` on the leased runner."""
         pool = self._pool
-        opts = CallOptions(pool.boot_timeout if timeout is None else timeout, timeout, link, None, False, 0)
+        opts = CallOptions(pool.boot_timeout if timeout is None else timeout, timeout, link, None, False, 0, "cast")
         pool._cast_on(self._placement, fn, args, kwargs, opts)
 
     def stream(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None, link: bool = True,

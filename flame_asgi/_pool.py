@@ -293,7 +293,7 @@ class FlamePool(PoolCalls, PoolSlots, PoolScaling):
         """
         # No run limit unless the cast has a timeout (the wait for a slot has boot_timeout).
         opts = CallOptions(self.boot_timeout if timeout is None else timeout, timeout, link, None, False,
-                           self._retries(retries))
+                           self._retries(retries), "cast")
         self._cast_on(self._placement, fn, args, kwargs, opts)
 
     def stream(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None,

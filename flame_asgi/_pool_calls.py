@@ -87,7 +87,7 @@ class PoolCalls:
         rid = await placement.checkout(tokens, opts.wait)
         holding = self._hold(rid) if opts.track_resources else None  # until the result's resources are known
         try:
-            remote = await self._start(rid, "call", payload, link=opts.link, progress=opts.on_progress is not None,
+            remote = await self._start(rid, opts.kind, payload, link=opts.link, progress=opts.on_progress is not None,
                                        obs=obs, tokens=tokens, placement=placement, track=opts.track_resources)
             return await self._await_result(remote, fn, opts, rid)
         finally:

@@ -56,6 +56,15 @@ def spans() -> Iterator[Any]:
 
 @pytest.fixture(autouse=True)
 def no_leftover_subscriptions() -> Iterator[None]:
-    """A test that subscribes must unsubscribe: later tests rely on nobody listening."""
-    yield
-    assert _telemetry._handlers == (), "a test left an event handler subscribed"
+    """Each test starts with nobody listening, and must unsubscribe what it subscribed.
+
+    Handlers of the process are set aside meanwhile: a module imported by an earlier test
+    may have mounted a pool view (``example_app.main`` does at import), which listens for
+    the rest of the process.
+    """
+    process_wide, _telemetry._handlers = _telemetry._handlers, ()
+    try:
+        yield
+        assert _telemetry._handlers == (), "a test left an event handler subscribed"
+    finally:
+        _telemetry._handlers = process_wide
