@@ -8,6 +8,7 @@ When the channel closes or the heartbeat stops, every call in flight fails at on
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import os
 import secrets
@@ -46,7 +47,10 @@ class RemoteCall:
         self.id = id_
         self._window = window
         self._on_finish = on_finish
-        self._queue: asyncio.Queue[tuple[Reply, Any]] = asyncio.Queue()
+        # Replies not yet read, and the reader's wait for the next: an asyncio.Queue per call
+        # (three deques and an Event, built for many producers and consumers) cost more.
+        self._replies: collections.deque[tuple[Reply, Any]] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
         self.hub = conn.hub  # results may carry Uploads, read back over this runner's channel
         self.tokens: list[str] = []  # Uploads this call sends: forgotten when it ends
         self._consumed = 0
@@ -57,7 +61,13 @@ class RemoteCall:
 
     async def next(self) -> tuple[Reply, Any]:
         """The next reply and its data: a pickled payload, or the RunnerLost of a ``lost``."""
-        type_, data = await self._queue.get()
+        while not self._replies:
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        type_, data = self._replies.popleft()
         if type_ in CREDITED:
             self._consumed += 1
             if self._consumed >= max(1, self._window // 2):
@@ -69,7 +79,10 @@ class RemoteCall:
         if type_ in TERMINAL or type_ == "lost":
             self.finish()
         if not self.detached:
-            self._queue.put_nowait((type_, data))
+            self._replies.append((type_, data))
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
         elif type_ in CREDITED:
             self._conn.grant(self.id, 1)  # nobody listens: keep the remote side unblocked
 
@@ -82,8 +95,8 @@ class RemoteCall:
         if self.detached:
             return
         self.detached = True
-        while not self._queue.empty():  # drop buffered events, handing their credit back
-            type_, _ = self._queue.get_nowait()
+        while self._replies:  # drop buffered events, handing their credit back
+            type_, _ = self._replies.popleft()
             if type_ in CREDITED:
                 self._conn.grant(self.id, 1)
         if self.finished:
