@@ -12,6 +12,7 @@ from typing import Protocol
 from starlette.types import Receive, Send
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 
 class ChannelClosed(Exception):
@@ -24,6 +25,9 @@ class ChannelClosed(Exception):
 
 class Channel(Protocol):
     async def send(self, data: bytes) -> None: ...
+
+    def send_now(self, data: bytes) -> bool:
+        """Write ``data`` at once if that needs no waiting (True); False: use ``send``."""
 
     async def recv(self) -> bytes: ...
 
@@ -53,6 +57,14 @@ class MemoryChannel:
         assert self.peer is not None
         if self.peer._closed is None:
             self.peer._inbox.put_nowait(data)
+
+    def send_now(self, data: bytes) -> bool:
+        if self._closed is not None:
+            return False  # send() raises the reason
+        assert self.peer is not None
+        if self.peer._closed is None:
+            self.peer._inbox.put_nowait(data)
+        return True
 
     async def recv(self) -> bytes:
         if self._closed is not None:
@@ -88,6 +100,17 @@ class WebSocketClientChannel:
             await self._ws.send(data)
         except ConnectionClosed as exc:
             raise ChannelClosed(f"websocket closed ({exc})") from None
+
+    def send_now(self, data: bytes) -> bool:
+        # What ``send`` does when it has nothing to wait for (an open connection whose
+        # writes are not paused): the frame goes to the transport now, without a trip
+        # through the event loop. Anything else (closing, back-pressure) takes ``send``.
+        ws = self._ws
+        if ws.protocol.state is not State.OPEN or ws.paused or ws.transport.is_closing():
+            return False
+        ws.protocol.send_binary(data)
+        ws.send_data()
+        return True
 
     async def recv(self) -> bytes:
         try:
@@ -135,6 +158,9 @@ class ASGIWebSocketChannel:
             data = message.get("bytes")
             if data is not None:
                 return bytes(data)
+
+    def send_now(self, data: bytes) -> bool:
+        return False  # an ASGI send is a coroutine: it may wait before it writes
 
     def abort(self) -> None:
         self._closed = True  # the server owns the socket: it closes when the app returns

@@ -5,7 +5,10 @@ and queued; one writer task per channel end writes the queue out. Frames queued 
 it writes go out together as one batch message, so a burst of calls or results costs one
 write and one wake-up of the peer instead of one per frame. Because a task of its own
 does the writing, a caller cancelled mid-send cannot strand frames numbered after its
-own (the peer would refuse them as out of order and end the session). A batch is
+own (the peer would refuse them as out of order and end the session). The first small frame
+of a loop iteration, when nothing is queued or being written, goes out at once if the
+channel can write without waiting (``send_now``): a lone call does not wait for the
+writer task's turn, and frames sent later in the same iteration still coalesce. A batch is
 ``0xFF`` followed by ``u32 length + frame`` repeated; a lone frame starts with its header
 length (< 64 KiB), so its first byte is ``0x00``. Each frame in a batch is verified alone.
 """
@@ -39,12 +42,19 @@ class FrameWriter:
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
         self._error: ChannelClosed | None = None
+        self._writing = False  # the writer task is between taking the queue and the end of its writes
+        self._direct = False  # a frame went out directly in this loop iteration
 
     async def send(self, type_: FrameType, id_: int = 0, payload: bytes = b"", **meta: Any) -> None:
         """Queue a frame; wait only while too much is queued (back-pressure)."""
         if self._error is not None:
             raise self._error
         frame = self._sealer.seal(type_, id_, payload, **meta)
+        if (not self._queue and not self._writing and not self._direct and len(frame) <= MAX_BATCH_BYTES
+                and self._channel.send_now(frame)):
+            self._direct = True  # until the loop's next turn: later frames queue up and coalesce
+            asyncio.get_running_loop().call_soon(self._end_direct)
+            return
         self._queue.append(frame)
         self._queued += len(frame)
         self._idle.clear()
@@ -62,17 +72,22 @@ class FrameWriter:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
+                self._writing = True
                 while self._queue:
                     frames, self._queue, self._queued = self._queue, [], 0
                     self._drained.set()
                     for message in _pack(frames):
                         await self._channel.send(message)
+                self._writing = False
                 self._idle.set()
         except ChannelClosed as exc:
             self._error = exc
         finally:
             self._drained.set()
             self._idle.set()
+
+    def _end_direct(self) -> None:
+        self._direct = False
 
     async def flush(self) -> None:
         """Wait until everything queued so far has been written (or the channel failed)."""
