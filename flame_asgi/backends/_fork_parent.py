@@ -33,11 +33,16 @@ class ForkedProcess:
     STATUS_LOST = -(1 << 16)
 
     def __init__(self, pid: int, exited: asyncio.Future[int], stderr: asyncio.StreamReader,
-                 server: ForkServer) -> None:
+                 server: ForkServer, pipe: asyncio.BaseTransport | None = None) -> None:
         self.pid = pid
         self._exited = exited
         self.stderr = stderr
         self._server = server
+        self._pipe = pipe
+
+    def close_stderr(self) -> None:
+        if self._pipe is not None:
+            self._pipe.close()
 
     @property
     def returncode(self) -> int | None:
@@ -194,7 +199,8 @@ class ForkServer:
             raise
         stderr = asyncio.StreamReader()
         try:
-            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stderr), os.fdopen(read_fd, "rb"))
+            pipe, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stderr),
+                                                   os.fdopen(read_fd, "rb"))
         except BaseException:
             self._abandon(pid)
             raise
@@ -202,7 +208,7 @@ class ForkServer:
         if exited is None:
             exited = loop.create_future()
             self._exits[pid] = exited
-        return ForkedProcess(pid, exited, stderr, self)
+        return ForkedProcess(pid, exited, stderr, self, pipe)
 
     async def aclose(self) -> None:
         self.alive = False

@@ -209,6 +209,14 @@ class ProcessRunnerHandle(RunnerHandle):
             await asyncio.wait_for(self._stderr, 1.0)
         except (TimeoutError, asyncio.CancelledError):
             self._stderr.cancel()
+            # No end of file came (something outside the runner's group still holds its
+            # stderr): close our end, or the pipe stays open until the garbage collector warns.
+            if isinstance(self.proc, ForkedProcess):
+                self.proc.close_stderr()
+            else:
+                transport = getattr(self.proc, "_transport", None)  # asyncio gives no public handle on it
+                if transport is not None:
+                    transport.close()
 
     async def exit_reason(self) -> ExitReason | None:
         code = await self.proc.wait()

@@ -356,6 +356,17 @@ class Relay:
         return task
 
     async def _relay(self, parent_r: asyncio.StreamReader, parent_w: asyncio.StreamWriter) -> None:
+        # Tracked, so that aclose() ends it: the server's close() leaves open connections be,
+        # and a writer left to the garbage collector after the loop closed warns.
+        this = asyncio.current_task()
+        if this is not None:
+            self._tasks.add(this)
+        try:
+            await self._pipe(parent_r, parent_w)
+        finally:
+            parent_w.close()
+
+    async def _pipe(self, parent_r: asyncio.StreamReader, parent_w: asyncio.StreamWriter) -> None:
         runner_r, runner_w = await asyncio.open_connection("127.0.0.1", self.target)
         answered = asyncio.Event()
         mirror: asyncio.Queue[bytes] = asyncio.Queue()
@@ -380,7 +391,10 @@ class Relay:
             self.replays.append(await self.replay(mirror))
 
         self._spawn(replay())
-        await asyncio.gather(parent_to_runner(), runner_to_parent(), return_exceptions=True)
+        try:
+            await asyncio.gather(parent_to_runner(), runner_to_parent(), return_exceptions=True)
+        finally:
+            runner_w.close()
 
     async def replay(self, mirror: asyncio.Queue[bytes] | None = None) -> str:
         """Send everything recorded so far on a new connection to the runner (then, with
@@ -399,10 +413,12 @@ class Relay:
             answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
             answer = getattr(exc, "partial", b"")
-        if status_of(answer) == "101":  # let in: keep feeding it the parent's frames for a while
-            await asyncio.sleep(1.0)
-        copying.cancel()
-        writer.close()
+        try:
+            if status_of(answer) == "101":  # let in: keep feeding it the parent's frames for a while
+                await asyncio.sleep(1.0)
+        finally:
+            copying.cancel()
+            writer.close()
         return status_of(answer)
 
 
