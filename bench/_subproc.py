@@ -8,12 +8,14 @@ the run.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
 import signal
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from bench import _proc
@@ -63,3 +65,15 @@ def _kill_session(sid: int) -> None:
 def write_json(path: str, data: dict[str, Any]) -> None:
     with open(path, "w") as f:
         json.dump(data, f)
+
+
+def main(measure_here: Callable[[Any], Awaitable[dict[str, Any]]]) -> None:
+    """The ``python -m bench.<family> [--quick] --out FILE`` entry of a family that
+    ``run_json`` runs in a fresh interpreter: measure, write the JSON."""
+    from bench._config import Config
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    write_json(args.out, asyncio.run(measure_here(Config.make(args.quick))))

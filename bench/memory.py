@@ -10,16 +10,15 @@ hide the growth.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import tracemalloc
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from bench import tasks
+from bench import _subproc, tasks
 from bench._config import Config
 from bench._measure import now, rss_kb
-from bench._subproc import run_json, write_json
+from bench._subproc import run_json
 from flame_asgi import FlamePool, ProcessBackend
 
 
@@ -83,13 +82,5 @@ async def _queue_up(pool: FlamePool, fn: Any, count: int) -> tuple[int, int, Cal
     return pool.stats().waiting, 0, release
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    write_json(args.out, asyncio.run(_measure_here(Config.make(args.quick))))
-
-
 if __name__ == "__main__":
-    main()
+    _subproc.main(_measure_here)

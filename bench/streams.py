@@ -15,16 +15,14 @@ interpreter (``python -m bench.streams``) so that the peak is this measurement's
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import os
 import tempfile
 from typing import Any
 
-from bench import tasks
+from bench import _subproc, tasks
 from bench._config import MB, Config
 from bench._measure import best_rate, now
-from bench._subproc import run_json, write_json
+from bench._subproc import run_json
 from flame_asgi import FlamePool, ProcessBackend, Upload
 
 
@@ -81,13 +79,5 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    write_json(args.out, asyncio.run(_measure_here(Config.make(args.quick))))
-
-
 if __name__ == "__main__":
-    main()
+    _subproc.main(_measure_here)
