@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("flame_asgi.pool")
 RETRY_BACKOFF = 0.1  # a retry waits this long, doubling with each further attempt,
 MAX_RETRY_BACKOFF = 2.0  # up to this: a replacement runner usually needs one boot
+_RAISED_BY_FN = "_flame_raised_by_fn"  # marks an exception the remote function raised
 
 
 class PoolCalls:
@@ -66,7 +67,9 @@ class PoolCalls:
                 return await self._attempt(obs, fn, args, kwargs, opts, placement, pickled)
             except RunnerLost as exc:
                 pickled = None  # its Upload tokens were forgotten when the attempt ended
-                if attempt >= opts.retries or not self._running:
+                # Only this call's own runner being lost is retried: a RunnerLost that the
+                # function raised (from a call of its own) is the function's error.
+                if attempt >= opts.retries or not self._running or getattr(exc, _RAISED_BY_FN, False):
                     raise
                 attempt += 1
                 delay = min(RETRY_BACKOFF * 2 ** (attempt - 1), MAX_RETRY_BACKOFF)
@@ -111,7 +114,10 @@ class PoolCalls:
                             return track(loads, data, hub, functools.partial(self._hold, rid))
                         return loads(data, hub)
                     else:
-                        raise remote.failure(type_, data)
+                        failure = remote.failure(type_, data)
+                        if type_ == "error":
+                            setattr(failure, _RAISED_BY_FN, True)
+                        raise failure
         except TimeoutError:
             if scope.expired():
                 # FLAME: a call's timeout ends the work on the runner too, linked or not.

@@ -320,3 +320,12 @@ async def subprocess_fds() -> list[str]:
     finally:
         proc.kill()
         await proc.wait()
+
+
+def raise_runner_lost(path: str) -> None:
+    """A function whose own call to some other pool lost its runner: its error, not ours."""
+    from flame_asgi import RunnerLost
+
+    with open(path, "a") as f:
+        f.write("x")
+    raise RunnerLost("a runner of another pool was lost", runner_id="elsewhere")

@@ -160,6 +160,10 @@ async def test_retries_rerun_a_call_whose_runner_was_lost(backend: BackendFactor
         with pytest.raises(ValueError, match="not retried"):
             await pool.call(remote.attempt_then_raise, str(attempts), retries=3)
         assert attempts.read_text() == "x"  # the user's own exception: one attempt only
+        own = tmp_path / "own-runner-lost"
+        with pytest.raises(RunnerLost, match="another pool"):
+            await pool.call(remote.raise_runner_lost, str(own), retries=3)
+        assert own.read_text() == "x"  # a RunnerLost the function raised is its own error too
     async with FlamePool("retry-default", backend=backend(), max=1, retries=1) as pool:
         assert await pool.call(remote.die_once, str(tmp_path / "c")) == "survived"
         done = tmp_path / "cast-marker"
