@@ -27,8 +27,9 @@ from typing import Any
 import httpx
 
 from bench import tasks
-from bench._config import MB, Config
-from bench._measure import best_rate, best_time, now, ratio, unavailable
+from bench._config import Config
+from bench._measure import best_time, now, ratio, unavailable
+from bench.payload import echo_rates
 from flame_asgi import FlamePool
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -130,17 +131,7 @@ async def _cold_call() -> float:
 
 
 async def _payload(size_mb: int, rounds: int) -> dict[str, Any]:
-    data = os.urandom(size_mb * MB)
-    rates = []
     async with FlamePool("bench-docker-payload", backend=_backend(), min=1, max=1, boot_timeout=60.0,
                          timeout=120.0) as pool:
         await pool.call(tasks.nothing)
-        for _ in range(rounds):
-            start = now()
-            back = await pool.call(tasks.echo, data)
-            elapsed = now() - start
-            if back != data:
-                raise AssertionError(f"{size_mb} MB echo through DockerBackend came back different")
-            rates.append(size_mb / elapsed)
-            del back
-    return {**best_rate(rates, "mb_per_s"), "best_round_trip_ms": round(size_mb / max(rates) * 1000, 1)}
+        return await echo_rates(pool, size_mb, rounds, " through DockerBackend")
