@@ -149,12 +149,33 @@ class ProcessRunnerHandle(RunnerHandle):
         self.spec = spec
         self._stop_timeout = stop_timeout
         self._tail: collections.deque[str] = collections.deque(maxlen=40)
-        self._stderr = asyncio.get_running_loop().create_task(self._pump_stderr())
+        loop = asyncio.get_running_loop()
+        self._stderr = loop.create_task(self._pump_stderr())
+        # Whoever ends the process (stop(), its failsafe, a kill from outside), its pipes are
+        # closed once it has: a backend that never gets to stop it leaks nothing either.
+        self._released = loop.create_task(self._release_when_exited())
 
     async def _pump_stderr(self) -> None:
         assert self.proc.stderr is not None
         # Tagged, rate-limited; the runner's JSON log lines become records again (_runner_logs).
         await relay_lines(self.proc.stderr, RunnerOutput(self.spec.pool, self.spec.runner_id), self._tail)
+
+    async def _release_when_exited(self) -> None:
+        try:
+            await self.proc.wait()
+            # Its last lines, up to the end of file; none may come when something outside the
+            # runner's group still holds its stderr (the fork server, a grandchild).
+            await asyncio.wait_for(asyncio.shield(self._stderr), 1.0)
+        except (TimeoutError, asyncio.CancelledError):
+            pass
+        finally:
+            self._stderr.cancel()
+            if isinstance(self.proc, ForkedProcess):
+                self.proc.close_stderr()
+            else:
+                transport = getattr(self.proc, "_transport", None)  # asyncio gives no public handle on it
+                if transport is not None:
+                    transport.close()
 
     def output_tail(self, lines: int = 15) -> str:
         return "\n".join(list(self._tail)[-lines:])
@@ -205,18 +226,7 @@ class ProcessRunnerHandle(RunnerHandle):
                 _signal_group(self.proc.pid, signal.SIGKILL)
         await self.proc.wait()  # reap: no zombies
         _signal_group(self.proc.pid, signal.SIGKILL)  # anything the runner left behind in its group
-        try:
-            await asyncio.wait_for(self._stderr, 1.0)
-        except (TimeoutError, asyncio.CancelledError):
-            self._stderr.cancel()
-            # No end of file came (something outside the runner's group still holds its
-            # stderr): close our end, or the pipe stays open until the garbage collector warns.
-            if isinstance(self.proc, ForkedProcess):
-                self.proc.close_stderr()
-            else:
-                transport = getattr(self.proc, "_transport", None)  # asyncio gives no public handle on it
-                if transport is not None:
-                    transport.close()
+        await asyncio.shield(self._released)  # its pipes closed, whatever cancels this stop
 
     async def exit_reason(self) -> ExitReason | None:
         code = await self.proc.wait()

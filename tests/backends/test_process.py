@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import gc
+import os
+import signal
+import sys
+import time
+import warnings
+from typing import Any
+
 from flame_asgi import FlamePool, ProcessBackend
+from flame_asgi.backends import RunnerSpec
+from flame_asgi.backends.process import ProcessRunnerHandle
 from tests import remote
 
 
@@ -19,3 +31,58 @@ async def test_a_runners_subprocesses_do_not_inherit_its_listening_socket() -> N
     async with FlamePool("fds", backend=ProcessBackend()) as pool:
         held = await pool.call(remote.subprocess_fds)
     assert not [fd for fd in held if fd.startswith("socket:")], held
+
+
+class Unstoppable(ProcessBackend):
+    """Boots real runners, and cannot stop them: a backend whose machines outlive its API."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.pids: list[int] = []
+
+    async def boot(self, spec: RunnerSpec) -> ProcessRunnerHandle:
+        handle = await super().boot(spec)
+        self.pids.append(handle.proc.pid)
+
+        async def cannot_stop(timeout: float | None = None) -> None:
+            pass
+
+        handle.stop = cannot_stop  # type: ignore[method-assign]
+        return handle
+
+
+def test_a_runner_that_cannot_be_stopped_leaves_no_pipe_open() -> None:
+    # The pool closes, and its event loop ends, with the runner (forked, the default) still
+    # up: its stderr pipe must be closed all the same, not left to the garbage collector.
+    # Five times over, with every ResourceWarning and unraisable exception counted.
+    leaks: list[str] = []
+    hook, sys.unraisablehook = sys.unraisablehook, lambda raised: leaks.append(repr(raised.exc_value))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ResourceWarning)
+            for _ in range(5):
+                backend = Unstoppable()
+
+                async def use() -> None:
+                    async with FlamePool("unstoppable", backend=backend) as pool:  # noqa: B023
+                        await pool.call(remote.pid)
+                asyncio.run(use())
+                for pid in backend.pids:  # the runner outlived its loop: end it from outside
+                    os.killpg(pid, signal.SIGKILL)
+                    while alive(pid):
+                        time.sleep(0.02)
+                gc.collect()
+    finally:
+        sys.unraisablehook = hook
+        for pid in backend.pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+    assert leaks == []
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][0] != "Z"
+    except FileNotFoundError:
+        return False
