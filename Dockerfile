@@ -5,7 +5,10 @@
 #   docker build -t flame-thumbs .
 #   docker run --rm -p 8000:8000 -v "$PWD/data:/data" flame-thumbs   # runners: local processes
 # See docs/tutorial.md ("Deploying") for container runners.
-FROM python:3.11-slim
+# PYTHON_IMAGE: another base with Python 3.11 on PATH (.ci/kubernetes-images.sh builds one
+# where Docker Hub cannot be reached).
+ARG PYTHON_IMAGE=python:3.11-slim
+FROM ${PYTHON_IMAGE}
 
 # ffmpeg for the runners' work (and the sample videos they generate), and ffprobe for the
 # web process, which checks that an upload is a video before it boots anything.
@@ -28,5 +31,6 @@ COPY example_app ./example_app
 RUN mkdir -p /data
 VOLUME ["/data"]
 EXPOSE 8000
-# sh -c expands $PORT (Fly, PaaS); exec makes uvicorn replace the shell, so it gets SIGTERM itself.
-CMD ["sh", "-c", "exec python -m uvicorn example_app.main:app --host 0.0.0.0 --port ${PORT:-8000}"]
+# sh -c expands $PORT (Fly, PaaS) and $HOST (a host-network Pod binds its node's address);
+# exec makes uvicorn replace the shell, so it gets SIGTERM itself.
+CMD ["sh", "-c", "exec python -m uvicorn example_app.main:app --host ${HOST:-0.0.0.0} --port ${PORT:-8000}"]

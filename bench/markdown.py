@@ -50,7 +50,8 @@ def verdict(goal: P) -> str:
 def render(report: P) -> str:
     m, meta = report["measurements"], report["meta"]
     rows = [*_warm(m["warm_call"]), *_throughput(m["throughput"]), *_cold(m["cold"]), *_scale(m["scale_out"]),
-            *_payload(m["payload"]), *_docker(m["docker"]["ours"]), *_streams(m["streams"]["ours"]),
+            *_payload(m["payload"]), *_docker(m["docker"]["ours"]),
+            *_kubernetes(m.get("kubernetes", {}).get("ours", {"available": False})), *_streams(m["streams"]["ours"]),
             *_burst_memory(m["burst"]["ours"], m["memory"]["ours"])]
     peers = m["warm_call"]["peers"]
     lines = [
@@ -164,6 +165,19 @@ def _docker(d: P) -> list[Row]:
          f"ours/docker run {times(get(d, 'ratios', 'cold_call_over_docker_run'))}"),
         ("DockerBackend: payload round trip 100MB", cell(d, "payload_100MB", "mb_per_s", unit="MB/s"), "", "", "",
          ""),
+    ]
+
+
+def _kubernetes(k: P) -> list[Row]:
+    if k.get("available") is False:
+        return [("KubernetesBackend (real cluster): cold and warm call", "unavailable", "", "", "", "")]
+    return [
+        ("KubernetesBackend (real cluster): cold call (pool min=0) to result",
+         cell(k, "cold_call", "best_ms", unit="ms"),
+         "", "", f"the same Pod from create to Ready {cell(k, 'pod_create_to_ready', 'best_ms', unit='ms')}",
+         f"ours/Pod Ready {times(get(k, 'ratios', 'cold_call_over_pod_ready'))}"),
+        ("KubernetesBackend (real cluster): warm call p50", cell(k, "warm_call", "p50_us", unit="us"), "", "",
+         f"p99 {cell(k, 'warm_call', 'p99_us', unit='us')}", ""),
     ]
 
 

@@ -174,6 +174,13 @@ _BACKEND_SETTINGS: tuple[Setting[Any], ...] = (
             accepts="a YAML or JSON file path", shown="none"),
     Setting("FLAME_K8S_PORT", int, 8000, _K8S + "the port runners listen on, on their Pod IP.",
             accepts="an integer"),
+    Setting("FLAME_K8S_HOST_NETWORK", _choice("0", "1"), "0",
+            _K8S + "`1` runs runner Pods on their node's network, each on a port of its own from "
+            "20000–29999, bound to the node's address (clusters without a Pod network, or that want none).",
+            accepts="`0` or `1`"),
+    Setting("FLAME_POD_IP", str, None, "Set by `KubernetesBackend` in a host-network runner Pod, never by hand: "
+            "the node's address (downward API `status.podIP`), which the runner binds.",
+            accepts="an IP address", shown="set by the backend"),
     Setting("FLAME_K8S_KUBECONFIG", str, None, _K8S + "the kubeconfig file to reach the API server with.",
             accepts="a file path", shown="in-cluster, else `KUBECONFIG` or `~/.kube/config`"),
     Setting("FLAME_K8S_CONTEXT", str, None, _K8S + "the kubeconfig context to use.",

@@ -22,6 +22,7 @@ LABEL_POOL, LABEL_RUNNER, LABEL_PARENT, LABEL_BACKEND = (
     "flame-asgi/pool", "flame-asgi/runner", "flame-asgi/parent", "flame-asgi/backend")
 MANAGED_BY = {"app.kubernetes.io/managed-by": "flame_asgi"}
 CONTAINER = "runner"
+POD_IP = "FLAME_POD_IP"  # a host-network runner binds its node's address, from the downward API
 # Pod-level fields a runner inherits. Not affinity (rules written for the parent's labels
 # would repel its runners), nodeName, hostname, or anything the parent's controller owns.
 POD_FIELDS = ("serviceAccountName", "automountServiceAccountToken", "imagePullSecrets", "nodeSelector",
@@ -59,7 +60,7 @@ def source_container(pod_spec: Mapping[str, Any], name: str | None) -> dict[str,
 def pod_manifest(spec: RunnerSpec, parent: Mapping[str, Any], source: Mapping[str, Any], *, namespace: str,
                  labels: Mapping[str, str], command: Sequence[str], env: Mapping[str, str], port: int,
                  image: str | None, cpu: str | None, memory: str | None, stop_timeout: float,
-                 template: Mapping[str, Any] | None) -> dict[str, Any]:
+                 template: Mapping[str, Any] | None, host_network: bool = False) -> dict[str, Any]:
     """The runner Pod for ``spec``: the parent's Pod (its ``source`` container) made a runner
     that runs ``command``, then ``template`` over it."""
     pod_spec: dict[str, Any] = parent.get("spec") or {}
@@ -71,6 +72,8 @@ def pod_manifest(spec: RunnerSpec, parent: Mapping[str, Any], source: Mapping[st
     merged_env.update({k: {"name": k, "value": v} for k, v in env.items()})
     secret = runner_name(spec.runner_id)
     merged_env.update({k: {"name": k, "valueFrom": {"secretKeyRef": {"name": secret, "key": k}}} for k in spec.env})
+    if host_network:
+        merged_env[POD_IP] = {"name": POD_IP, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
     container: dict[str, Any] = {k: copy.deepcopy(source[k]) for k in CONTAINER_FIELDS if source.get(k)}
     if image and image != source.get("image"):
         container.pop("imagePullPolicy", None)
@@ -79,10 +82,14 @@ def pod_manifest(spec: RunnerSpec, parent: Mapping[str, Any], source: Mapping[st
     for key, value in (("cpu", cpu), ("memory", memory)):
         if value is not None:
             resources.setdefault("requests", {})[key] = resources.setdefault("limits", {})[key] = value
-    container.update(name=CONTAINER, command=list(command), env=list(merged_env.values()),
-                     ports=[{"name": "flame", "containerPort": port}],
+    # On the node's network the container port is a host port: the scheduler then never
+    # places two runners with the same port on one node.
+    ports: dict[str, Any] = {"name": "flame", "containerPort": port}
+    if host_network:
+        ports["hostPort"] = port
+    container.update(name=CONTAINER, command=list(command), env=list(merged_env.values()), ports=[ports],
                      volumeMounts=[m for m in source.get("volumeMounts") or () if m.get("name") in kept])
-    manifest = {
+    manifest: dict[str, Any] = {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": secret, "namespace": namespace, "labels": dict(labels),
                      "ownerReferences": [owner_reference(parent, controller=True)]},
@@ -90,6 +97,8 @@ def pod_manifest(spec: RunnerSpec, parent: Mapping[str, Any], source: Mapping[st
                  "containers": [container], "volumes": volumes, "restartPolicy": "Never",
                  "terminationGracePeriodSeconds": graceful_seconds(stop_timeout)},
     }
+    if host_network:  # cluster DNS still resolves for a host-network Pod with this policy
+        manifest["spec"].update(hostNetwork=True, dnsPolicy="ClusterFirstWithHostNet")
     return merge_template(manifest, template)
 
 
@@ -117,7 +126,10 @@ def pod_progress(pod: Mapping[str, Any]) -> tuple[str | None, bool, str]:
         return status["podIP"], False, "running"
     for cond in status.get("conditions") or ():
         if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
-            return None, False, f"{cond.get('reason') or 'unschedulable'}: {cond.get('message') or ''}".rstrip(": ")
+            message = cond.get("message") or ""
+            # A host port taken on every node: the next boot draws another port.
+            return (None, "free ports" in message,
+                    f"{cond.get('reason') or 'unschedulable'}: {message}".rstrip(": "))
     if not (pod.get("spec") or {}).get("nodeName"):
         return None, False, "not scheduled yet (no node accepted it; is the scheduler running?)"
     return None, False, f"{status.get('phase') or 'Pending'} on node {pod['spec']['nodeName']}"

@@ -8,7 +8,10 @@ for that runner and referenced with ``secretKeyRef``, so they never appear in th
 spec. Ownership makes Kubernetes clean up after a parent Pod that goes away: both the
 runner Pod and its Secret are owned by the parent Pod. The parent waits for the Pod's IP
 within ``boot_timeout`` (saying why when it does not come: unschedulable, image pull,
-a crash) and dials ``http://<pod IP>:<port>``. Stopping a runner deletes its Pod (with a
+a crash) and dials ``http://<pod IP>:<port>``. With ``host_network=True`` a runner Pod uses
+its node's network instead: it binds the node's address (``status.podIP``, through the
+downward API) on a port picked for it, declared as a host port so the scheduler never puts
+two runners on one port of one node. Stopping a runner deletes its Pod (with a
 grace period) and its Secret, and waits until the Pod is gone.
 
 The API is spoken with lightkube (async, httpx-based), an optional dependency; its errors
@@ -24,6 +27,7 @@ import importlib.util
 import logging
 import math
 import os
+import random
 import secrets
 import socket
 from collections.abc import Mapping, Sequence
@@ -70,6 +74,9 @@ class KubernetesBackend(Backend):
     - ``template``: a Pod manifest (dict, lightkube ``Pod`` or YAML/JSON file path) merged
       over the generated Pod: mappings merge, lists replace, ``None`` removes; its first
       container merges into the runner container, further containers are added.
+    - ``port``: where runners listen on their Pod IP. ``host_network=True``: runner Pods run on
+      their node's network (``hostNetwork``), each bound to the node's address on a port of its
+      own drawn from ``host_ports`` (which ``port`` then does not set).
     - ``kubeconfig``: a kubeconfig path or lightkube ``KubeConfig`` (default: in-cluster,
       else ``KUBECONFIG`` or ``~/.kube/config``); ``context``: a context of it.
     """
@@ -91,6 +98,8 @@ class KubernetesBackend(Backend):
         env: Mapping[str, str] | None = None,
         template: Mapping[str, Any] | str | Path | Any = None,
         port: int = 8000,
+        host_network: bool = False,
+        host_ports: range = range(20000, 30000),
         kubeconfig: str | Path | KubeConfig | None = None,
         context: str | None = None,
         log_level: str = "warning",
@@ -102,6 +111,8 @@ class KubernetesBackend(Backend):
             raise ImportError(INSTALL_HINT)
         if not 0 < port < 65536:
             raise ValueError(f"KubernetesBackend: port must be between 1 and 65535 (got {port})")
+        if host_network and not (len(host_ports) and 0 < host_ports[0] and host_ports[-1] < 65536):
+            raise ValueError(f"KubernetesBackend: host_ports must be a non-empty range of ports (got {host_ports})")
         self._app = app
         self.parent_pod = parent_pod or os.environ.get("POD_NAME") or socket.gethostname()
         self._namespace = namespace or os.environ.get("POD_NAMESPACE") or None
@@ -113,6 +124,8 @@ class KubernetesBackend(Backend):
         self.env = dict(env or {})
         self.template = load_template(template)
         self.port = port
+        self.host_network = host_network
+        self.host_ports = host_ports
         self.kubeconfig = kubeconfig
         self.context = context
         self.log_level = log_level
@@ -135,6 +148,7 @@ class KubernetesBackend(Backend):
         return cls(app=get("APP"), parent_pod=get("PARENT_POD"), namespace=get("NAMESPACE"),
                    container=get("CONTAINER"), image=get("IMAGE"), python=get("PYTHON"), cpu=get("CPU"),
                    memory=get("MEMORY"), template=get("TEMPLATE"), port=int(get("PORT") or 8000),
+                   host_network=get("HOST_NETWORK") == "1",
                    kubeconfig=get("KUBECONFIG"), context=get("CONTEXT"))
 
     def bind(self, pool: str, app: Any | None) -> None:
@@ -248,12 +262,16 @@ class KubernetesBackend(Backend):
         deadline = None if budget is None else loop.time() + budget - min(1.0, budget / 10)
         api = await self.api()
         parent = await self.parent()
-        handle = KubernetesRunnerHandle(self, spec, runner_name(spec.runner_id), deadline)
+        # On the node's network each runner needs a port of its own; a clash with a port in
+        # use fails that boot at once (the scheduler's or the bind's), and the pool boots again.
+        port = random.choice(self.host_ports) if self.host_network else self.port
+        handle = KubernetesRunnerHandle(self, spec, runner_name(spec.runner_id), deadline, port)
         self._owned.add(handle.name)
         try:
             await self.call("create", "secrets", api.create(Secret.from_dict(self.secret_manifest(spec, parent))))
             handle.secret_created = True
-            pod = await self.call("create", "pods", api.create(Pod.from_dict(self.pod_manifest(spec, parent))))
+            manifest = self.pod_manifest(spec, parent, port)
+            pod = await self.call("create", "pods", api.create(Pod.from_dict(manifest)))
             handle.created = pod.to_dict()
             await handle.wait_for_ip()
         except BaseException:
@@ -261,21 +279,27 @@ class KubernetesBackend(Backend):
             raise
         return handle
 
-    def pod_manifest(self, spec: RunnerSpec, parent: Mapping[str, Any]) -> dict[str, Any]:
-        """The runner Pod for ``spec``: the parent's Pod made a runner, then ``template`` over it."""
+    def pod_manifest(self, spec: RunnerSpec, parent: Mapping[str, Any], port: int | None = None) -> dict[str, Any]:
+        """The runner Pod for ``spec`` listening on ``port``: the parent's Pod made a runner,
+        then ``template`` over it."""
+        port = self.port if port is None else port
         source = pods.source_container(parent.get("spec") or {}, self.container)
         if source is None:
             names = ", ".join(c.get("name", "?") for c in (parent.get("spec") or {}).get("containers") or ())
             raise BootError(f"KubernetesBackend: the parent pod {self.parent_pod} has no container "
                             f"{self.container!r} (it has: {names or 'none'})", reason="no such container")
         python = self.python or same_python(self.image, source.get("image"))
+        # On the node's network, bind the node's address rather than all of the node's
+        # interfaces: the kubelet expands $(FLAME_POD_IP) from the downward API.
+        host = f"$({pods.POD_IP})" if self.host_network else "0.0.0.0"
         command = self.command or uvicorn_command(
-            python, self.runner_app(), host="0.0.0.0", port=self.port, log_level=self.log_level,
+            python, self.runner_app(), host=host, port=port, log_level=self.log_level,
             max_payload=spec.info.max_payload, stop_timeout=self.stop_timeout)
         return pods.pod_manifest(
             spec, parent, source, namespace=self.namespace, labels=self.labels(spec), command=command,
-            env={**forwarded_env(), "PYTHONUNBUFFERED": "1", **self.env}, port=self.port, image=self.image,
-            cpu=self.cpu, memory=self.memory, stop_timeout=self.stop_timeout, template=self.template)
+            env={**forwarded_env(), "PYTHONUNBUFFERED": "1", **self.env}, port=port, image=self.image,
+            cpu=self.cpu, memory=self.memory, stop_timeout=self.stop_timeout, template=self.template,
+            host_network=self.host_network)
 
     def secret_manifest(self, spec: RunnerSpec, parent: Mapping[str, Any]) -> dict[str, Any]:
         return pods.secret_manifest(spec, parent, self.namespace, self.labels(spec))
@@ -308,11 +332,13 @@ class KubernetesBackend(Backend):
 
 
 class KubernetesRunnerHandle(RunnerHandle):
-    def __init__(self, backend: KubernetesBackend, spec: RunnerSpec, name: str, deadline: float | None) -> None:
+    def __init__(self, backend: KubernetesBackend, spec: RunnerSpec, name: str, deadline: float | None,
+                 port: int) -> None:
         self.backend = backend
         self.spec = spec
         self.name = name
         self.deadline = deadline
+        self.port = port
         self.created: dict[str, Any] | None = None
         self.secret_created = False
         self._stopped = False
@@ -343,7 +369,7 @@ class KubernetesRunnerHandle(RunnerHandle):
                         if fatal:
                             raise BootError(f"runner pod {self.name} failed to start: {why}", reason=why)
                         if ip:
-                            self.url = f"http://{ip}:{self.backend.port}"
+                            self.url = f"http://{ip}:{self.port}"
                             return
                         version = pod["metadata"].get("resourceVersion") or version
                     # The API server ends watches when it likes (its timeout, a restart):
@@ -371,7 +397,7 @@ class KubernetesRunnerHandle(RunnerHandle):
 
         return await connect_when_up(
             self.url, self._left(timeout), self.spec, ended=ended, what=f"runner pod {self.name}",
-            hint=f"does its container serve the app on 0.0.0.0:{self.backend.port}? see `kubectl logs -n "
+            hint=f"does its container serve the app on port {self.port}? see `kubectl logs -n "
                  f"{self.backend.namespace} {self.name}`")
 
     async def _get(self) -> dict[str, Any] | None:
