@@ -176,7 +176,7 @@ _BACKEND_SETTINGS: tuple[Setting[Any], ...] = (
             accepts="an integer"),
     Setting("FLAME_K8S_HOST_NETWORK", _choice("0", "1"), "0",
             _K8S + "`1` runs runner Pods on their node's network, each on a port of its own from "
-            "20000–29999, bound to the node's address (clusters without a Pod network, or that want none).",
+            "20000-29999, bound to the node's address (clusters without a Pod network, or that want none).",
             accepts="`0` or `1`"),
     Setting("FLAME_POD_IP", str, None, "Set by `KubernetesBackend` in a host-network runner Pod, never by hand: "
             "the node's address (downward API `status.podIP`), which the runner binds.",
