@@ -18,11 +18,22 @@ address is 127.0.0.1, so a Pod IP is 127.0.0.1 and runner Pods listen on a port 
 either: Pods reach the API server on 127.0.0.1 directly (``KUBERNETES_SERVICE_HOST``).
 Everything listens on 127.0.0.1 high ports; the kubelet's state lives under a temporary
 directory and its mounts are undone at the end, as are its containers.
+
+Where this machine differs from a cloud node, and what stands in:
+- a kubelet refuses a loopback node address, so it runs with an external cloud provider
+  and ``_initialize_node`` does what that provider's node controller does (set the node's
+  addresses, lift the "uninitialized" taint);
+- this machine is itself a container without CAP_SYS_RESOURCE, so no process may get a
+  negative OOM score: the kubelet is built with a floor of 0 for sandboxes and Guaranteed
+  Pods (``.ci/kubernetes.sh`` says how), runs with ``--oom-score-adj=0``, and has no QoS
+  cgroup tree (``--cgroups-per-qos=false``); Docker's per-container cgroups still enforce
+  each container's limits, so an OOM kill is the kernel's, reported by the kubelet.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -34,13 +45,14 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 
 REPO = Path(__file__).resolve().parents[3]
 NODE = "flame-node"
 PAUSE_IMAGE = "local/pause:3.2"
+LOCK = "/tmp/flame-k8s-cluster.lock"
 BUILD_UNAVAILABLE = 3  # .ci/kubernetes.sh's exit code when the tools or the source cannot be had
 
 
@@ -87,15 +99,22 @@ class Cluster:
         self.server = f"https://127.0.0.1:{self.api_port}"
         self.kubelet_dir = tmp / "kubelet"
         self.app_image = ""
+        self._lock: IO[str] | None = None
 
     # -- start -----------------------------------------------------------------------------
     def start(self) -> None:
+        # One cluster per machine at a time: a kubelet stops every Pod container on its engine
+        # that its own API server does not know, so two would kill each other's Pods. A second
+        # test run waits here for the first to finish.
+        self._lock = open(LOCK, "w")  # held until stop()
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
         binaries = Path(run_script("kubernetes.sh"))
         if shutil.which("etcd") is None:
             raise ClusterUnavailable("etcd is not installed (.ci/kubernetes.sh installs etcd-server)")
         if shutil.which("docker") is None or subprocess.run(["docker", "info"], capture_output=True).returncode:
             run_script("docker.sh")
         self.app_image = run_script("kubernetes-images.sh", str(binaries))
+        self._remove_pod_containers()  # what a run that was killed outright left
         self._credentials()
         self._etcd()
         self._apiserver(binaries / "kube-apiserver")
@@ -268,14 +287,21 @@ class Cluster:
         # labelled with the Pod's namespace), then its mounts (secret and token volumes are
         # tmpfs under its root), then the control plane.
         self._end("kubelet")
+        self._remove_pod_containers()
+        self._unmount(self.kubelet_dir)
+        for name in ("scheduler", "controller-manager", "apiserver", "etcd"):
+            self._end(name)
+        if self._lock is not None:
+            self._lock.close()  # and with it the lock
+            self._lock = None
+
+    @staticmethod
+    def _remove_pod_containers() -> None:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             ids = subprocess.run(["docker", "ps", "-aq", "--filter", "label=io.kubernetes.pod.namespace"],
                                  capture_output=True, text=True, timeout=30).stdout.split()
             if ids:
                 subprocess.run(["docker", "rm", "-f", *ids], capture_output=True, timeout=120)
-        self._unmount(self.kubelet_dir)
-        for name in ("scheduler", "controller-manager", "apiserver", "etcd"):
-            self._end(name)
 
     def _end(self, name: str) -> None:
         proc = self.procs.pop(name, None)
