@@ -213,9 +213,20 @@ def setting(name: str, environ: Mapping[str, str] | None = None) -> str | None:
     For code that parses a value itself (the backends' ``from_env``): listing the variable
     here first keeps docs/settings.md complete.
     """
+    _entry(name)
+    return (os.environ if environ is None else environ).get(name)
+
+
+def setting_value(name: str, environ: Mapping[str, str] | None = None) -> Any:
+    """The parsed value of variable ``name`` (its default when unset); a value its parser
+    refuses raises ValueError naming the variable and what it accepts."""
+    return _entry(name).read(environ)
+
+
+def _entry(name: str) -> Setting[Any]:
     if name not in _BY_NAME:
         raise KeyError(f"{name} is not in flame_asgi's settings table (flame_asgi/_settings.py): add it there")
-    return (os.environ if environ is None else environ).get(name)
+    return _BY_NAME[name]
 
 
 def markdown_table() -> str:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from flame_asgi._channel import Channel
 from flame_asgi._exceptions import BootError
 from flame_asgi._parent import runner_mode
-from flame_asgi._settings import setting
+from flame_asgi._settings import setting, setting_value
 from flame_asgi.backends import _kubernetes_pods as pods
 from flame_asgi.backends._base import Backend, ExitReason, RunnerHandle, RunnerSpec
 from flame_asgi.backends._kubernetes_api import _delete_now, aiter_api, api_error
@@ -148,7 +148,7 @@ class KubernetesBackend(Backend):
         return cls(app=get("APP"), parent_pod=get("PARENT_POD"), namespace=get("NAMESPACE"),
                    container=get("CONTAINER"), image=get("IMAGE"), python=get("PYTHON"), cpu=get("CPU"),
                    memory=get("MEMORY"), template=get("TEMPLATE"), port=int(get("PORT") or 8000),
-                   host_network=get("HOST_NETWORK") == "1",
+                   host_network=setting_value("FLAME_K8S_HOST_NETWORK", environ) == "1",
                    kubeconfig=get("KUBECONFIG"), context=get("CONTEXT"))
 
     def bind(self, pool: str, app: Any | None) -> None:

@@ -97,5 +97,8 @@ def test_on_the_host_network_a_runner_binds_its_node_address_on_a_port_of_its_ow
     assert "hostNetwork" not in plain["spec"] and plain["spec"]["containers"][0]["ports"] == [
         {"name": "flame", "containerPort": 9000}]
     assert KubernetesBackend.from_env({"FLAME_K8S_HOST_NETWORK": "1"}).host_network is True
+    assert KubernetesBackend.from_env({"FLAME_K8S_HOST_NETWORK": "0"}).host_network is False
+    with pytest.raises(ValueError, match=r"FLAME_K8S_HOST_NETWORK='yes' is not valid: it must be `0` or `1`"):
+        KubernetesBackend.from_env({"FLAME_K8S_HOST_NETWORK": "yes"})
     with pytest.raises(ValueError, match="host_ports"):
         KubernetesBackend(host_network=True, host_ports=range(0))

@@ -71,6 +71,13 @@ def test_pod_progress_says_whether_and_why_not_yet() -> None:
     broken = _pod({"containerStatuses": [{"name": "runner", "state": {"waiting": {"reason": "InvalidImageName"}}}]})
     assert pod_progress(broken)[1] is True
     assert "not scheduled yet" in pod_progress(_pod({}, node=None))[2]
+    # Short of CPU, a Pod may fit later; its host port taken everywhere, this boot never will.
+    unschedulable = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}
+    short = _pod({"conditions": [{**unschedulable, "message": "0/1 nodes are available: 1 Insufficient cpu."}]})
+    assert pod_progress(short) == (None, False, "Unschedulable: 0/1 nodes are available: 1 Insufficient cpu.")
+    taken = _pod({"conditions": [{**unschedulable, "message": "0/1 nodes are available: 1 node(s) didn't have "
+                                                               "free ports for the requested pod ports."}]})
+    assert pod_progress(taken)[1] is True
     ended = _pod({"phase": "Failed", "containerStatuses": [{"name": "runner", "state": {"terminated": {
         "exitCode": 137}}}]})
     assert pod_progress(ended) == (None, True, "runner pod p was killed by SIGKILL (exit code 137)")
