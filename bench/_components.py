@@ -15,7 +15,7 @@ import cloudpickle  # type: ignore[import-untyped]
 
 from bench import tasks
 from bench._measure import now
-from flame_asgi._codec import TO_RUNNER, FrameOpener, FrameSealer, make_signer
+from flame_asgi._wire.codec import TO_RUNNER, FrameOpener, FrameSealer, make_signer
 
 N = 5000
 

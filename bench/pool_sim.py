@@ -31,7 +31,7 @@ from typing import Any
 
 from bench._config import Config
 from bench._measure import now
-from flame_asgi._pool_state import PoolState
+from flame_asgi._pool.state import PoolState
 
 SIZES = (10, 1_000, 10_000)
 CAPACITY = 4  # max_concurrency of the simulated runners

@@ -6,10 +6,12 @@
 The public surface is exactly ``__all__``; everything else is private.
 """
 
-from flame_asgi._app import FastAPI
-from flame_asgi._child import ChildHandle
-from flame_asgi._dependencies import flame_pool, flame_runner
-from flame_asgi._exceptions import (
+from flame_asgi import backends
+from flame_asgi._asgi.app import FastAPI
+from flame_asgi._asgi.dependencies import flame_pool, flame_runner
+from flame_asgi._asgi.extension import add_flame_pool
+from flame_asgi._asgi.relay import relay
+from flame_asgi._base.exceptions import (
     BootError,
     CallTimeout,
     FlameError,
@@ -22,27 +24,24 @@ from flame_asgi._exceptions import (
     TransferError,
     VersionSkew,
 )
-from flame_asgi._extension import add_flame_pool
-from flame_asgi._lease import FlameRunner
-from flame_asgi._map import MapIterator
-from flame_asgi._parent import ParentInfo, parent
-from flame_asgi._pool import FlamePool, PoolStats, RunnerInfo
-from flame_asgi._progress import receive, report
-from flame_asgi._relay import relay
-from flame_asgi._stream import RemoteStream
-from flame_asgi._telemetry import subscribe
-from flame_asgi._tracking import Trackable, release
-from flame_asgi._transfer import RemoteBytes, Upload
+from flame_asgi._base.parent import ParentInfo, parent
+from flame_asgi._base.version import VERSION as __version__  # noqa: F401 - the package version
+from flame_asgi._observe.telemetry import subscribe
+from flame_asgi._pool.child import ChildHandle
+from flame_asgi._pool.lease import FlameRunner
+from flame_asgi._pool.map import MapIterator
+from flame_asgi._pool.pool import FlamePool
+from flame_asgi._pool.runners import PoolStats, RunnerInfo
+from flame_asgi._pool.stream import RemoteStream
+from flame_asgi._runner.progress import receive, report
+from flame_asgi._wire.tracking import Trackable, release
+from flame_asgi._wire.transfer import RemoteBytes, Upload
 from flame_asgi.backends import Backend, LocalBackend, ProcessBackend
-
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> object:
     # DockerBackend, FlyBackend, KubernetesBackend: loaded on first use (optional extras).
     if name in ("DockerBackend", "FlyBackend", "KubernetesBackend"):
-        from flame_asgi import backends
-
         return getattr(backends, name)
     raise AttributeError(f"module 'flame_asgi' has no attribute {name!r}")
 

@@ -5,6 +5,6 @@ copy of *something* to run: this is an empty flame_asgi app, which in runner mod
 serves only the internal endpoints.
 """
 
-from flame_asgi._app import FastAPI
+from flame_asgi._asgi.app import FastAPI
 
 app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)

@@ -34,7 +34,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from flame_asgi import _telemetry
+from flame_asgi._observe import telemetry
 
 BOOT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 CALL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -73,7 +73,7 @@ class Instrumentation:
                                              ["pool", "kind", "pid"], buckets=CALL_BUCKETS, **kw)
         self._collector = _PoolCollector()
         registry.register(self._collector)
-        self._unsubscribe = _telemetry.subscribe(self._on_event)
+        self._unsubscribe = telemetry.subscribe(self._on_event)
 
     def _on_event(self, name: str, f: dict[str, Any]) -> None:
         pid = str(os.getpid())  # read each time: a worker forked after instrument() has its own
@@ -120,7 +120,7 @@ class _PoolCollector:
     def collect(self) -> Iterator[Any]:
         totals: dict[str, dict[str, float]] = {}
         pid = str(os.getpid())
-        for pool in _telemetry.pools():
+        for pool in telemetry.pools():
             s = _stats(pool)
             if s is None:
                 continue

@@ -46,11 +46,12 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import HTMLResponse, Response
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from flame_asgi import _telemetry
-from flame_asgi._extension import SCOPE_KEY
-from flame_asgi._pool import FlamePool, RunnerInfo
-from flame_asgi._pool_monitor import Monitor, PoolRecord, monitor
-from flame_asgi._pool_view_page import PAGE
+from flame_asgi._asgi.extension import SCOPE_KEY
+from flame_asgi._asgi.pool_view_page import PAGE
+from flame_asgi._observe import telemetry
+from flame_asgi._observe.monitor import Monitor, PoolRecord, monitor
+from flame_asgi._pool.pool import FlamePool
+from flame_asgi._pool.runners import RunnerInfo
 
 TICK = 1.0  # a push at least this often, for ages, rates and the chart
 MIN_GAP = 0.25  # at most four pushes a second: a burst of calls is one update
@@ -135,12 +136,13 @@ def _app_pools(scope: Mapping[str, Any]) -> list[FlamePool]:
     pools: Mapping[str, FlamePool] = scope.get(SCOPE_KEY) or {}
     if pools:
         return list(pools.values())
-    return sorted(_telemetry.pools(), key=lambda p: p.name)  # an app that opened its own pools
+    own = [p for p in telemetry.pools() if isinstance(p, FlamePool)]  # an app that opened its own pools
+    return sorted(own, key=lambda p: p.name)
 
 
 def _snapshot(pools: Sequence[FlamePool], watcher: Monitor) -> dict[str, Any]:
     """What one push carries (a JSON object): this process and each of ``pools``."""
-    running = set(_telemetry.pools())
+    running = set(telemetry.pools())
     return {"now": time.time(), "pid": os.getpid(), "since": watcher.started,
             "pools": [_pool_json(pool, pool in running, watcher.record(pool.name)) for pool in pools]}
 

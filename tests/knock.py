@@ -7,7 +7,7 @@ import asyncio
 import websockets
 from websockets.asyncio.client import connect
 
-from flame_asgi._keys import AUTH_HEADER
+from flame_asgi._wire.keys import AUTH_HEADER
 
 
 async def knock(url: str, frames: list[bytes], token: str | None = None, *, wait: float = 3.0) -> str:

@@ -316,7 +316,22 @@ async def subprocess_fds() -> list[str]:
             if os.readlink(f"/proc/{proc.pid}/exe").endswith("sleep"):
                 break
             await asyncio.sleep(0.01)
-        return [os.readlink(f"/proc/{proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{proc.pid}/fd")]
+        # The kernel points /proc/PID/exe at the new program before it closes the
+        # close-on-exec descriptors: one listed now may be gone a moment later. Those were
+        # never inherited, so read until two listings agree, skipping any that vanish.
+        held: list[str] | None = None
+        for _ in range(100):
+            now = []
+            for fd in os.listdir(f"/proc/{proc.pid}/fd"):
+                try:
+                    now.append(os.readlink(f"/proc/{proc.pid}/fd/{fd}"))
+                except FileNotFoundError:
+                    continue
+            if now == held:
+                break
+            held = now
+            await asyncio.sleep(0.01)
+        return now
     finally:
         proc.kill()
         await proc.wait()

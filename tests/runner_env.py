@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flame_asgi import ParentInfo
-from flame_asgi._keys import RunnerKeys
+from flame_asgi._wire.keys import RunnerKeys
 
 ROOT = b"s" * 32  # the parent's root secret, as these tests pretend it
 

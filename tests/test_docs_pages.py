@@ -24,7 +24,7 @@ import yaml
 from websockets.sync.client import connect
 
 from flame_asgi import CallTimeout, FlamePool, LocalBackend, PayloadTooLarge, PoolClosed, SerializationError
-from flame_asgi._settings import SETTINGS
+from flame_asgi._base.settings import SETTINGS
 from tests.servers import serve
 
 ROOT = pathlib.Path(__file__).parent.parent

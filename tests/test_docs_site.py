@@ -84,7 +84,7 @@ def test_every_reference_page_is_listed_in_the_nav() -> None:
 
 
 def test_the_settings_table_appears_once() -> None:
-    # docs/settings.md is generated from flame_asgi/_settings.py (tests/test_settings.py): other
+    # docs/settings.md is generated from flame_asgi/_base/settings.py (tests/test_settings.py): other
     # pages link to it rather than copying it.
     header = "| variable | default | accepts | meaning |"
     holders = [str(p.relative_to(DOCS)) for p in DOCS.rglob("*.md") if header in p.read_text()]

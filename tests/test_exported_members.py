@@ -47,9 +47,9 @@ def test_exception_tree() -> None:
 
 
 def test_the_exception_tree_is_drawn_with_every_class() -> None:
-    from flame_asgi import _exceptions
+    from flame_asgi._base import exceptions
 
-    defined = {name for name, value in vars(_exceptions).items()
+    defined = {name for name, value in vars(exceptions).items()
                if isinstance(value, type) and issubclass(value, flame_asgi.FlameError)}
-    doc = _exceptions.__doc__ or ""
+    doc = exceptions.__doc__ or ""
     assert {name for name in defined if not re.search(rf"^ +[│├└─ ]*{name}\b", doc, re.M)} == set()

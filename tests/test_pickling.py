@@ -1,6 +1,6 @@
 """Remote tracebacks through code pickled by value name the user's file, line and source line.
 
-cloudpickle 3.1.3 renames such code ``<dynamic-code>``; flame_asgi._pickling keeps the real name.
+cloudpickle 3.1.3 renames such code ``<dynamic-code>``; flame_asgi._wire.pickling keeps the real name.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from flame_asgi import FlamePool
-from flame_asgi._pickling import dumps, loads
+from flame_asgi._wire.pickling import dumps, loads
 from tests.conftest import BackendFactory
 
 HERE = pathlib.Path(__file__)

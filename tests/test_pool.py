@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from flame_asgi import Backend, BootError, CallTimeout, FlamePool, ProcessBackend, RunnerLost
-from flame_asgi._channel import Channel
+from flame_asgi._wire.channel import Channel
 from flame_asgi.backends import RunnerHandle, RunnerSpec
 from flame_asgi.backends._base import ExitReason
 from tests import remote

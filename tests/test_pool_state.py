@@ -9,7 +9,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flame_asgi._pool_state import Decision, PoolState
+from flame_asgi._pool.state import Decision, PoolState
 
 
 def test_least_loaded_runner_gets_the_call() -> None:

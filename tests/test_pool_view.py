@@ -51,7 +51,7 @@ def first(url: str, predicate: Any, what: str, **headers: str) -> dict[str, Any]
 
 
 def test_importing_the_view_costs_nothing_until_one_is_created() -> None:
-    code = ("from flame_asgi import _telemetry\nimport flame_asgi.pool_view as v\n"
+    code = ("from flame_asgi._observe import telemetry as _telemetry\nimport flame_asgi.pool_view as v\n"
             "assert not _telemetry.active(), 'importing subscribed'\n"
             "v.pool_view(dependencies=[])\nassert _telemetry.active(), 'a view records events'\nprint('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

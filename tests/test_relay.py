@@ -11,7 +11,7 @@ import pytest
 from fastapi import Depends, WebSocket
 from fastapi.testclient import TestClient
 
-from flame_asgi import FastAPI, FlamePool, LocalBackend, flame_pool, relay
+from flame_asgi import FastAPI, FlamePool, LocalBackend, ProcessBackend, flame_pool, relay
 from tests import remote
 
 
@@ -83,3 +83,37 @@ def test_browser_leaving_cancels_the_remote_work(tmp_path: pathlib.Path) -> None
         assert sum(r.active for r in seen["pool"].stats().runners) == 0
     time.sleep(1.0)
     assert not done.exists()
+
+
+async def ticks(n: int, delay: float, marker: str) -> Any:
+    try:
+        for i in range(n):
+            yield i
+            await asyncio.sleep(delay)
+    except asyncio.CancelledError:
+        pathlib.Path(marker + ".cancelled").touch()
+        raise
+    pathlib.Path(marker + ".finished").touch()
+
+
+def test_browser_leaving_cancels_an_unlinked_stream_on_its_runner(tmp_path: pathlib.Path) -> None:
+    # link=False keeps work running when its *caller* goes away; a relayed stream's consumer
+    # is the browser, so the browser leaving ends the generator on the runner all the same.
+    marker = str(tmp_path / "ticks")
+    app = FastAPI()
+    app.add_flame_pool("ticks", backend=ProcessBackend())
+
+    @app.websocket("/ws")
+    async def live(ws: WebSocket, pool: Annotated[FlamePool, Depends(flame_pool("ticks"))]) -> None:
+        await ws.accept()
+        await relay(ws, pool.stream(ticks, 50, 0.02, marker, link=False))  # ~1 s if left alone
+
+    with TestClient(app) as client:
+        with client.websocket_connect("/ws") as ws:
+            assert ws.receive_json() == {"item": 0}
+        deadline = time.monotonic() + 10
+        while not pathlib.Path(marker + ".cancelled").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(1.5)  # long enough for the generator to have finished, had it run on
+    assert pathlib.Path(marker + ".cancelled").exists()
+    assert not pathlib.Path(marker + ".finished").exists()

@@ -18,9 +18,9 @@ import websockets
 from websockets.asyncio.client import connect
 
 from flame_asgi import FlamePool, ParentInfo, PayloadTooLarge, ProcessBackend, ProtocolError
-from flame_asgi._codec import TO_PARENT, TO_RUNNER, FrameOpener, FrameSealer, make_signer
-from flame_asgi._keys import AUTH_HEADER, RunnerKeys
-from flame_asgi._parent import code_version
+from flame_asgi._base.parent import code_version
+from flame_asgi._wire.codec import TO_PARENT, TO_RUNNER, FrameOpener, FrameSealer, make_signer
+from flame_asgi._wire.keys import AUTH_HEADER, RunnerKeys
 from flame_asgi.backends import RunnerSpec
 from flame_asgi.backends.process import ProcessRunnerHandle
 from tests import remote
@@ -77,7 +77,7 @@ def test_codec_refuses_bad_frames_before_unpickling(tmp_path: pathlib.Path, monk
         "call before hello": [call],
     }
     loaded: list[Any] = []
-    monkeypatch.setattr("flame_asgi._pickling.pickle.loads", lambda data: loaded.append(data))
+    monkeypatch.setattr("flame_asgi._wire.pickling.pickle.loads", lambda data: loaded.append(data))
     for name, frames in cases.items():
         o = opener()
         with pytest.raises(ProtocolError):
@@ -244,7 +244,7 @@ async def test_a_second_parent_is_refused(tmp_path: pathlib.Path) -> None:
         assert url is not None
         assert await _session(url, [b"anything"]) == "refused 403"
         # Even a valid token (one the parent could have minted) finds the door taken.
-        (runner,) = pool._runners.values()
+        (runner,) = pool._runners
         assert isinstance(runner.handle, ProcessRunnerHandle)
         assert await _session(url, [b"anything"], runner.handle.spec.upgrade_token()) == "refused 403"
         assert await pool.call(remote.works) == "works"  # the real parent is undisturbed

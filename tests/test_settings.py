@@ -6,9 +6,9 @@ import re
 import pytest
 
 from flame_asgi import FlamePool, LocalBackend, PayloadTooLarge, ProcessBackend, Upload
-from flame_asgi._parent import parent, runner_mode
-from flame_asgi._runner_logs import RunnerOutput
-from flame_asgi._settings import MAX_PAYLOAD, SETTINGS, markdown_table, setting
+from flame_asgi._base.parent import parent, runner_mode
+from flame_asgi._base.settings import MAX_PAYLOAD, SETTINGS, markdown_table, setting
+from flame_asgi._observe.runner_logs import RunnerOutput
 
 ROOT = pathlib.Path(__file__).parent.parent
 PACKAGE = ROOT / "flame_asgi"
@@ -40,7 +40,7 @@ def test_only_the_settings_module_reads_flame_variables() -> None:
         for path in PACKAGE.rglob("*.py")
         if re.search(r"environ\b.*(FLAME_|ENV_[A-Z])", path.read_text())
     }
-    assert readers - NOT_YET_MOVED == set()  # they call flame_asgi._settings instead
+    assert readers - NOT_YET_MOVED == set()  # they call flame_asgi._base.settings instead
 
 
 def test_settings_are_read_when_used(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,8 +10,8 @@ import os
 import pytest
 
 from flame_asgi import FlamePool, LocalBackend, ProcessBackend, ProtocolError
-from flame_asgi._codec import FrameKey, FrameOpener, FrameSealer, digest_of
-from flame_asgi._shm import SHM_MIN, SharedMemory
+from flame_asgi._wire.codec import FrameKey, FrameOpener, FrameSealer, digest_of
+from flame_asgi._wire.shm import SHM_MIN, SharedMemory
 from tests import remote
 from tests.conftest import until
 
@@ -68,7 +68,7 @@ def test_a_reference_to_memory_that_is_not_sealed_is_refused() -> None:
 
 def test_memory_changed_before_its_seal_fails_the_digest(monkeypatch: pytest.MonkeyPatch) -> None:
     # A same-user process could write into the memfd between its creation and its seal.
-    import flame_asgi._shm as shm
+    import flame_asgi._wire.shm as shm
 
     real = shm._sealed
 
@@ -105,7 +105,7 @@ async def test_process_runners_use_shared_memory_and_free_it(tmp_path: object) -
     data = os.urandom(20_000_000)
     async with FlamePool("shm", backend=ProcessBackend(heartbeat_interval=0.2)) as pool:
         assert await pool.call(remote.echo, data) == data
-        runner = next(iter(pool._runners.values()))
+        runner = next(iter(pool._runners))
         assert runner.conn._shm.enabled
         pid = runner.conn.pid
         assert pid is not None
@@ -115,5 +115,5 @@ async def test_process_runners_use_shared_memory_and_free_it(tmp_path: object) -
         await until(lambda: memfds(os.getpid()) == 0 and memfds(pid) == 0, what="memfds of a failed call closed")
     async with FlamePool("no-shm", backend=LocalBackend()) as pool:
         assert await pool.call(remote.echo, data) == data
-        assert not next(iter(pool._runners.values())).conn._shm.enabled  # in-process: nothing to share
+        assert not next(iter(pool._runners)).conn._shm.enabled  # in-process: nothing to share
     await asyncio.sleep(0)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from flame_asgi import FlamePool, RunnerLost
-from flame_asgi._pool import WINDOW
+from flame_asgi._wire.protocol import CALL_WINDOW as WINDOW
 from tests import remote
 from tests.conftest import BackendFactory, until
 
@@ -183,13 +183,12 @@ async def test_stream_progress_reaches_the_consumer_in_order(backend: BackendFac
     assert seen == ["making 0", 0, "making 1", 1, "making 2", 2]
 
 
-def test_streams_and_children_reach_their_pool_only_through_a_dispatch() -> None:
-    # The pool may change how it runs work: a stream or a child handle sees only what
-    # _lease.Dispatch and _connection.RemoteCall offer.
-    import inspect
+def test_streams_and_children_reach_their_pool_only_through_its_contracts() -> None:
+    # The pool may change how it runs work: a stream or a child handle sees only the
+    # Placement and Starter contracts and the RemoteCall of its channel, never the pool.
+    from tests.test_layers import graph
 
-    from flame_asgi import _child, _stream
-
-    for module in (_stream, _child):
-        source = inspect.getsource(module)
-        assert "flame_asgi._pool" not in source and "pool._" not in source, module.__name__
+    imports = graph()
+    for module in ("flame_asgi._pool.stream", "flame_asgi._pool.child"):
+        pool_parts = {m for m, _ in imports[module] if m.startswith("flame_asgi._pool.")}
+        assert pool_parts <= {"flame_asgi._pool.placement"}, module

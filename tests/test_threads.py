@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from flame_asgi._threads import ElasticThreadPool
+from flame_asgi._runner.threads import ElasticThreadPool
 from tests.conftest import until
 
 

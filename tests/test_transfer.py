@@ -138,11 +138,11 @@ async def test_200_mb_through_a_process_runner_with_bounded_parent_memory(tmp_pa
 async def test_uploads_are_forgotten_when_their_call_ends(backend: BackendFactory, tmp_path: pathlib.Path) -> None:
     import threading
 
-    from flame_asgi import _transfer
+    from flame_asgi._wire import transfer
 
     src = tmp_path / "in.bin"
     _file(src, 1)
-    before = set(_transfer._sources)
+    before = set(transfer._sources)
     async with FlamePool("tokens", backend=backend(), max_concurrency=4) as pool:
         await pool.call(remote.digest_upload, Upload(src))
         with pytest.raises(TypeError):  # the remote call fails before reading the upload
@@ -154,6 +154,6 @@ async def test_uploads_are_forgotten_when_their_call_ends(backend: BackendFactor
         stream = pool.stream(remote.count_up, 2)
         assert [x async for x in stream] == [0, 1]
         pool.cast(remote.digest_upload, Upload(src))
-        while pool._casts:
+        while pool._dispatch.casts_running:
             await asyncio.sleep(0.01)
-    assert set(_transfer._sources) == before  # none left registered in the parent
+    assert set(transfer._sources) == before  # none left registered in the parent

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flame_asgi import _settings
+from flame_asgi._base import settings
 from flame_asgi.backends._base import Backend, RunnerHandle, RunnerSpec
 from flame_asgi.backends.local import LocalBackend
 from flame_asgi.backends.process import ProcessBackend
@@ -24,11 +24,11 @@ def __getattr__(name: str) -> object:
 
 def backend_from_env() -> Backend:
     """The backend named by ``FLAME_BACKEND`` (``local`` when unset), configured from env."""
-    name = _settings.BACKEND.read()
+    name = settings.BACKEND.read()
     if name == "local":
         return LocalBackend()
     if name == "process":
-        return ProcessBackend(app=_settings.PROCESS_APP.read())
+        return ProcessBackend(app=settings.PROCESS_APP.read())
     if name == "fly":
         from flame_asgi.backends.fly import FlyBackend
 

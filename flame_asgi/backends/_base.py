@@ -13,17 +13,18 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
-import signal
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidHandshake, InvalidStatus
 
-from flame_asgi._channel import Channel, WebSocketClientChannel
-from flame_asgi._exceptions import BootError
-from flame_asgi._keys import AUTH_HEADER, RunnerKeys
-from flame_asgi._parent import ParentInfo
-from flame_asgi._settings import PARENT, RUNNER_KEYS
+from flame_asgi._base.exceptions import BootError
+from flame_asgi._base.parent import ParentInfo
+from flame_asgi._base.settings import PARENT, RUNNER_KEYS
+from flame_asgi._wire.channel import Channel, WebSocketClientChannel
+from flame_asgi._wire.exits import ExitReason
+from flame_asgi._wire.keys import AUTH_HEADER, RunnerKeys
+from flame_asgi.backends._apps import BARE_APP, app_import_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,42 +51,6 @@ class RunnerSpec:
     def upgrade_token(self) -> str:
         """A fresh single-use token that lets the parent's connection through the runner's door."""
         return self.keys.upgrade_token()
-
-
-ExitKind = Literal["oom", "signal", "exit", "gone", "unreachable"]
-
-
-@dataclasses.dataclass(frozen=True)
-class ExitReason:
-    """How a runner ended, as its backend saw it.
-
-    ``kind`` is a stable word for metrics and code: ``oom`` (killed for memory), ``signal``
-    (killed by ``signal``), ``exit`` (its process exited with ``code``), ``gone`` (it
-    vanished: deleted, destroyed, its exit status lost), ``unreachable`` (still running as
-    far as the backend knows, but its channel is gone). ``detail`` is the sentence users
-    read; rewording it changes no label.
-    """
-
-    kind: ExitKind
-    detail: str
-    code: int | None = None
-    signal: str | None = None
-
-    def __str__(self) -> str:
-        return self.detail
-
-    @classmethod
-    def from_status(cls, subject: str, code: int, *, shell_codes: bool = False) -> ExitReason:
-        """From an exit status: ``code < 0`` is a signal (``subprocess``' convention); with
-        ``shell_codes``, ``128 + n`` is too (the convention of containers)."""
-        number = -code if code < 0 else (code - 128 if shell_codes and code > 128 else None)
-        if number is not None and number in signal.valid_signals():
-            name = signal.Signals(number).name
-            if shell_codes:
-                return cls("signal", f"{subject} was killed by {name} (exit code {code})", code, name)
-            hint = " (killed: out of memory, or by an operator)" if number == signal.SIGKILL else ""
-            return cls("signal", f"{subject} killed by {name}{hint}", code, name)
-        return cls("exit", f"{subject} exited with code {code}", code)
 
 
 class RunnerHandle(abc.ABC):
@@ -119,8 +84,6 @@ class Backend(abc.ABC):
     def bind(self, pool: str, app: Any | None) -> None:
         """Called by the pool that owns this backend, with the app it serves (if any)."""
         if self.boots_app and self._app is None and app is not None:
-            from flame_asgi.backends._toolkit import app_import_for
-
             self._app = app_import_for(app, pool)
 
     async def start(self) -> None:  # noqa: B027 - optional hook
@@ -132,8 +95,6 @@ class Backend(abc.ABC):
 
     def runner_app(self) -> str:
         """The app a runner boots: the pool's app, else an empty one that serves only ``/_flame``."""
-        from flame_asgi.backends._toolkit import BARE_APP
-
         return self._app or BARE_APP
 
     @abc.abstractmethod

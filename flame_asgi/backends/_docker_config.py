@@ -10,8 +10,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from flame_asgi._exceptions import BootError
-from flame_asgi.backends._base import ExitReason
+from flame_asgi._base.exceptions import BootError
+from flame_asgi._wire.exits import ExitReason
 
 LABEL_PARENT, LABEL_POOL, LABEL_RUNNER, LABEL_BACKEND = (
     "flame_asgi.parent", "flame_asgi.pool", "flame_asgi.runner", "flame_asgi.backend")

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from flame_asgi._exceptions import FlameError
+from flame_asgi._base.exceptions import FlameError
 
 MAX_MESSAGE = 1 << 20
 SPAWN_TIMEOUT = 10.0  # a fork takes milliseconds: past this the fork server is stuck

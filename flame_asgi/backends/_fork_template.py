@@ -55,7 +55,7 @@ def serve(app: str, ctrl: socket.socket) -> None:
 
     import flame_asgi
     import flame_asgi.backends._serve  # noqa: F401
-    from flame_asgi._parent import code_version
+    from flame_asgi._base.parent import code_version
 
     module, _, attr = app.partition(":")
     getattr(importlib.import_module(module), attr or "app")

@@ -6,12 +6,9 @@ interpreter exit. ``kubernetes.py`` is the backend around them.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from flame_asgi._exceptions import BootError
-
-if TYPE_CHECKING:
-    from flame_asgi.backends.kubernetes import KubernetesBackend
+from flame_asgi._base.exceptions import BootError
 
 RBAC_HINT = "docs/kubernetes-rbac.yaml lists what the backend needs"
 
@@ -42,7 +39,7 @@ def api_error(exc: BaseException, verb: str, resource: str, namespace: str, serv
                      f"{exc!r}", reason=repr(exc))
 
 
-async def aiter_api(source: Any, backend: KubernetesBackend, verb: str, resource: str) -> Any:
+async def aiter_api(source: Any, namespace: str, server: str, verb: str, resource: str) -> Any:
     """Iterate a lightkube watch or list, translating its errors."""
     iterator = source.__aiter__()
     try:
@@ -52,7 +49,7 @@ async def aiter_api(source: Any, backend: KubernetesBackend, verb: str, resource
             except StopAsyncIteration:
                 return
             except Exception as exc:
-                raise api_error(exc, verb, resource, backend.namespace, backend._server()) from None
+                raise api_error(exc, verb, resource, namespace, server) from None
             yield item
     finally:
         with contextlib.suppress(Exception):

@@ -14,8 +14,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from flame_asgi._settings import SECRET
-from flame_asgi.backends._base import ExitReason, RunnerSpec
+from flame_asgi._base.settings import SECRET
+from flame_asgi._wire.exits import ExitReason
+from flame_asgi.backends._base import RunnerSpec
 from flame_asgi.backends._toolkit import dns_name, graceful_seconds
 
 LABEL_POOL, LABEL_RUNNER, LABEL_PARENT, LABEL_BACKEND = (

@@ -16,7 +16,7 @@ from typing import Any
 
 import uvicorn
 
-from flame_asgi._settings import RUNNER_KEYS
+from flame_asgi._base.settings import RUNNER_KEYS
 
 
 def serve(app: str, fd: int, *, log_level: str, ws_max_size: int, graceful: int) -> int:

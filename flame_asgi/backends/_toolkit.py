@@ -16,15 +16,14 @@ import os
 import re
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
 
-from flame_asgi._channel import Channel
-from flame_asgi._exceptions import BootError
-from flame_asgi._parent import ENV_CODE_VERSION
-from flame_asgi.backends._base import ExitReason, RunnerSpec, connect_websocket
+from flame_asgi._base.exceptions import BootError
+from flame_asgi._base.parent import ENV_CODE_VERSION
+from flame_asgi._wire.channel import Channel
+from flame_asgi._wire.exits import ExitReason
+from flame_asgi.backends._base import RunnerSpec, connect_websocket
 
 log = logging.getLogger("flame_asgi.backends")
-BARE_APP = "flame_asgi._bare:app"
 # Settings a runner must share with its parent: the code fingerprint they compare, and the
 # frame size limit both sides enforce. A backend whose runners do not inherit the parent's
 # environment (containers, Pods, machines) passes these on.
@@ -58,41 +57,6 @@ def same_python(image: str | None, own_image: str | None) -> str:
 def dns_name(runner_id: str, prefix: str = "flame-") -> str:
     """``runner_id`` as an RFC 1123 label (Pods, Secrets, machines): lower case, ``-``, 63 chars."""
     return re.sub(r"[^a-z0-9-]+", "-", f"{prefix}{runner_id}".lower()).strip("-")[:63].rstrip("-")
-
-
-# -- the app --------------------------------------------------------------------------------
-def app_import_for(app: Any, pool: str) -> str | None:
-    """``find_import_string``, saying so when the app cannot be found (runners would boot an
-    empty app, without the user's lifespan)."""
-    found = find_import_string(app)
-    if found is None:
-        log.warning(
-            "pool %r: cannot find an import string for %r among the imported modules (an app built by a "
-            "factory, or bound to a private name?); its runners boot an empty app without your lifespan. "
-            "Pass the backend app='package.module:app' (an attribute holding the app) to boot your own app.",
-            pool, app)
-    return found
-
-
-def find_import_string(app: Any) -> str | None:
-    """Find ``module:attribute`` that names ``app`` among the imported modules."""
-    fallback = None
-    for name, module in list(sys.modules.items()):
-        if module is None or name.startswith("flame_asgi"):
-            continue
-        try:
-            namespace = vars(module)
-        except TypeError:
-            continue
-        for attr, value in list(namespace.items()):
-            if value is app and not attr.startswith("_"):
-                if name == "__main__":
-                    spec = getattr(module, "__spec__", None)
-                    if spec is not None and spec.name and not spec.name.endswith("__main__"):
-                        fallback = f"{spec.name}:{attr}"
-                    continue
-                return f"{name}:{attr}"
-    return fallback
 
 
 # -- waiting for the app to answer -----------------------------------------------------------------

@@ -31,11 +31,12 @@ import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from flame_asgi._channel import Channel
-from flame_asgi._exceptions import BootError
-from flame_asgi._runner_logs import RunnerOutput
-from flame_asgi._settings import setting
-from flame_asgi.backends._base import Backend, ExitReason, RunnerHandle, RunnerSpec
+from flame_asgi._base.exceptions import BootError
+from flame_asgi._base.settings import setting
+from flame_asgi._observe.runner_logs import RunnerOutput
+from flame_asgi._wire.channel import Channel
+from flame_asgi._wire.exits import ExitReason
+from flame_asgi.backends._base import Backend, RunnerHandle, RunnerSpec
 from flame_asgi.backends._docker_config import (
     LABEL_BACKEND,
     LABEL_PARENT,

@@ -23,11 +23,12 @@ from typing import Any
 
 import httpx
 
-from flame_asgi._channel import Channel
-from flame_asgi._exceptions import BootError, FlyAPIError
-from flame_asgi._parent import runner_mode
-from flame_asgi._settings import setting
-from flame_asgi.backends._base import Backend, ExitReason, RunnerHandle, RunnerSpec, connect_websocket
+from flame_asgi._base.exceptions import BootError, FlyAPIError
+from flame_asgi._base.parent import runner_mode
+from flame_asgi._base.settings import setting
+from flame_asgi._wire.channel import Channel
+from flame_asgi._wire.exits import ExitReason
+from flame_asgi.backends._base import Backend, RunnerHandle, RunnerSpec, connect_websocket
 from flame_asgi.backends._toolkit import dns_name, forwarded_env, same_python, uvicorn_command
 
 __all__ = ["FlyAPIError", "FlyBackend", "FlyRunnerHandle", "describe_machine"]

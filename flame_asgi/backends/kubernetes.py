@@ -34,12 +34,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flame_asgi._channel import Channel
-from flame_asgi._exceptions import BootError
-from flame_asgi._parent import runner_mode
-from flame_asgi._settings import setting, setting_value
+from flame_asgi._base.exceptions import BootError
+from flame_asgi._base.parent import runner_mode
+from flame_asgi._base.settings import setting, setting_value
+from flame_asgi._wire.channel import Channel
+from flame_asgi._wire.exits import ExitReason
 from flame_asgi.backends import _kubernetes_pods as pods
-from flame_asgi.backends._base import Backend, ExitReason, RunnerHandle, RunnerSpec
+from flame_asgi.backends._base import Backend, RunnerHandle, RunnerSpec
 from flame_asgi.backends._kubernetes_api import _delete_now, aiter_api, api_error
 from flame_asgi.backends._kubernetes_pods import LABEL_PARENT, label, load_template, runner_name
 from flame_asgi.backends._toolkit import (
@@ -354,13 +355,14 @@ class KubernetesRunnerHandle(RunnerHandle):
 
         assert self.created is not None
         api, why = await self.backend.api(), "not scheduled yet"
+        server = self.backend._server()
         version = self.created["metadata"]["resourceVersion"]
         try:
             async with asyncio.timeout(self._left()):
                 while True:
                     watch = api.watch(Pod, namespace=self.backend.namespace, fields={"metadata.name": self.name},
                                       resource_version=version)
-                    async for event, obj in aiter_api(watch, self.backend, "watch", "pods"):
+                    async for event, obj in aiter_api(watch, self.backend.namespace, server, "watch", "pods"):
                         pod = obj.to_dict()
                         if event == "DELETED" or (pod.get("metadata") or {}).get("deletionTimestamp"):
                             raise BootError(f"runner pod {self.name} was deleted while it booted",

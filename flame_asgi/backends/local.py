@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextvars
 
-from flame_asgi._channel import Channel, MemoryChannel
-from flame_asgi._runner_session import RunnerSession
-from flame_asgi.backends._base import Backend, ExitReason, RunnerHandle, RunnerSpec
+from flame_asgi._runner.session import RunnerSession
+from flame_asgi._wire.channel import Channel, MemoryChannel
+from flame_asgi._wire.exits import ExitReason
+from flame_asgi.backends._base import Backend, RunnerHandle, RunnerSpec
 
 _current: contextvars.ContextVar[LocalRunnerHandle | None] = contextvars.ContextVar(
     "flame_local_runner", default=None

@@ -21,13 +21,15 @@ import socket
 import sys
 from collections.abc import Mapping
 
-from flame_asgi._channel import Channel
-from flame_asgi._exceptions import BootError
-from flame_asgi._runner_logs import RunnerOutput, relay_lines
-from flame_asgi._settings import RUNNER_KEYS, SECRET
-from flame_asgi.backends._base import Backend, ExitReason, RunnerHandle, RunnerSpec, connect_websocket
+from flame_asgi._base.exceptions import BootError
+from flame_asgi._base.settings import RUNNER_KEYS, SECRET
+from flame_asgi._observe.runner_logs import RunnerOutput, relay_lines
+from flame_asgi._wire.channel import Channel
+from flame_asgi._wire.exits import ExitReason
+from flame_asgi.backends._apps import BARE_APP
+from flame_asgi.backends._base import Backend, RunnerHandle, RunnerSpec, connect_websocket
 from flame_asgi.backends._fork_parent import ForkedProcess, ForkServer, ForkUnavailable
-from flame_asgi.backends._toolkit import BARE_APP, graceful_seconds
+from flame_asgi.backends._toolkit import graceful_seconds
 
 __all__ = ["BARE_APP", "ProcessBackend", "ProcessRunnerHandle", "describe_exit"]
 log = logging.getLogger("flame_asgi.backends.process")

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from flame_asgi import BootError, FlamePool, FlyBackend, RunnerLost
-from flame_asgi._parent import ParentInfo
+from flame_asgi._base.parent import ParentInfo
 from flame_asgi.backends._base import RunnerSpec
 from flame_asgi.backends.fly import describe_machine
 

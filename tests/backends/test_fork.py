@@ -12,8 +12,8 @@ import pytest
 
 from flame_asgi import FlamePool, ProcessBackend, RunnerLost
 from flame_asgi.backends import _fork_parent as _fork
+from flame_asgi.backends._apps import BARE_APP
 from flame_asgi.backends._fork_parent import ForkedProcess, ForkServer, ForkUnavailable
-from flame_asgi.backends._toolkit import BARE_APP
 from tests.apps import procs
 from tests.conftest import child_pids, until
 

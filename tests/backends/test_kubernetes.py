@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from flame_asgi._parent import ParentInfo
+from flame_asgi._base.parent import ParentInfo
 from flame_asgi.backends._base import RunnerSpec
 
 pytest.importorskip("lightkube", reason="KubernetesBackend needs lightkube: pip install 'flame_asgi[kubernetes]'")

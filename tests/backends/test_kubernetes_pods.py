@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flame_asgi._parent import ParentInfo
+from flame_asgi._base.parent import ParentInfo
 from flame_asgi.backends._base import RunnerSpec
 from flame_asgi.backends._kubernetes_pods import (
     describe_end,

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from flame_asgi import _telemetry
+from flame_asgi._observe import telemetry
 
 Event = tuple[str, dict[str, Any]]
 
@@ -21,7 +21,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def events() -> Iterator[list[Event]]:
     """Every event emitted during the test, in order."""
     seen: list[Event] = []
-    unsubscribe = _telemetry.subscribe(lambda name, fields: seen.append((name, dict(fields))))
+    unsubscribe = telemetry.subscribe(lambda name, fields: seen.append((name, dict(fields))))
     yield seen
     unsubscribe()
 
@@ -62,9 +62,9 @@ def no_leftover_subscriptions() -> Iterator[None]:
     may have mounted a pool view (``example_app.main`` does at import), which listens for
     the rest of the process.
     """
-    process_wide, _telemetry._handlers = _telemetry._handlers, ()
+    process_wide, telemetry._handlers = telemetry._handlers, ()
     try:
         yield
-        assert _telemetry._handlers == (), "a test left an event handler subscribed"
+        assert telemetry._handlers == (), "a test left an event handler subscribed"
     finally:
-        _telemetry._handlers = process_wide
+        telemetry._handlers = process_wide

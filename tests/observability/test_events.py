@@ -10,7 +10,9 @@ import sys
 
 import pytest
 
-from flame_asgi import Backend, BootError, CallTimeout, FlamePool, ProcessBackend, RunnerLost, _telemetry
+from flame_asgi import Backend, BootError, CallTimeout, FlamePool, ProcessBackend, RunnerLost
+from flame_asgi._observe import telemetry
+from flame_asgi._wire.exits import loss_label
 from flame_asgi.backends import RunnerHandle, RunnerSpec
 from flame_asgi.backends._base import ExitReason
 from flame_asgi.backends._docker_config import describe_exit as docker_exit
@@ -110,7 +112,7 @@ async def test_a_killed_process_runner_is_a_crash(events: list[Event]) -> None:
 
 
 def test_lost_runner_labels_come_from_structured_exit_reasons() -> None:
-    label = _telemetry.loss_label
+    label = loss_label
     # What each backend reports (process, Docker, Kubernetes, Fly), whatever its wording.
     assert label(describe_exit(-9), unreachable=False) == "crash"
     assert label(describe_exit(3), unreachable=False) == "crash"
@@ -128,8 +130,8 @@ async def test_a_failing_handler_does_not_break_calls(caplog: pytest.LogCaptureF
         raise RuntimeError("handler bug")
 
     seen: list[str] = []
-    unsubscribe_broken = _telemetry.subscribe(broken)
-    unsubscribe = _telemetry.subscribe(lambda name, fields: seen.append(name))
+    unsubscribe_broken = telemetry.subscribe(broken)
+    unsubscribe = telemetry.subscribe(lambda name, fields: seen.append(name))
     try:
         async with FlamePool("robust") as pool:
             assert await pool.call(work.square, 6) == 36
@@ -159,17 +161,17 @@ async def test_events_logger_at_debug_gets_structured_records(caplog: pytest.Log
 
 
 async def test_nobody_listening_costs_one_check() -> None:
-    assert not _telemetry.active()
+    assert not telemetry.active()
     async with FlamePool("quiet") as pool:
-        assert _telemetry.observe_call(pool, "call", work.square) is _telemetry.OFF
-        assert _telemetry.OFF.trace is None  # nothing extra travels in the call message
+        assert telemetry.observe_call(pool.name, "call", work.square) is telemetry.OFF
+        assert telemetry.OFF.trace is None  # nothing extra travels in the call message
         assert await pool.call(work.square, 2) == 4
 
 
 def test_untraced_unmeasured_calls_touch_neither_opentelemetry_nor_prometheus() -> None:
     # (FastAPI itself may import the OpenTelemetry API: flame_asgi only checks for a provider.)
     code = ("import asyncio, sys\n"
-            "from flame_asgi import FlamePool, _tracing\n"
+            "from flame_asgi import FlamePool\nfrom flame_asgi._observe import tracing as _tracing\n"
             "from tests.observability import work\n"
             "async def main():\n"
             "    async with FlamePool('p') as pool:\n"
@@ -184,4 +186,4 @@ def test_untraced_unmeasured_calls_touch_neither_opentelemetry_nor_prometheus() 
 def test_subscribe_is_public() -> None:
     import flame_asgi
 
-    assert flame_asgi.subscribe is _telemetry.subscribe and "subscribe" in flame_asgi.__all__
+    assert flame_asgi.subscribe is telemetry.subscribe and "subscribe" in flame_asgi.__all__

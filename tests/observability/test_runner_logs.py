@@ -9,7 +9,13 @@ import logging
 import pytest
 
 from flame_asgi import BootError, FlamePool, LocalBackend, ParentInfo, ProcessBackend
-from flame_asgi._runner_logs import JsonLineHandler, RunnerOutput, encode_record, forward_runner_logs, relay_lines
+from flame_asgi._observe.runner_logs import (
+    JsonLineHandler,
+    RunnerOutput,
+    encode_record,
+    forward_runner_logs,
+    relay_lines,
+)
 from tests.conftest import until
 from tests.observability import work
 

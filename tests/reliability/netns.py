@@ -21,8 +21,8 @@ import subprocess
 import sys
 import time
 
-from flame_asgi._channel import Channel
-from flame_asgi._exceptions import BootError
+from flame_asgi._base.exceptions import BootError
+from flame_asgi._wire.channel import Channel
 from flame_asgi.backends import Backend, RunnerHandle, RunnerSpec
 from flame_asgi.backends._base import ExitReason, connect_websocket
 from flame_asgi.backends.process import BARE_APP, _pythonpath, describe_exit

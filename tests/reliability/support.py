@@ -45,7 +45,7 @@ async def until(predicate: Callable[[], object], timeout: float, what: str) -> f
 
 def booted(pool: FlamePool) -> list[Any]:
     """The pool's booted runners, with their (private) ``handle`` and ``conn``."""
-    return list(pool._runners.values())
+    return list(pool._runners)
 
 
 def runner_pids(pool: FlamePool) -> dict[str, int]:

@@ -29,9 +29,9 @@ import httpx
 import pytest
 
 from flame_asgi import FlamePool, ProcessBackend
-from flame_asgi._codec import FrameKey, FrameSealer
-from flame_asgi._keys import AUTH_HEADER, RunnerKeys
-from flame_asgi._secret import channel_secret
+from flame_asgi._base.secret import channel_secret
+from flame_asgi._wire.codec import FrameKey, FrameSealer
+from flame_asgi._wire.keys import AUTH_HEADER, RunnerKeys
 from flame_asgi.backends import RunnerSpec
 from flame_asgi.backends.process import ProcessRunnerHandle
 from tests.apps.procs import descendants

@@ -50,7 +50,7 @@ async def test_sync_python_code_is_interrupted_and_the_runner_kept(tmp_path: pat
         assert shrinks == [] and len(pool.stats().runners) == 1  # interrupted: no recycling needed
 
 
-STUCK_GRACE = 2.0  # flame_asgi._runner_work.STUCK_THREAD_GRACE
+STUCK_GRACE = 2.0  # flame_asgi._runner.work.STUCK_THREAD_GRACE
 
 
 async def test_sync_code_blocked_in_c_gets_its_runner_recycled_without_leaking_slots(tmp_path: pathlib.Path) -> None:

@@ -16,7 +16,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from flame_asgi import BootError, CallTimeout, FlamePool, ProcessBackend, RunnerLost, VersionSkew
-from flame_asgi._keys import RunnerKeys
+from flame_asgi._wire.keys import RunnerKeys
 from tests.reliability import work
 from tests.reliability.support import booted, in_flight, kill, listening_addresses, runner_pids
 

@@ -36,10 +36,10 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from flame_asgi import ParentInfo, PayloadTooLarge, ProtocolError
-from flame_asgi._channel import MemoryChannel
-from flame_asgi._codec import TO_PARENT, TO_RUNNER, FrameOpener, FrameSealer, make_signer
-from flame_asgi._keys import AUTH_HEADER, RunnerKeys
-from flame_asgi._runner_session import RunnerSession
+from flame_asgi._runner.session import RunnerSession
+from flame_asgi._wire.channel import MemoryChannel
+from flame_asgi._wire.codec import TO_PARENT, TO_RUNNER, FrameOpener, FrameSealer, make_signer
+from flame_asgi._wire.keys import AUTH_HEADER, RunnerKeys
 from tests.reliability.support import alive, listening_addresses
 
 SECRET = "fuzz-" + secrets.token_hex(16)

@@ -30,7 +30,7 @@ from lightkube.resources.core_v1 import ConfigMap, Namespace, Pod, Secret, Servi
 from lightkube.resources.rbac_authorization_v1 import Role, RoleBinding
 
 from flame_asgi import BootError, FlamePool, RunnerLost, parent, subscribe
-from flame_asgi._parent import ParentInfo
+from flame_asgi._base.parent import ParentInfo
 from flame_asgi.backends.kubernetes import KubernetesBackend
 from tests.backends.kubernetes.cluster import NODE, REPO, Cluster
 from tests.backends.kubernetes.conftest import host_volumes

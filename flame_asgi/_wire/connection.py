@@ -1,0 +1,366 @@
+"""The parent's end of one runner's channel: handshake, calls in flight, heartbeat, loss.
+
+Every call placed on the runner is a ``RemoteCall`` multiplexed over the one channel.
+When the channel closes or the heartbeat stops, every call in flight fails at once with
+``RunnerLost``, with the backend's account of why (exit signal, OOM) when it has one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import os
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from flame_asgi._base.exceptions import BootError, FlameError, RunnerLost, VersionSkew
+from flame_asgi._wire.channel import Channel, ChannelClosed, MemoryChannel
+from flame_asgi._wire.codec import TO_PARENT, TO_RUNNER, FrameOpener, FrameSealer, make_signer
+from flame_asgi._wire.exits import ExitReason, loss_label
+from flame_asgi._wire.pickling import unpack_exception
+from flame_asgi._wire.protocol import (
+    CREDITED,
+    MESSAGE_WINDOW,
+    TERMINAL,
+    FrameType,
+    Reply,
+    WorkKind,
+    is_transfer,
+    is_work_reply,
+)
+from flame_asgi._wire.shm import SharedMemory
+from flame_asgi._wire.shm import available as shm_available
+from flame_asgi._wire.shm import probe as shm_probe
+from flame_asgi._wire.transfer import TransferHub, forget
+from flame_asgi._wire.writer import FrameWriter, split
+
+
+class RemoteCall:
+    """The parent's view of one piece of work running on a runner."""
+
+    def __init__(self, conn: RunnerConnection, id_: int, window: int, on_finish: Callable[[], None]) -> None:
+        self._conn = conn
+        self.id = id_
+        self._window = window
+        self._on_finish = on_finish
+        # Replies not yet read, and the reader's wait for the next: an asyncio.Queue per call
+        # (three deques and an Event, built for many producers and consumers) cost more.
+        self._replies: collections.deque[tuple[Reply, Any]] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self.hub = conn.hub  # results may carry Uploads, read back over this runner's channel
+        self.tokens: list[str] = []  # Uploads this call sends: forgotten when it ends
+        self._consumed = 0
+        self._message_credit = MESSAGE_WINDOW  # messages the runner has room for (a child's)
+        self._credit_changed: asyncio.Event | None = None  # made when a sender waits for room
+        self.finished = False  # the runner is done with it (or gone): the slot is free
+        self.detached = False  # nobody reads any more
+
+    async def next(self) -> tuple[Reply, Any]:
+        """The next reply and its data: a pickled payload, or the RunnerLost of a ``lost``."""
+        while not self._replies:
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        type_, data = self._replies.popleft()
+        if type_ in CREDITED:
+            self._consumed += 1
+            if self._consumed >= max(1, self._window // 2):
+                self._conn.grant(self.id, self._consumed)
+                self._consumed = 0
+        return type_, data
+
+    def deliver(self, type_: Reply, data: Any) -> None:
+        if type_ in TERMINAL or type_ == "lost":
+            self.finish()
+        if not self.detached:
+            self._replies.append((type_, data))
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        elif type_ in CREDITED:
+            self._conn.grant(self.id, 1)  # nobody listens: keep the remote side unblocked
+
+    def abandon(self, link: bool) -> None:
+        """The caller stops listening: cancel the remote work if linked.
+
+        The slot is freed now for a linked cancel, or when the runner reports the end of
+        the work otherwise.
+        """
+        if self.detached:
+            return
+        self.detached = True
+        while self._replies:  # drop buffered events, handing their credit back
+            type_, _ = self._replies.popleft()
+            if type_ in CREDITED:
+                self._conn.grant(self.id, 1)
+        if self.finished:
+            return
+        if link:
+            self._conn.cancel(self.id)
+            self.finish()
+
+    def failure(self, type_: Reply, data: Any) -> BaseException:
+        """What a reply other than a result or an item means to the caller: the remote
+        exception, the runner's loss, or (``cancelled`` unasked) the runner shutting down."""
+        rid = self._conn.runner_id
+        if type_ == "error":
+            return unpack_exception(data, rid)
+        if type_ == "lost":
+            assert isinstance(data, BaseException)
+            return data
+        return RunnerLost(f"runner {rid} cancelled the work (it is shutting down)", runner_id=rid)
+
+    async def send_message(self, data: bytes) -> None:
+        """Send a message to this work (a child), in order; wait while the runner holds
+        ``MESSAGE_WINDOW`` untaken ones."""
+        while self._message_credit <= 0 and not self.finished:
+            if self._credit_changed is None:
+                self._credit_changed = asyncio.Event()
+            self._credit_changed.clear()
+            await self._credit_changed.wait()
+        if self.finished:
+            raise FlameError(f"the child on runner {self._conn.runner_id} has ended: it takes no more messages")
+        self._message_credit -= 1
+        await self._conn._send("message", self.id, data)
+
+    def add_message_credit(self, n: int) -> None:
+        self._message_credit += n
+        if self._credit_changed is not None:
+            self._credit_changed.set()
+
+    def request_cancel(self) -> None:
+        """Ask the runner to stop the work, and keep reading until it says it has."""
+        if not self.finished:
+            self._conn.cancel(self.id)
+
+    def finish(self) -> None:
+        if not self.finished:
+            self.finished = True
+            forget(self.tokens)
+            if self._credit_changed is not None:
+                self._credit_changed.set()  # a sender waiting for room learns the child ended
+            self._on_finish()
+
+
+class RunnerConnection:
+    """One runner's channel as seen from the parent."""
+
+    def __init__(
+        self,
+        runner_id: str,
+        channel: Channel,
+        secret: bytes,
+        *,
+        max_payload: int,
+        heartbeat_interval: float,
+        heartbeat_timeout: float,
+        describe_loss: Callable[[], Awaitable[ExitReason | None]],
+        on_lost: Callable[[str, str], None],
+        on_recycle: Callable[[str], None],
+        on_closing: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.runner_id = runner_id
+        self._channel = channel
+        self._secret = secret
+        self._max_payload = max_payload
+        self._interval = heartbeat_interval
+        self._timeout = heartbeat_timeout
+        self._describe_loss = describe_loss
+        self._on_lost = on_lost
+        self._on_recycle = on_recycle
+        self._on_closing = on_closing
+        self._calls: dict[int, RemoteCall] = {}
+        self._ids = itertools.count(1)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
+        self._last_seen = 0.0
+        self.closed: str | None = None
+        self.hub = TransferHub(self._send, max_payload)
+        self._shm = SharedMemory()
+
+    async def handshake(self, version: str) -> None:
+        session = secrets.token_hex(16)
+        sealer = FrameSealer(make_signer(self._secret, self.runner_id, TO_RUNNER), session, self._max_payload,
+                             shm=self._shm)
+        self._writer = FrameWriter(self._channel, sealer)
+        self._opener = FrameOpener(make_signer(self._secret, self.runner_id, TO_PARENT), self._max_payload, session,
+                                   shm=self._shm)
+        probe_fd, extra = None, dict[str, Any]()
+        if shm_available() and not isinstance(self._channel, MemoryChannel):
+            # Can the runner read our memfds (same host)? Then large payloads skip the socket.
+            probe_fd, extra["pr"] = shm_probe()
+        try:
+            await self._send("hello", runner=self.runner_id, v=version, **extra)
+            reply = self._opener.open(await self._channel.recv())
+        except ChannelClosed as exc:
+            raise BootError(f"runner {self.runner_id} closed the channel during the handshake: {exc.reason}",
+                            reason=exc.reason) from None
+        except FlameError as exc:
+            raise BootError(f"runner {self.runner_id} answered the handshake with an invalid message: {exc}") from None
+        finally:
+            if probe_fd is not None:
+                os.close(probe_fd)
+        self._shm.enabled = bool(reply.meta.get("shm"))
+        self.pid: int | None = reply.meta.get("pid")  # the runner's process id, as it says
+        if reply.type == "refused":
+            reason = str(reply.meta.get("reason", "refused"))
+            raise VersionSkew(f"runner {self.runner_id} refused: {reason}", reason=reason)
+        if reply.type != "ready":
+            raise BootError(f"runner {self.runner_id} sent {reply.type!r} instead of ready")
+        loop = asyncio.get_running_loop()
+        self._last_seen = loop.time()
+        self._tasks = [loop.create_task(self._reader()), loop.create_task(self._heartbeat())]
+
+    async def _send(self, type_: FrameType, id_: int = 0, payload: bytes = b"", **meta: Any) -> None:
+        await self._writer.send(type_, id_, payload, **meta)
+
+    async def start(self, kind: WorkKind, payload: bytes, *, link: bool, progress: bool, window: int,
+                    on_finish: Callable[[], None], trace: dict[str, str] | None = None,
+                    tokens: list[str] | None = None, track: bool = False) -> RemoteCall:
+        if self.closed is not None:
+            forget(tokens or [])
+            on_finish()  # nothing was sent: hand the slot back
+            raise RunnerLost(f"runner {self.runner_id} is gone: {self.closed}", runner_id=self.runner_id,
+                             reason=self.closed)
+        call = RemoteCall(self, next(self._ids), window, on_finish)
+        call.tokens = tokens or []
+        self._calls[call.id] = call
+        try:
+            extra: dict[str, Any] = {"tc": trace} if trace else {}  # the caller's trace context (W3C)
+            if track:
+                extra["tr"] = True  # track the resources in the result
+            await self._send("call", call.id, payload, k=kind, l=link, p=progress, w=window, **extra)
+        except ChannelClosed as exc:
+            self._calls.pop(call.id, None)
+            call.finish()
+            if self._closing(exc.reason):  # seen here before the reader saw it: report the loss now
+                self._spawn_loss(exc.reason)
+            raise RunnerLost(f"runner {self.runner_id} went away while the call was sent: {exc.reason}",
+                             runner_id=self.runner_id, reason=exc.reason) from None
+        except BaseException:
+            self._calls.pop(call.id, None)
+            call.finish()
+            raise
+        return call
+
+    def grant(self, id_: int, n: int) -> None:
+        self._spawn(self._send_quietly("credit", id_, c=n))
+
+    def cancel(self, id_: int) -> None:
+        self._spawn(self._send_quietly("cancel", id_))
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        if self.closed is None:
+            task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _send_quietly(self, type_: FrameType, id_: int = 0, **meta: Any) -> None:
+        try:
+            await self._send(type_, id_, **meta)
+        except (ChannelClosed, FlameError):
+            pass
+
+    async def _reader(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                message = await self._channel.recv()
+                self._last_seen = loop.time()
+                for raw in split(message):
+                    frame = self._opener.open(raw)
+                    type_ = frame.type
+                    if is_transfer(type_):
+                        self.hub.handle(type_, frame.meta, frame.payload)
+                        continue
+                    call = self._calls.get(frame.id) if frame.id else None
+                    if call is not None and is_work_reply(type_):
+                        if type_ in TERMINAL:
+                            del self._calls[frame.id]
+                        call.deliver(type_, frame.payload)
+                    elif type_ == "credit" and call is not None:
+                        call.add_message_credit(int(frame.meta.get("c", 0)))
+                    elif type_ == "recycle":
+                        self._on_recycle(str(frame.meta.get("reason", "")))
+        except ChannelClosed as exc:
+            await self._lose(exc.reason)
+        except FlameError as exc:
+            await self._lose(f"the runner sent an invalid message ({exc})")
+
+    async def _heartbeat(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self._interval)
+            if loop.time() - self._last_seen > self._timeout:
+                await self._lose(f"no heartbeat for {self._timeout:g} s (network partition or hung runner)",
+                                 unreachable=True)
+                return
+            await self._send_quietly("ping")
+
+    def _closing(self, reason: str) -> bool:
+        """Mark the channel gone, synchronously: from now on no call is placed on this runner."""
+        if self.closed is not None:
+            return False
+        self.closed = reason
+        self._on_closing()
+        return True
+
+    def _spawn_loss(self, reason: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._report_loss(reason))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _lose(self, reason: str, *, unreachable: bool = False) -> None:
+        if self._closing(reason):
+            await self._report_loss(reason, unreachable=unreachable)
+
+    async def _report_loss(self, reason: str, *, unreachable: bool = False) -> None:
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()
+        try:
+            # Long enough for a backend to ask its API how the runner ended; a process
+            # backend answers in milliseconds.
+            ended = await asyncio.wait_for(self._describe_loss(), 1.5)
+        except (TimeoutError, Exception):
+            ended = None
+        why = f"{reason}; {ended}" if ended else reason
+        error = RunnerLost(f"runner {self.runner_id} was lost: {why}", runner_id=self.runner_id, reason=why)
+        self._fail_calls(error, why)
+        self._on_lost(why, loss_label(ended, unreachable))
+        self._writer.close()
+        self._shm.close()
+        self._channel.abort()  # no closing handshake with a runner that is gone
+
+    def _fail_calls(self, error: RunnerLost, reason: str) -> None:
+        calls, self._calls = self._calls, {}
+        for call in calls.values():
+            call.deliver("lost", error)
+        self.hub.close(reason)
+
+    async def aclose(self, reason: str) -> None:
+        """Tell the runner to stop and close the channel; calls still in flight are lost."""
+        if self.closed is not None:
+            return
+        # Marked closed first: a loss noticed while "stop" is on its way is not a second end.
+        self.closed = reason
+        for task in self._tasks:
+            task.cancel()
+        try:  # a runner that stopped reading must not hold up the shutdown
+            await self._writer.send("stop")
+            await asyncio.wait_for(self._writer.flush(), 2.0)
+        except (TimeoutError, ChannelClosed, FlameError):
+            pass
+        self._writer.close()
+        self._fail_calls(RunnerLost(f"runner {self.runner_id} was stopped ({reason})", runner_id=self.runner_id,
+                                    reason=reason), reason)
+        self._shm.close()
+        try:
+            await self._channel.aclose(reason)
+        except Exception:
+            pass

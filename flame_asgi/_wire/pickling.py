@@ -1,0 +1,194 @@
+"""Pickling of calls, results and exceptions, with errors that name the offending object.
+
+Only ``loads`` unpickles, and it is only ever given payloads that ``FrameOpener`` verified.
+"""
+
+from __future__ import annotations
+
+import io
+import marshal
+import pickle
+import traceback
+import types
+from collections import ChainMap
+from typing import Any
+
+import cloudpickle  # type: ignore[import-untyped]
+
+from flame_asgi._base.exceptions import RemoteError, SerializationError
+from flame_asgi._wire.tracking import ResourceTable, reduce_tracked
+from flame_asgi._wire.transfer import TransferHub, collecting_tokens, forget, receiving_through
+
+
+def _reduce_code(code: types.CodeType) -> tuple[Any, tuple[Any, ...]]:
+    try:
+        return marshal.loads, (marshal.dumps(code),)
+    except ValueError:  # a hand-made code object whose constants marshal refuses
+        reduced: tuple[Any, tuple[Any, ...]] = cloudpickle.Pickler.dispatch_table[types.CodeType](code)
+        return reduced
+
+
+class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle ships no types
+    """cloudpickle's Pickler, except that the code of by-value functions keeps its real file name.
+
+    Why: since cloudpickle 3.1.3 (its PR #560, which makes pickles deterministic across notebook
+    sessions), the code of every function pickled by value (closures, lambdas, nested functions,
+    functions of ``__main__`` or of tests) is renamed ``<dynamic-code>``, so a remote traceback
+    through user code reads ``File "<dynamic-code>", line 8`` with no source line. Our payloads
+    are sent once and need not be deterministic, so code objects go through ``marshal``, the
+    standard library's own format for code (that of .pyc files): it keeps ``co_filename``, the
+    line table and every other field on any Python version, with no constructor signature to
+    follow. The runner runs the same Python on the same source files, so ``linecache`` there
+    prints the user's lines. Like the rest of a payload, this is only loaded after ``FrameOpener``
+    verified it.
+    """
+
+    dispatch_table = ChainMap({types.CodeType: _reduce_code}, cloudpickle.Pickler.dispatch_table)
+
+
+class _TrackingPickler(_Pickler):
+    """Pickles a tracked result: trackable objects are kept in ``table`` (``_tracking``)."""
+
+    def __init__(self, file: io.BytesIO, table: ResourceTable) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self._table = table
+
+    def reducer_override(self, obj: Any) -> Any:
+        reduced = reduce_tracked(self._table, obj, pickle.HIGHEST_PROTOCOL)
+        return super().reducer_override(obj) if reduced is NotImplemented else reduced
+
+
+def _dumps(obj: Any, resources: ResourceTable | None = None) -> bytes:
+    buffer = io.BytesIO()
+    if resources is None:
+        _Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    else:
+        _TrackingPickler(buffer, resources).dump(obj)
+    return buffer.getvalue()
+
+
+def dumps(obj: Any, what: str, tokens: list[str] | None = None, resources: ResourceTable | None = None) -> bytes:
+    """Pickle ``obj``; on failure, raise SerializationError naming the object that failed.
+
+    Uploads inside ``obj`` are registered for the other side to pull; their tokens are
+    appended to ``tokens`` so the caller can forget them when the call ends. With
+    ``resources`` (a runner's tracked result), trackable objects are kept there.
+    """
+    collected: list[str] = []
+    try:
+        with collecting_tokens(collected):
+            data = _dumps(obj, resources)
+    except Exception as exc:  # pickling raises TypeError, PicklingError, AttributeError...
+        forget(collected)  # nothing will be sent: nobody will pull these
+        with collecting_tokens(collected := []):  # the search pickles parts again
+            culprit = _find_culprit(obj, what, depth=0, seen=set())
+        forget(collected)
+        path, bad, reason = culprit if culprit else (what, obj, exc)
+        raise SerializationError(
+            f"cannot send {what}: {path} ({type(bad).__module__}.{type(bad).__qualname__}) "
+            f"cannot be pickled: {reason}. Create it inside the function on the runner, or "
+            "pass the plain data needed to rebuild it."
+        ) from exc
+    if tokens is not None:
+        tokens.extend(collected)
+    return data
+
+
+def loads(data: bytes | memoryview, hub: TransferHub | None = None) -> Any:
+    """Unpickle verified bytes; Uploads in them become RemoteBytes read through ``hub``."""
+    with receiving_through(hub):
+        return pickle.loads(data)
+
+
+def _find_culprit(obj: Any, path: str, depth: int, seen: set[int]) -> tuple[str, Any, Exception] | None:
+    """Depth-first search for the innermost part of ``obj`` that does not pickle."""
+    if id(obj) in seen or depth > 8:
+        return None
+    seen.add(id(obj))
+    try:
+        _dumps(obj)
+        return None
+    except Exception as exc:
+        for child_path, child in _children(obj, path):
+            found = _find_culprit(child, child_path, depth + 1, seen)
+            if found is not None:
+                return found
+        return path, obj, exc
+
+
+def _children(obj: Any, path: str) -> list[tuple[str, Any]]:
+    if isinstance(obj, types.FunctionType):
+        name = obj.__qualname__
+        out: list[tuple[str, Any]] = []
+        for var, cell in zip(obj.__code__.co_freevars, obj.__closure__ or (), strict=False):
+            try:
+                out.append((f"closure variable {var!r} of {name}()", cell.cell_contents))
+            except ValueError:  # an empty cell
+                continue
+        for var in _global_names(obj.__code__):
+            if var in obj.__globals__:
+                out.append((f"global {var!r} used by {name}()", obj.__globals__[var]))
+        for i, default in enumerate(obj.__defaults__ or ()):
+            out.append((f"default argument {i} of {name}()", default))
+        return out
+    if isinstance(obj, types.MethodType):
+        return [(f"{path}.__self__", obj.__self__), (f"{path}.__func__", obj.__func__)]
+    if hasattr(obj, "func") and hasattr(obj, "args") and hasattr(obj, "keywords"):  # partial
+        return [(f"{path}.func", obj.func)] + [
+            (f"{path} argument {i}", a) for i, a in enumerate(obj.args)
+        ] + [(f"{path} keyword {k!r}", v) for k, v in obj.keywords.items()]
+    if isinstance(obj, (tuple, list)):
+        return [(_item_path(path, i), item) for i, item in enumerate(obj)]
+    if isinstance(obj, dict):
+        if path.startswith("keyword arguments of "):
+            return [(f"keyword argument {k!r} of {path.removeprefix('keyword arguments of ')}", v)
+                    for k, v in obj.items()]
+        return [(f"{path}[{k!r}]", v) for k, v in obj.items()]
+    state = getattr(obj, "__dict__", None)
+    if isinstance(state, dict):
+        return [(f"{path}.{k}", v) for k, v in state.items()]
+    return []
+
+
+def _item_path(path: str, i: int) -> str:
+    # The top-level call is pickled as (fn, args, kwargs): name those parts as a user sees them.
+    if path.startswith("the call to "):
+        return (path, f"argument list of {path}", f"keyword arguments of {path}")[min(i, 2)]
+    if path.startswith("argument list of "):
+        return f"argument {i} of {path.removeprefix('argument list of ')}"
+    return f"{path}[{i}]"
+
+
+def _global_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return names
+
+
+def pack_exception(exc: BaseException) -> bytes:
+    """Pickle a remote exception with its traceback text; fall back to type name + text."""
+    text = "".join(traceback.format_exception(exc))
+    qualname = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    pickled: bytes | None
+    try:
+        pickled = _dumps(exc.with_traceback(None))
+        pickle.loads(pickled)  # some exceptions pickle but cannot be rebuilt: test it here
+    except Exception:
+        pickled = None
+    return _dumps({"type": qualname, "message": str(exc), "traceback": text, "pickled": pickled})
+
+
+def unpack_exception(data: bytes | memoryview, runner_id: str) -> BaseException:
+    info = loads(data)
+    note = f"Remote traceback (runner {runner_id}):\n{info['traceback']}"
+    if info["pickled"] is not None:
+        try:
+            exc = loads(info["pickled"])
+        except Exception:
+            exc = None
+        if isinstance(exc, BaseException):
+            exc.add_note(note)
+            return exc
+    return RemoteError(info["message"], remote_type=info["type"], remote_traceback=info["traceback"])
