@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import re
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 
@@ -119,3 +120,10 @@ def _run_sweeps() -> None:
         if pid == os.getpid():
             with contextlib.suppress(Exception):
                 sweep()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (a host-network runner binds it a moment later)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

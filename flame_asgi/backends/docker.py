@@ -19,15 +19,12 @@ import collections
 import contextlib
 import dataclasses
 import functools
-import http.client
 import importlib.util
-import json
 import logging
 import math
 import os
 import secrets
 import socket
-import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -51,9 +48,11 @@ from flame_asgi.backends._docker_config import (
     parse_memory,
     published_url,
 )
+from flame_asgi.backends._docker_sweep import remove_labelled
 from flame_asgi.backends._toolkit import (
     connect_when_up,
     forwarded_env,
+    free_port,
     sweep_at_exit,
     uvicorn_command,
 )
@@ -379,43 +378,3 @@ class DockerRunnerHandle(RunnerHandle):
             self.backend._exits.pop(self.container.id, None)
             if self._logs is not None:
                 self._logs.cancel()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-# -- the last guard: at interpreter exit, remove whatever this process still has running --
-def remove_labelled(url: str, label: str, timeout: float = 2.0) -> int:
-    """Force-remove every container with ``label`` (plain HTTP, no event loop needed)."""
-    scheme, _, address = url.partition("://")
-    if scheme == "unix":
-        conn: http.client.HTTPConnection = _UnixHTTPConnection(address, timeout)
-    elif scheme in ("tcp", "http"):
-        conn = http.client.HTTPConnection(address.rstrip("/"), timeout=timeout)
-    else:
-        return 0  # TLS or ssh Engines: the runners' own watchdog and AutoRemove still apply
-    try:
-        query = urllib.parse.urlencode({"all": "1", "filters": json.dumps({"label": [label]})})
-        conn.request("GET", f"/containers/json?{query}")
-        found = json.loads(conn.getresponse().read())
-        for item in found:
-            conn.request("DELETE", f"/containers/{item['Id']}?force=1")
-            conn.getresponse().read()
-        return len(found)
-    finally:
-        conn.close()
-
-
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._path)
-        self.sock = sock

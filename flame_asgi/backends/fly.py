@@ -16,7 +16,6 @@ import ipaddress
 import logging
 import math
 import os
-import random
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -29,6 +28,7 @@ from flame_asgi._base.settings import setting
 from flame_asgi._wire.channel import Channel
 from flame_asgi._wire.exits import ExitReason
 from flame_asgi.backends._base import Backend, RunnerHandle, RunnerSpec, connect_websocket
+from flame_asgi.backends._fly_api import api_error, authorization, backoff, describe_machine, env_int
 from flame_asgi.backends._toolkit import dns_name, forwarded_env, same_python, uvicorn_command
 
 __all__ = ["FlyAPIError", "FlyBackend", "FlyRunnerHandle", "describe_machine"]
@@ -105,10 +105,10 @@ class FlyBackend(Backend):
         self.image = image or environ.get("FLY_IMAGE_REF", "")
         self.region = region or environ.get("FLY_REGION") or None
         self.cpu_kind = cpu_kind or setting("FLAME_FLY_CPU_KIND") or "performance"
-        self.cpus = cpus if cpus is not None else _env_int("FLAME_FLY_CPUS", 1)
-        self.memory_mb = memory_mb if memory_mb is not None else _env_int("FLAME_FLY_MEMORY_MB", 2048)
+        self.cpus = cpus if cpus is not None else env_int("FLAME_FLY_CPUS", 1)
+        self.memory_mb = memory_mb if memory_mb is not None else env_int("FLAME_FLY_MEMORY_MB", 2048)
         self.gpu_kind = gpu_kind or setting("FLAME_FLY_GPU_KIND") or None
-        self.gpus = gpus if gpus is not None else _env_int("FLAME_FLY_GPUS", 1 if self.gpu_kind else 0)
+        self.gpus = gpus if gpus is not None else env_int("FLAME_FLY_GPUS", 1 if self.gpu_kind else 0)
         self.env = dict(env or {})
         self.port = port
         self.cmd = None if cmd is None else list(cmd)
@@ -230,7 +230,7 @@ class FlyBackend(Backend):
         """One Machines API call, retried with backoff on ``retry_on`` and failed connects."""
         if self._api_client is None:
             self._api_client = httpx.AsyncClient(base_url=self.api_url, headers={
-                "Authorization": _authorization(self.token), "User-Agent": "flame_asgi"})
+                "Authorization": authorization(self.token), "User-Agent": "flame_asgi"})
         for attempt in range(self.max_retries + 1):
             last = attempt == self.max_retries
             try:
@@ -239,7 +239,7 @@ class FlyBackend(Backend):
                 if last:
                     raise BootError(f"could not reach the Fly Machines API at {self.api_url}: {exc!r}",
                                     reason=repr(exc)) from None
-                await asyncio.sleep(_backoff(attempt, None))
+                await asyncio.sleep(backoff(attempt, None))
                 continue
             except httpx.HTTPError as exc:
                 raise BootError(f"Fly Machines API: {method} {path} failed: {exc!r}", reason=repr(exc)) from None
@@ -251,27 +251,10 @@ class FlyBackend(Backend):
                                     f"body that is not JSON: {response.text[:200]!r}", reason="bad response") from None
             if response.status_code in retry_on and not last:
                 log.info("Fly Machines API: %s %s answered %s; retrying", method, path, response.status_code)
-                await asyncio.sleep(_backoff(attempt, response.headers.get("retry-after")))
+                await asyncio.sleep(backoff(attempt, response.headers.get("retry-after")))
                 continue
-            raise self._error(method, path, response, attempt + 1)
+            raise api_error(method, path, response, attempt + 1, self.fly_app)
         raise AssertionError("unreachable")
-
-    def _error(self, method: str, path: str, response: httpx.Response, attempts: int) -> FlyAPIError:
-        status = response.status_code
-        try:
-            body = response.json()
-            detail = str(body.get("error") or body) if isinstance(body, dict) else str(body)
-        except ValueError:
-            detail = response.text[:500] or response.reason_phrase
-        if status in (401, 403):
-            message = (f"the Fly Machines API refused the token (HTTP {status}: {detail}); check FLY_API_TOKEN "
-                       "(or token=...): it needs access to the app")
-        elif status == 404 and path == f"/v1/apps/{self.fly_app}/machines":
-            message = f"Fly app {self.fly_app!r} not found (HTTP 404: {detail}); check FLY_APP_NAME (or fly_app=...)"
-        else:
-            tries = f" after {attempts} attempts" if attempts > 1 else ""
-            message = f"Fly Machines API: {method} {path} answered HTTP {status}{tries}: {detail}"
-        return FlyAPIError(message, status=status, detail=detail)
 
     def runner_client(self) -> httpx.AsyncClient:
         if self._runner_client is None:
@@ -408,52 +391,3 @@ class FlyRunnerHandle(RunnerHandle):
             except BootError:
                 pass  # still running: unreachable rather than dead
         return describe_machine(machine) if machine else None
-
-
-def describe_machine(machine: Mapping[str, Any]) -> ExitReason:
-    """How a machine ended, from its state and latest exit event (OOM, signal, exit code)."""
-    name = f"Fly machine {machine.get('id')}"
-    state = machine.get("state") or "unknown"
-    for event in machine.get("events") or ():  # newest first
-        if event.get("type") != "exit":
-            continue
-        request = event.get("request") or {}
-        exit_event = request.get("exit_event") or (request.get("MonitorEvent") or {}).get("exit_event") or {}
-        code = exit_event.get("exit_code", 0)
-        if exit_event.get("oom_killed"):
-            return ExitReason("oom", f"{name} was killed: out of memory (raise memory_mb)", code)
-        if exit_event.get("signal"):
-            return ExitReason("signal", f"{name} was killed by signal {exit_event['signal']}", code,
-                              str(exit_event["signal"]))
-        return ExitReason("exit", f"{name} exited with code {code} ({state})", code)
-    if state == "started":
-        return ExitReason("unreachable", f"{name} is still started: its runner became unreachable")
-    return ExitReason("gone", f"{name} is {state}")
-
-
-def _authorization(token: str) -> str:
-    # Deploy tokens are macaroons ("FlyV1 fm2_..."); older tokens are bearer tokens.
-    if token.startswith(("FlyV1 ", "Bearer ")):
-        return token
-    if token.startswith(("fm1r_", "fm1a_", "fm2_")):
-        return f"FlyV1 {token}"
-    return f"Bearer {token}"
-
-
-def _backoff(attempt: int, retry_after: str | None) -> float:
-    if retry_after:
-        try:
-            return min(10.0, max(0.0, float(retry_after)))
-        except ValueError:
-            pass
-    return min(2.0, 0.1 * 2.0**attempt) * random.uniform(0.75, 1.25)
-
-
-def _env_int(name: str, default: int) -> int:
-    value = setting(name)
-    if not value:
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"{name}={value!r} must be an integer") from None

@@ -75,7 +75,7 @@ def answers(url: str, token: str | None = None, verify: ssl.SSLContext | bool = 
 
 
 def run_script(name: str, *args: str, timeout: float = 3000) -> str:
-    """Run ``.ci/<name>`` and return the last line it printed (a path or an image name)."""
+    """Run ``.ci/<name>`` and return the last line it printed (a path or an image name; "" for none)."""
     try:
         done = subprocess.run(["bash", str(REPO / ".ci" / name), *args], capture_output=True, text=True,
                               timeout=timeout)
@@ -85,7 +85,8 @@ def run_script(name: str, *args: str, timeout: float = 3000) -> str:
         raise ClusterUnavailable(f".ci/{name}: {done.stderr.strip()[-600:]}")
     if done.returncode != 0:
         raise RuntimeError(f".ci/{name} failed:\n{done.stderr[-3000:]}")
-    return done.stdout.strip().splitlines()[-1]
+    lines = done.stdout.strip().splitlines()  # docker.sh prints nothing on stdout: its news go to stderr
+    return lines[-1] if lines else ""
 
 
 class Cluster:
