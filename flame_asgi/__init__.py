@@ -1,12 +1,16 @@
-"""flame_asgi: run any function of your FastAPI or Starlette app in a short-lived copy of the whole app.
+"""flame_asgi: run any function of your ASGI app in a short-lived copy of the whole app.
 
     pool = add_flame_pool(app, "thumbs", backend=ProcessBackend(), max=4)
     result = await pool.call(make_thumbnails, video_path)
+
+FastAPI and Starlette apps take pools as they are; any other ASGI app (Litestar, Quart,
+Django) is wrapped first: ``app = FlameApp(app)``.
 
 The public surface is exactly ``__all__``; everything else is private.
 """
 
 from flame_asgi import backends
+from flame_asgi._asgi.any_app import FlameApp
 from flame_asgi._asgi.app import FastAPI
 from flame_asgi._asgi.dependencies import flame_pool, flame_runner
 from flame_asgi._asgi.extension import add_flame_pool
@@ -53,6 +57,7 @@ __all__ = [
     "ChildHandle",
     "DockerBackend",
     "FastAPI",
+    "FlameApp",
     "FlameError",
     "FlamePool",
     "FlameRunner",

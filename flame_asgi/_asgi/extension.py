@@ -1,5 +1,7 @@
 """``add_flame_pool(app, ...)``: FLAME on any Starlette-based app, without changing its class.
 
+(Any other ASGI app is wrapped by ``FlameApp``, in ``any_app``, which shares ``FlameExtension``.)
+
 Installing the extension on an app does two things, once, and leaves everything else the
 app has untouched:
 
@@ -62,7 +64,7 @@ class FlameExtension:
     async def running(self) -> AsyncIterator[None]:
         """The pools' part of the app's lifespan: started before the app's own, closed after."""
         self.started = True
-        library = _async_library()
+        library = async_library()
         if library != "asyncio":
             # Pools run on asyncio; under trio the app serves as it would without them.
             for pool in self.pools.values():
@@ -87,7 +89,7 @@ class FlameExtension:
             self.started = False
 
 
-def _async_library() -> str:
+def async_library() -> str:
     """``asyncio``, or the other event loop this lifespan runs on (``trio``).
 
     Asked of asyncio itself: anyio no longer brings sniffio, so it may not be installed."""
@@ -127,6 +129,13 @@ class _RunnerMode:
         await self.app(scope, receive, send)
 
 
+def adopt(app: Any) -> FlameExtension:
+    """A new extension for a wrapper that runs lifespan and runner mode itself (``FlameApp``)."""
+    extension = FlameExtension(app)
+    app.__dict__[_ATTR] = extension
+    return extension
+
+
 def install(app: Any) -> FlameExtension:
     """The app's extension, installing it on first use (see the module docs)."""
     existing: FlameExtension | None = app.__dict__.get(_ATTR)
@@ -136,8 +145,8 @@ def install(app: Any) -> FlameExtension:
     if router is None or not hasattr(router, "lifespan_context") or not hasattr(app, "build_middleware_stack"):
         raise TypeError(
             f"add_flame_pool needs a Starlette-based app (starlette.applications.Starlette, fastapi.FastAPI or "
-            f"flame_asgi.FastAPI); got {type(app).__module__}.{type(app).__qualname__}. For a bare ASGI callable, "
-            "use `async with FlamePool(...)` in your own startup code."
+            f"flame_asgi.FastAPI); got {type(app).__module__}.{type(app).__qualname__}. For any other ASGI app "
+            "(Litestar, Quart, Django, a bare callable), wrap it first: `app = flame_asgi.FlameApp(app)`."
         )
     if getattr(app, "middleware_stack", None) is not None:
         raise RuntimeError("add_flame_pool after the app started serving: register pools at import time")
@@ -164,18 +173,12 @@ def install(app: Any) -> FlameExtension:
 
 
 def add_flame_pool(app: Any, name: str, **pool_options: Any) -> FlamePool:
-    """Register pool ``name`` on any Starlette-based ``app``; it starts and stops with the app.
+    """Register pool ``name`` on ``app``; it starts and stops with the app.
 
     Works on a plain ``starlette.applications.Starlette``, a plain ``fastapi.FastAPI`` and
     ``flame_asgi.FastAPI``, composing with the app's own lifespan and startup/shutdown
-    hooks; it also installs runner mode on the app. See ``FlamePool`` for the options.
+    hooks; it also installs runner mode on the app. Any other ASGI app is wrapped first,
+    ``app = FlameApp(app)``, and then takes pools the same way. See ``FlamePool`` for the
+    options.
     """
     return install(app).add(name, pool_options)
-
-
-def started_by_app(pool: FlamePool) -> bool | None:
-    """Whether ``pool``'s app has run its lifespan (``None``: the pool belongs to no app)."""
-    if pool.app is None:
-        return None
-    extension: FlameExtension | None = getattr(pool.app, "__dict__", {}).get(_ATTR)
-    return extension.started if extension is not None else None
