@@ -106,7 +106,7 @@ class _PoolCollector:
 
     GAUGES = (("runners", "Booted runners"), ("booting", "Runners being booted"),
               ("waiting", "Callers queued for a runner slot"), ("active", "Calls, streams and children running"),
-              ("max_runners", "The pool's max"))
+              ("warm", "Spare runners kept booted while the pool is busy"), ("max_runners", "The pool's max"))
 
     def __init__(self) -> None:
         from prometheus_client.core import GaugeMetricFamily
@@ -129,6 +129,7 @@ class _PoolCollector:
             row["booting"] += s.booting
             row["waiting"] += s.waiting
             row["active"] += sum(r.active for r in s.runners)
+            row["warm"] += s.warm
             row["max_runners"] += pool.max
         for key, doc in self.GAUGES:
             family = self._family(f"flame_pool_{key}", doc, labels=["pool", "pid"])

@@ -162,9 +162,9 @@ def _pool_json(pool: FlamePool, running: bool, record: PoolRecord) -> dict[str, 
     boots = list(record.boot_times)
     return {
         "name": pool.name, "backend": pool.backend.name, "running": running, "min": pool.min, "max": pool.max,
-        "capacity": capacity, "runners": runners, "booting": s.booting, "waiting": s.waiting,
+        "warm": pool.warm, "capacity": capacity, "runners": runners, "booting": s.booting, "waiting": s.waiting,
         "slots_used": sum(r.active for r in s.runners),
-        "slots": capacity * sum(1 for r in runners if r["state"] in ("busy", "idle")),
+        "slots": capacity * sum(1 for r in runners if r["state"] in ("busy", "idle", "warm")),
         "calls_per_second": record.calls_per_second(), "calls_total": record.calls_total,
         "failed_total": record.failed_total, "boot_times": boots[-20:],
         "boot_median": statistics.median(boots) if boots else None,
@@ -178,7 +178,7 @@ def _runner_json(pool: FlamePool, info: RunnerInfo, capacity: int, record: PoolR
     if info.stopping:
         state = "stopping"
     else:
-        state = "busy" if info.active else "idle"
+        state = "busy" if info.active else ("warm" if info.warm else "idle")
     return {"id": info.id, "state": state, "active": info.active, "capacity": capacity, "url": info.url,
             "since": since, "boot_time": boot_time}
 

@@ -121,6 +121,13 @@ def pid() -> int:
     return os.getpid()
 
 
+def runner_id_after(seconds: float) -> str:
+    """Sleep, then name the runner this ran on."""
+    time.sleep(seconds)
+    info = parent()
+    return info.runner_id if info is not None else "not on a runner"
+
+
 async def digest_upload(data: Any) -> tuple[int, str]:
     """Read a RemoteBytes chunk by chunk; return its size and SHA-256."""
     import hashlib

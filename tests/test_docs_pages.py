@@ -259,6 +259,7 @@ async def test_troubleshooting_page_quotes_the_real_messages(monkeypatch: pytest
 @pytest.mark.parametrize(("page", "name", "expected"), [
     ("pools.md", "map_demo.py", ["[5, 4, 3]", "16", "2 ValueError", "5"]),
     ("pools.md", "track_demo.py", ["runners kept: 1", "frame bytes: 1000000", "scratch removed: True"]),
+    ("pools.md", "warm_demo.py", ["5 runners up before the burst; it ran on 5 of them"]),
     ("progress.md", "steer_demo.py", ["3 frame 3 at quality 5", "stopped after a few frames"]),
 ])
 def test_parity_examples(tmp_path: pathlib.Path, page: str, name: str, expected: list[str]) -> None:

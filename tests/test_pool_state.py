@@ -158,6 +158,74 @@ def test_heaps_stay_bounded_over_many_decisions() -> None:
     assert len(state._free) + len(state._idle) <= 4 * len(state.runners) + 64
 
 
+# -- warm spares -----------------------------------------------------------------------
+def _boot(state: PoolState[str], decision: Decision[str], names: list[str], now: float) -> list[tuple[str, str]]:
+    """Start and finish the boots ``decision`` asks for, naming them ``names``; the grants."""
+    grants = []
+    for _ in range(decision.boot):
+        state.boot_started()
+    for rid in names[: decision.boot]:
+        grants += state.boot_succeeded(rid, now).grants
+    return grants
+
+
+def test_a_call_boots_the_warm_spares_beside_its_own_runner() -> None:
+    state: PoolState[str] = PoolState(min=0, max=5, max_concurrency=1, single_use=False, warm=2, warm_for=30.0)
+    rid, decision = state.acquire("w1", 0.0)
+    assert rid is None and (decision.boot, decision.warm) == (3, 2)  # one for w1, two spares
+    assert _boot(state, decision, ["a", "b", "c"], 0.1) == [("w1", "a")]
+    assert state.spare == 2 and state.warm_spares == 2
+    rid, decision = state.acquire("w2", 0.2)
+    assert rid == "b" and (decision.boot, decision.warm) == (1, 1)  # a spare went to work: one more
+    _boot(state, decision, ["d"], 0.3)
+    rid, decision = state.acquire("w3", 0.4)
+    assert rid == "c" and (decision.boot, decision.warm) == (1, 1)  # the last one max allows
+    _boot(state, decision, ["e"], 0.5)
+    rid, decision = state.acquire("w4", 0.6)
+    assert rid == "d" and decision.boot == 0  # max=5 reached: one spare left, no more
+
+
+def test_warm_spares_stay_while_the_pool_is_busy_and_idle_away_once_it_is_quiet() -> None:
+    state: PoolState[str] = PoolState(min=1, max=6, max_concurrency=1, single_use=False, warm=2, warm_for=10.0)
+    _, decision = state.acquire("w1", 0.0)
+    _boot(state, decision, ["a", "b", "c"], 0.0)
+    state.release("a", 1.0)  # three idle runners; two spares are what warm=2 keeps (min's one among them)
+    assert state.idle_runners(5.0, 2.0, None) == ["b"]  # the longest idle of the three goes
+    assert state.spare == 2
+    assert state.remove("b").boot == 0  # gone: nothing boots, no call asked
+    assert state.idle_runners(9.0, 2.0, None) == []  # the last call was 9 s ago: still busy
+    assert state.idle_runners(10.5, 2.0, None) == ["c"]  # quiet: down to min
+    assert state.idle_runners(60.0, 2.0, None) == []  # min stays (min_idle_shutdown_after=None)
+
+
+def test_min_runners_count_as_warm_spares() -> None:
+    state: PoolState[str] = PoolState(min=2, max=4, max_concurrency=1, single_use=False, warm=1, warm_for=None)
+    for rid in ("a", "b"):
+        state.boot_started()
+        state.boot_succeeded(rid, 0.0)
+    rid, decision = state.acquire("w1", 1.0)
+    assert rid == "a" and decision.boot == 0  # b is idle: the one spare warm=1 asks for
+    rid, decision = state.acquire("w2", 1.0)
+    assert rid == "b" and (decision.boot, decision.warm) == (1, 1)
+
+
+def test_single_use_keeps_fresh_runners_ready_for_the_next_calls() -> None:
+    state: PoolState[str] = PoolState(min=0, max=3, max_concurrency=5, single_use=True, warm=1, warm_for=30.0)
+    _, decision = state.acquire("w1", 0.0)
+    assert (decision.boot, decision.warm) == (2, 1)
+    assert _boot(state, decision, ["a", "b"], 0.0) == [("w1", "a")]
+    rid, decision = state.acquire("w2", 0.1)
+    assert rid == "b" and (decision.boot, decision.warm) == (1, 1)  # b is spent by w2: c is the next
+    assert state.release("a", 0.2).stop == ["a"]  # single use: a stops after its call
+
+
+def test_a_quiet_pool_boots_no_spares() -> None:
+    state: PoolState[str] = PoolState(min=0, max=3, max_concurrency=1, single_use=False, warm=2, warm_for=5.0)
+    assert state.warm_spares == 0
+    state.boot_started()
+    assert state.boot_failed(RuntimeError("no")).boot == 0  # no caller: no retry, no spare
+
+
 # -- the new structure against the simple one it replaced ----------------------------------
 @dataclasses.dataclass
 class RefSlots:
@@ -171,22 +239,26 @@ class RefSlots:
 
 
 class Reference:
-    """The bookkeeping as it was (linear scans, a deque), plus holds as specified."""
+    """The bookkeeping as it was (linear scans, a deque), plus holds and warm spares as specified."""
 
-    def __init__(self, *, min: int, max: int, max_concurrency: int, single_use: bool) -> None:
+    def __init__(self, *, min: int, max: int, max_concurrency: int, single_use: bool, warm: int = 0,
+                 warm_for: float | None = None) -> None:
         self.min, self.max, self.single_use = min, max, single_use
+        self.warm, self.warm_for = warm, warm_for
+        self.last_call: float | None = None
         self.capacity = 1 if single_use else max_concurrency
         self.runners: dict[str, RefSlots] = {}
         self.booting = 0
         self.waiters: deque[int] = deque()
 
     def acquire(self, waiter: int, now: float) -> tuple[str | None, Decision[int]]:
+        self.last_call = now
         if not self.waiters:
             rid = self._take()
             if rid is not None:
-                return rid, Decision()
+                return rid, self._boots_needed(Decision(), now) if self.warm else Decision()
         self.waiters.append(waiter)
-        return None, Decision(boot=self._boots_needed())
+        return None, self._boots_needed(Decision(), now)
 
     def take_on(self, rid: str) -> bool:
         s = self.runners.get(rid)
@@ -206,6 +278,8 @@ class Reference:
         if s.active == 0 and s.holds == 0:
             s.idle_since = now
         decision: Decision[int] = Decision(grants=self._serve())
+        if self.warm and decision.grants:
+            self._boots_needed(decision, now)
         if s.retired and s.active == 0 and s.holds == 0:
             decision.stop.append(rid)
         return decision
@@ -235,11 +309,12 @@ class Reference:
     def boot_succeeded(self, rid: str, now: float) -> Decision[int]:
         self.booting -= 1
         self.runners[rid] = RefSlots(rid, self.capacity, idle_since=now)
-        return Decision(grants=self._serve())
+        decision: Decision[int] = Decision(grants=self._serve())
+        return self._boots_needed(decision, now) if self.warm and decision.grants else decision
 
     def boot_failed(self) -> Decision[int]:
         self.booting -= 1
-        return Decision(boot=self._boots_needed())
+        return self._boots_needed(Decision(), None)
 
     def retire(self, rid: str) -> Decision[int]:
         s = self.runners.get(rid)
@@ -248,7 +323,7 @@ class Reference:
                 s.asked = False
             return Decision()
         s.retired = True
-        return Decision(boot=self._boots_needed(), stop=[rid] if s.active == 0 and s.holds == 0 else [])
+        return self._boots_needed(Decision(stop=[rid] if s.active == 0 and s.holds == 0 else []), None)
 
     def keep(self, rid: str, now: float) -> Decision[int]:
         s = self.runners.get(rid)
@@ -268,21 +343,25 @@ class Reference:
 
     def remove(self, rid: str) -> Decision[int]:
         self.runners.pop(rid, None)
-        return Decision(boot=self._boots_needed())
+        return self._boots_needed(Decision(), None)
 
     def idle_runners(self, now: float, idle_after: float | None, min_idle_after: float | None) -> list[str]:
         live = [s for s in self.runners.values() if not s.retired]
         surplus = len(live) + self.booting - self.min
         idle = sorted((s for s in live if s.active == 0 and s.holds == 0 and s.idle_since is not None),
                       key=lambda s: s.idle_since or 0.0)
+        reapable = len(idle) - (self.warm if self._busy(now) else 0)
         out = []
         for s in idle:
+            if surplus > 0 and reapable <= 0:
+                break  # the most recently idle are the warm spares
             threshold = idle_after if surplus > 0 else min_idle_after
             assert s.idle_since is not None
             if threshold is not None and now - s.idle_since >= threshold:
                 out.append(s.id)
                 s.retired = s.asked = True
                 surplus -= 1
+                reapable -= 1
         return out
 
     def _take(self) -> str | None:
@@ -307,12 +386,25 @@ class Reference:
             grants.append((self.waiters.popleft(), rid))
         return grants
 
-    def _boots_needed(self) -> int:
+    def spares(self) -> int:
+        return sum(1 for s in self.runners.values() if not s.retired and s.active == 0 and s.holds == 0)
+
+    def _busy(self, now: float) -> bool:
+        return self.last_call is not None and (self.warm_for is None or now - self.last_call < self.warm_for)
+
+    def _boots_needed(self, decision: Decision[int], now: float | None) -> Decision[int]:
         room = self.max - len(self.runners) - self.booting
+        if room <= 0:
+            return decision
         uncovered = len(self.waiters) - self.booting * self.capacity
-        if room <= 0 or uncovered <= 0:
-            return 0
-        return min(room, -(-uncovered // self.capacity))
+        demand = min(room, -(-uncovered // self.capacity)) if uncovered > 0 else 0
+        spares = 0
+        if self.warm and now is not None and self._busy(now):
+            for_waiters = -(-len(self.waiters) // self.capacity)
+            coming = self.spares() + max(0, self.booting - for_waiters)
+            spares = min(room - demand, max(0, self.warm - coming))
+        decision.boot, decision.warm = demand + spares, spares
+        return decision
 
 
 # Weighted by repetition: enough boots, calls and releases to reach busy, queued states.
@@ -360,15 +452,19 @@ def _apply(state: Any, op: str, pick: int, now: float, thresholds: tuple[float |
 
 @settings(max_examples=300, deadline=None)
 @given(
-    config=st.tuples(st.integers(0, 3), st.integers(1, 6), st.integers(1, 3), st.booleans()),
+    config=st.tuples(st.integers(0, 3), st.integers(1, 6), st.integers(1, 3), st.booleans(), st.integers(0, 4),
+                     THRESHOLDS),
     steps=st.lists(st.tuples(st.sampled_from(OPS), st.integers(0, 50), st.sampled_from([0.0, 0.0, 0.25, 1.0, 2.5]),
                              st.tuples(THRESHOLDS, THRESHOLDS)), min_size=20, max_size=150),
 )
-def test_same_decisions_as_the_simple_model(config: tuple[int, int, int, bool],
+def test_same_decisions_as_the_simple_model(config: tuple[int, int, int, bool, int, float | None],
                                             steps: list[tuple[str, int, float, tuple[Any, Any]]]) -> None:
-    lo, hi, concurrency, single_use = config
-    fast: PoolState[int] = PoolState(min=lo, max=lo + hi, max_concurrency=concurrency, single_use=single_use)
-    ref = Reference(min=lo, max=lo + hi, max_concurrency=concurrency, single_use=single_use)
+    lo, hi, concurrency, single_use, warm, warm_for = config
+    warm = min(warm, lo + hi)
+    fast: PoolState[int] = PoolState(min=lo, max=lo + hi, max_concurrency=concurrency, single_use=single_use,
+                                     warm=warm, warm_for=warm_for)
+    ref = Reference(min=lo, max=lo + hi, max_concurrency=concurrency, single_use=single_use, warm=warm,
+                    warm_for=warm_for)
     now = 0.0
     for waiter, (op, pick, dt, thresholds) in enumerate(steps):
         now += dt
@@ -376,3 +472,4 @@ def test_same_decisions_as_the_simple_model(config: tuple[int, int, int, bool],
         theirs = _apply(ref, op, pick, now, thresholds, waiter)
         assert ours == theirs, (op, pick)
         assert _snapshot(fast) == _snapshot(ref), (op, pick)
+        assert fast.spare == ref.spares(), (op, pick)

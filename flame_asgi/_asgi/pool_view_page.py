@@ -43,6 +43,7 @@ td.url { font-family: ui-monospace, monospace; font-size: .78rem; color: var(--m
 .state { font-size: .75rem; padding: .1rem .5rem; border-radius: 99px; background: #ececea; white-space: nowrap; }
 .state[data-state=busy] { background: #ffe8cc; color: #c2410c; }
 .state[data-state=idle] { background: #d3f9d8; color: var(--ok); }
+.state[data-state=warm] { background: #fff0f6; color: #a61e4d; }
 .state[data-state=booting] { background: #fff3bf; color: #8f5c00; }
 .state[data-state=stopping] { background: #e7f5ff; color: var(--blue); }
 .slots { display: inline-block; width: 70px; height: .5rem; background: #ececea; border-radius: 4px; overflow: hidden;

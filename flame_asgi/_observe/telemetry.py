@@ -110,11 +110,12 @@ def pool_stopped(pool: ObservedPool) -> None:
         emit("pool.stop", pool=pool.name, backend=pool.backend.name)
 
 
-def boot_started(pool: str, backend: str, runner: str, count: int) -> float:
-    """A runner begins to boot (the pool grows); returns the time to pass to ``boot_ended``."""
+def boot_started(pool: str, backend: str, runner: str, count: int, why: str = "demand") -> float:
+    """A runner begins to boot (the pool grows) for ``why`` (``min``, ``demand``, ``warm``);
+    returns the time to pass to ``boot_ended``."""
     if not active():
         return 0.0
-    emit("runner.boot.start", pool=pool, runner=runner, backend=backend, count=count)
+    emit("runner.boot.start", pool=pool, runner=runner, backend=backend, count=count, why=why)
     return time.perf_counter()
 
 

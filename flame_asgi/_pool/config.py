@@ -27,6 +27,7 @@ class PoolConfig:
     min: int
     max: int
     max_concurrency: int
+    warm: int
     idle_shutdown_after: float | tuple[float, Callable[[], Any]] | None
     min_idle_shutdown_after: float | None
     boot_timeout: float | None
@@ -86,7 +87,7 @@ def check_options(name: Any, options: dict[str, Any]) -> None:
     if not isinstance(name, str) or not name:
         raise TypeError(f"FlamePool name must be a non-empty str (got {name!r})")
     where = f"FlamePool {name!r}"
-    for key in ("min", "max", "max_concurrency"):
+    for key in ("min", "max", "max_concurrency", "warm"):
         value = options[key]
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{where}: {key} must be an int (got {type(value).__name__} {value!r})")
@@ -94,6 +95,9 @@ def check_options(name: Any, options: dict[str, Any]) -> None:
         raise ValueError(f"{where}: max must be at least 1 (got {options['max']})")
     if not 0 <= options["min"] <= options["max"]:
         raise ValueError(f"{where}: min must be between 0 and max={options['max']} (got {options['min']})")
+    if not 0 <= options["warm"] <= options["max"]:
+        raise ValueError(f"{where}: warm (spare runners kept booted while the pool is busy) must be between 0 and "
+                         f"max={options['max']} (got {options['warm']})")
     if options["max_concurrency"] < 1:
         raise ValueError(f"{where}: max_concurrency must be at least 1 (got {options['max_concurrency']})")
     idle = options["idle_shutdown_after"]

@@ -37,6 +37,10 @@ class FlamePool:
 
     - ``backend``: where runners boot; ``None`` picks ``FLAME_BACKEND`` (default local).
     - ``min`` / ``max``: runners kept warm / never exceeded (booting ones count).
+    - ``warm``: spare runners kept booted beyond the busy ones while the pool has had a call
+      within ``idle_shutdown_after``, within ``max``, so a burst finds runners up; once the
+      pool is quiet they idle away like any runner (down to ``min``). With ``single_use``,
+      the fresh runners each next call takes.
     - ``max_concurrency``: calls, streams and children one runner takes at once.
     - ``idle_shutdown_after``: a runner with no work this long stops; the ``min``
       runners use ``min_idle_shutdown_after`` (default: never). ``(seconds, predicate)``:
@@ -59,6 +63,7 @@ class FlamePool:
         min: int = 0,
         max: int = 1,
         max_concurrency: int = 100,
+        warm: int = 0,
         idle_shutdown_after: float | tuple[float, Callable[[], Any]] | None = 30.0,
         min_idle_shutdown_after: float | None = None,
         boot_timeout: float | None = 30.0,
@@ -71,7 +76,7 @@ class FlamePool:
         retries: int = 0,
     ) -> None:
         self.config = config = PoolConfig.build(
-            name, backend=backend, min=min, max=max, max_concurrency=max_concurrency,
+            name, backend=backend, min=min, max=max, max_concurrency=max_concurrency, warm=warm,
             idle_shutdown_after=idle_shutdown_after, min_idle_shutdown_after=min_idle_shutdown_after,
             boot_timeout=boot_timeout, timeout=timeout, shutdown_timeout=shutdown_timeout, single_use=single_use,
             on_grow_start=on_grow_start, on_grow_end=on_grow_end, on_shrink=on_shrink, retries=retries)
@@ -95,6 +100,10 @@ class FlamePool:
     @property
     def max(self) -> int:
         return self.config.max
+
+    @property
+    def warm(self) -> int:
+        return self.config.warm
 
     @property
     def max_concurrency(self) -> int:

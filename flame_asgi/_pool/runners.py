@@ -56,6 +56,7 @@ class RunnerInfo:
     url: str | None
     active: int
     stopping: bool = False  # leaving the pool (idle, spent, recycled, shutting down): takes no new work
+    warm: bool = False  # a spare the pool keeps booted while it is busy (``warm=``): idle, ready for a call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +67,11 @@ class PoolStats:
     booting: int
     waiting: int
     pid: int = dataclasses.field(default_factory=os.getpid)
+
+    @property
+    def warm(self) -> int:
+        """How many runners are warm spares (``RunnerInfo.warm``)."""
+        return sum(1 for r in self.runners if r.warm)
 
 
 class Runners:
@@ -95,6 +101,7 @@ class Runners:
         c = self.config
         # A runner's own pools start empty: no chains of warm runners.
         return PoolState(min=0 if runner_mode() else c.min, max=c.max, max_concurrency=c.max_concurrency,
+                         warm=0 if runner_mode() else c.warm, warm_for=c.idle_after,
                          single_use=c.single_use)
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -120,7 +127,7 @@ class Runners:
         for _ in range(self._state.min):
             self._state.boot_started()
             counts.append(self._state.booting)
-        results = await asyncio.gather(*(self._boot_runner(n) for n in counts))
+        results = await asyncio.gather(*(self._boot_runner(n, "min") for n in counts))
         return [r for r in results if r is not None]
 
     def closing(self) -> None:
@@ -203,16 +210,21 @@ class Runners:
 
     def stats(self) -> PoolStats:
         slots = self._state.runners
-        runners = [RunnerInfo(r.id, r.handle.url, slots[r.id].active, r.id in self._stopping)
+        # The warm spares are the idle runners reaping would keep: the most recently busy.
+        idle = sorted((s for s in slots.values() if not s.retired and s.active == 0 and s.holds == 0),
+                      key=lambda s: -(s.idle_since or 0.0))
+        warm = {s.id for s in idle[: self._state.warm_spares_at(self.loop.time())]} if self.running else set()
+        runners = [RunnerInfo(r.id, r.handle.url, slots[r.id].active, r.id in self._stopping, r.id in warm)
                    for r in self._runners.values() if r.id in slots]
         return PoolStats(runners=runners, booting=self._state.booting, waiting=self._state.waiting,
                          pid=os.getpid())
 
     # -- decisions ----------------------------------------------------------------------
     def apply(self, decision: Decision[Waiter]) -> None:
-        for _ in range(decision.boot):
+        for n in range(decision.boot):
             self._state.boot_started()
-            boot = self._spawn(self._boot_runner(len(self._runners) + self._state.booting))
+            why = "warm" if n >= decision.boot - decision.warm else "demand"
+            boot = self._spawn(self._boot_runner(len(self._runners) + self._state.booting, why))
             self._boots.add(boot)
             boot.add_done_callback(self._boots.discard)
         for fut, rid in decision.grants:
@@ -230,8 +242,9 @@ class Runners:
         return task
 
     # -- boot ---------------------------------------------------------------------------
-    async def _boot_runner(self, count: int) -> BootError | None:
-        """Boot one runner; ``count`` is the pool's size including it, for the hooks."""
+    async def _boot_runner(self, count: int, why: str) -> BootError | None:
+        """Boot one runner; ``count`` is the pool's size including it, for the hooks; ``why``
+        is ``min``, ``demand`` (a caller waits) or ``warm`` (a spare), for the events."""
         c = self.config
         # Failed boots are retried at most once a second, backing off to once every 30 s
         # while they keep failing (a missing image does not appear by itself).
@@ -242,7 +255,7 @@ class Runners:
         self._last_attempt = self.loop.time()
         rid = f"{c.name}-{next(self._ids)}-{secrets.token_hex(3)}"
         meta = {"name": c.name, "count": count, "runner_id": rid}
-        began = telemetry.boot_started(c.name, self.backend.name, rid, count)
+        began = telemetry.boot_started(c.name, self.backend.name, rid, count, why)
         stage = ["the backend was still starting it"]  # what the boot was waiting for, for the error
         scope: asyncio.Timeout | None = None  # a hook may raise TimeoutError before it exists
         try:

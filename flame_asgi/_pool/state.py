@@ -11,7 +11,9 @@ calls decides as fast as a small one (``bench/pool_sim.py`` measures it):
 - the runner for the next call comes from a heap keyed (active calls, boot order), so
   the least-loaded runner is on top and ties go to the one booted first;
 - idle shutdown reads a heap keyed (idle since, boot order), longest idle on top;
-- waiters sit in an ``OrderedDict``: FIFO pops and a cancelled caller's removal are O(1).
+- waiters sit in an ``OrderedDict``: FIFO pops and a cancelled caller's removal are O(1);
+- ``warm`` spares are one counter (``spare``: live runners with nothing on them), kept
+  up to date at each change of a runner's work, so topping them up is O(1) too.
 
 Both heaps are lazy: a change to a runner pushes a fresh entry and leaves the old one in
 place; an entry that no longer matches its runner is dropped when it reaches the top,
@@ -51,14 +53,24 @@ class Decision(Generic[W]):
     """What the pool must do after a state change."""
 
     boot: int = 0  # how many runners to start booting now
+    warm: int = 0  # of those, how many are spares no caller waits for (``warm``)
     grants: list[tuple[W, str]] = dataclasses.field(default_factory=list)  # wake waiter with runner id
     stop: list[str] = dataclasses.field(default_factory=list)  # runners to stop (no work left)
 
 
 class PoolState(Generic[W]):
-    def __init__(self, *, min: int, max: int, max_concurrency: int, single_use: bool) -> None:
+    """One pool's runners and queue. ``warm``: while the pool has had a call within
+    ``warm_for`` seconds, keep that many spare runners (live, nothing on them) beyond the
+    busy ones, never past ``max``; a quiet pool lets them idle away like any runner."""
+
+    def __init__(self, *, min: int, max: int, max_concurrency: int, single_use: bool, warm: int = 0,
+                 warm_for: float | None = None) -> None:
         self.min = min
         self.max = max
+        self.warm = warm
+        self.warm_for = warm_for  # the pool is busy while its last call is younger than this (None: forever)
+        self.spare = 0  # live runners with no call and no hold on them
+        self._last_call: float | None = None
         self.capacity = 1 if single_use else max_concurrency
         self.single_use = single_use
         self.runners: dict[str, Capacity] = {}
@@ -74,18 +86,21 @@ class PoolState(Generic[W]):
     # -- callers ------------------------------------------------------------------------
     def acquire(self, waiter: W, now: float) -> tuple[str | None, Decision[W]]:
         """Take a slot on the least-loaded runner, or queue ``waiter`` (FIFO)."""
+        self._last_call = now
         if not self.waiters:
             rid = self._take(now)
             if rid is not None:
-                return rid, Decision()
+                # A spare just went to work: boot another, so the next caller finds one too.
+                return rid, self._boots(Decision(), now) if self.warm else Decision()
         self.waiters[waiter] = None
-        return None, Decision(boot=self._boots_needed())
+        return None, self._boots(Decision(), now)
 
     def take_on(self, rid: str) -> bool:
         """Take one more slot on runner ``rid`` (a lease's concurrent call), if it has room."""
         slots = self.runners.get(rid)
         if slots is None or slots.retired or slots.active >= slots.capacity:
             return False
+        self.spare -= self._is_spare(slots)
         slots.active += 1
         slots.idle_since = None
         self._push_free(slots)
@@ -110,10 +125,13 @@ class PoolState(Generic[W]):
         if slots is None:
             return Decision()
         slots.active -= 1
+        self.spare += self._is_spare(slots)
         self._push_free(slots)
         if slots.active == 0 and slots.holds == 0:
             self._idle_from(slots, now)
         decision: Decision[W] = Decision(grants=self._serve_waiters(now))
+        if self.warm and decision.grants:
+            self._boots(decision, now)
         if self._spent(slots):
             decision.stop.append(rid)
         return decision
@@ -127,6 +145,7 @@ class PoolState(Generic[W]):
         slots = self.runners.get(rid)
         if slots is None:
             return False
+        self.spare -= self._is_spare(slots)
         slots.holds += 1
         slots.idle_since = None
         return True
@@ -138,6 +157,7 @@ class PoolState(Generic[W]):
         if slots is None or slots.holds == 0:
             return Decision()
         slots.holds -= 1
+        self.spare += self._is_spare(slots)
         if slots.active == 0 and slots.holds == 0:
             self._idle_from(slots, now)
             if slots.retired:
@@ -154,18 +174,23 @@ class PoolState(Generic[W]):
         old = self.runners.get(rid)
         if old is not None and not old.retired:
             self._live -= 1
+            self.spare -= self._is_spare(old)
         # A reused id keeps its place in the boot order, as it keeps its place in the dict.
         slots = Capacity(rid, self.capacity, order=next(self._order) if old is None else old.order)
         self.runners[rid] = slots
         self._live += 1
+        self.spare += 1
         self._push_free(slots)
         self._idle_from(slots, now)
-        return Decision(grants=self._serve_waiters(now))
+        decision: Decision[W] = Decision(grants=self._serve_waiters(now))
+        if self.warm and decision.grants:
+            self._boots(decision, now)
+        return decision
 
     def boot_failed(self, error: BaseException) -> Decision[W]:
         self.booting -= 1
         self.last_boot_error = error
-        return Decision(boot=self._boots_needed())
+        return self._boots(Decision(), None)
 
     def retire(self, rid: str) -> Decision[W]:
         """Take no new work on ``rid``; stop it once idle, and boot a replacement if needed."""
@@ -175,7 +200,7 @@ class PoolState(Generic[W]):
                 slots.asked = False  # being asked whether it may idle away: it stops either way
             return Decision()
         self._retire(slots)
-        return Decision(boot=self._boots_needed(), stop=[rid] if self._spent(slots) else [])
+        return self._boots(Decision(stop=[rid] if self._spent(slots) else []), None)
 
     def fence(self, rid: str) -> None:
         """``rid``'s channel closed: give it no new work (``remove`` follows once the
@@ -198,6 +223,7 @@ class PoolState(Generic[W]):
         slots.asked = False
         slots.retired = False
         self._live += 1
+        self.spare += self._is_spare(slots)
         self._push_free(slots)
         if slots.active == 0 and slots.holds == 0:
             self._idle_from(slots, now)
@@ -208,13 +234,16 @@ class PoolState(Generic[W]):
         slots = self.runners.pop(rid, None)
         if slots is not None and not slots.retired:
             self._live -= 1
-        return Decision(boot=self._boots_needed())
+            self.spare -= self._is_spare(slots)
+        return self._boots(Decision(), None)
 
     def idle_runners(self, now: float, idle_after: float | None, min_idle_after: float | None) -> list[str]:
         """Runners idle past their threshold, longest idle first (so the ones that keep
         working keep their warmth); the ``min`` runners use ``min_idle_after``. They take
         no new work from now on: the pool stops them, or ``keep`` takes one back."""
         surplus = self._live + self.booting - self.min
+        # While the pool is busy its warm spares stay; once quiet they idle away like the rest.
+        reapable = self.spare - (self.warm if self._busy(now) else 0)
         out: list[str] = []
         heap = self._idle
         while heap:
@@ -223,6 +252,8 @@ class PoolState(Generic[W]):
             if slots is None or not self._is_idle_entry(slots, since, order):
                 heapq.heappop(heap)
                 continue
+            if surplus > 0 and reapable <= 0:
+                break  # the idle runners left are the warm spares
             threshold = idle_after if surplus > 0 else min_idle_after
             # The rest have idled for less: once this one is too fresh, so are they (the
             # threshold only changes when surplus reaches 0, and then stays).
@@ -233,6 +264,7 @@ class PoolState(Generic[W]):
             self._retire(slots)
             slots.asked = True
             surplus -= 1
+            reapable -= 1
         return out
 
     # -- internals ----------------------------------------------------------------------
@@ -245,6 +277,7 @@ class PoolState(Generic[W]):
                     or active >= slots.capacity):
                 heapq.heappop(heap)  # stale: the runner moved on since this entry was pushed
                 continue
+            self.spare -= self._is_spare(slots)
             slots.active += 1
             slots.idle_since = None
             if self.single_use:
@@ -265,18 +298,49 @@ class PoolState(Generic[W]):
             grants.append((self.waiters.popitem(last=False)[0], rid))
         return grants
 
-    def _boots_needed(self) -> int:
-        """Boot for waiters that booting runners will not absorb, never past ``max``."""
+    def _boots(self, decision: Decision[W], now: float | None) -> Decision[W]:
+        """Boot for waiters that booting runners will not absorb, and, while the pool is
+        busy, for the warm spares it lacks; never past ``max``. ``now`` is ``None`` where
+        no call just happened (a runner stopped or failed to boot): spares are topped up
+        by calls only, so a quiet pool never boots one to replace a spare that idled away."""
         # Retired runners still run until their last call ends: they count against max.
         room = self.max - len(self.runners) - self.booting
+        if room <= 0:
+            return decision
+        for_waiters = -(-len(self.waiters) // self.capacity)  # runners the queue will fill
         uncovered = len(self.waiters) - self.booting * self.capacity
-        if room <= 0 or uncovered <= 0:
-            return 0
-        return min(room, -(-uncovered // self.capacity))
+        demand = min(room, -(-uncovered // self.capacity) if uncovered > 0 else 0)
+        spares = 0
+        if self.warm and now is not None and self._busy(now):
+            # Booting runners the queue will not fill are spares already on their way.
+            coming = self.spare + max(0, self.booting - for_waiters)
+            spares = min(room - demand, max(0, self.warm - coming))
+        decision.boot, decision.warm = demand + spares, spares
+        return decision
+
+    def _busy(self, now: float) -> bool:
+        """The pool has had a call within ``warm_for`` (and so keeps its warm spares)."""
+        last = self._last_call
+        return last is not None and (self.warm_for is None or now - last < self.warm_for)
+
+    @property
+    def warm_spares(self) -> int:
+        """How many of the spare runners are the warm ones kept while busy (0 without ``warm``)."""
+        return min(self.spare, self.warm)
+
+    def warm_spares_at(self, now: float) -> int:
+        """``warm_spares`` if the pool is busy at ``now``; a quiet pool's spares are just idle."""
+        return self.warm_spares if self._busy(now) else 0
 
     def _retire(self, slots: Capacity) -> None:
+        self.spare -= self._is_spare(slots)
         slots.retired = True  # its heap entries go stale with it
         self._live -= 1
+
+    @staticmethod
+    def _is_spare(slots: Capacity) -> int:
+        """1 if ``slots`` is a live runner with nothing on it, else 0 (for ``spare``)."""
+        return int(not slots.retired and slots.active == 0 and slots.holds == 0)
 
     @staticmethod
     def _spent(slots: Capacity) -> bool:
