@@ -51,6 +51,7 @@ def render(report: P) -> str:
     m, meta = report["measurements"], report["meta"]
     rows = [*_warm(m["warm_call"]), *_throughput(m["throughput"]), *_cold(m["cold"]), *_scale(m["scale_out"]),
             *_payload(m["payload"]), *_docker(m["docker"]["ours"]),
+            *_warm_runners(m.get("warm_runners", {}).get("ours", {"available": False})),
             *_kubernetes(m.get("kubernetes", {}).get("ours", {"available": False})), *_streams(m["streams"]["ours"]),
             *_burst_memory(m["burst"]["ours"], m["memory"]["ours"])]
     peers = m["warm_call"]["peers"]
@@ -166,6 +167,34 @@ def _docker(d: P) -> list[Row]:
         ("DockerBackend: payload round trip 100MB", cell(d, "payload_100MB", "mb_per_s", unit="MB/s"), "", "", "",
          ""),
     ]
+
+
+def _warm_runners(w: P) -> list[Row]:
+    if w.get("available") is False:
+        return [("warm runners (warm=)", "unavailable", "", "", "", "")]
+    rows = []
+    for key, name in (("process_busy_call", "ProcessBackend"), ("docker_busy_call", "DockerBackend")):
+        d = w.get(key, {})
+        if d.get("available") is False:
+            rows.append((f"{name}: a call finding its pool busy, warm=1", "unavailable", "", "", "", ""))
+            continue
+        rows.append((f"{name}: a call finding its pool busy, warm=1 (a spare up)",
+                     cell(d, "warm", "best_ms", unit="ms"), "", "",
+                     f"warm=0 (it waits for a boot) {cell(d, 'cold', 'best_ms', unit='ms')}",
+                     f"cold/warm {times(_ratio_of(d))}"))
+    b = w.get("burst", {})
+    for label in ("warm", "cold"):
+        r = b.get(label, {})
+        rows.append((f"burst of {cell(r, 'calls')} x 10 ms against an idle pool, max=10, warm={cell(r, 'warm')}: "
+                     "first result; p50; p99", f"{cell(r, 'first_result_ms', unit='ms')}; "
+                     f"{cell(r, 'p50_ms', unit='ms')}; {cell(r, 'p99_ms', unit='ms')}", "", "",
+                     f"{cell(r, 'runners_up_before')} runner(s) up before it", ""))
+    return rows
+
+
+def _ratio_of(d: P) -> float | None:
+    cold, warm = get(d, "cold", "best_ms"), get(d, "warm", "best_ms")
+    return round(cold / warm, 1) if cold and warm else None
 
 
 def _kubernetes(k: P) -> list[Row]:

@@ -39,6 +39,7 @@ from bench import (
     scaleout,
     streams,
     tasks,
+    warm,
 )
 from bench import throughput as throughput_
 from bench._config import Config
@@ -97,6 +98,7 @@ async def run(cfg: Config, stamp: str) -> dict[str, Any]:
         "payload": await step("payload", lambda: payload.measure(cfg)),
         "burst": await step("burst", lambda: burst.measure(cfg)),
         "docker": await step("docker", lambda: container.measure(cfg)),
+        "warm": await step("warm", lambda: warm.measure(cfg)),
         "kubernetes": await step("kubernetes", lambda: kubernetes.measure(cfg)),
         "streams": await step("streams", lambda: streams.measure(cfg)),
         "pool_sim": await step("pool_sim", lambda: pool_sim.measure(cfg)),
