@@ -51,6 +51,7 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[3]
 NODE = "flame-node"
+UNINITIALIZED = "node.cloudprovider.kubernetes.io/uninitialized"  # an external cloud provider's taint
 PAUSE_IMAGE = "local/pause:3.2"
 LOCK = "/tmp/flame-k8s-cluster.lock"
 BUILD_UNAVAILABLE = 3  # .ci/kubernetes.sh's exit code when the tools or the source cannot be had
@@ -101,6 +102,7 @@ class Cluster:
         self.kubelet_dir = tmp / "kubelet"
         self.app_image = ""
         self._lock: IO[str] | None = None
+        self._clean_since: float | None = None
 
     # -- start -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -136,6 +138,8 @@ class Cluster:
                    within=120)
         self._initialize_node()
         self._wait(self._node_ready, "the node to be Ready", "kubelet", within=120)
+        self._wait(self._node_schedulable, "the node to take Pods (no NoSchedule taint, for 3 s)", "controller-manager",
+                   within=60)
         self._wait(lambda: self._get("/api/v1/namespaces/default/serviceaccounts/default") is not None,
                    "the default service account", "controller-manager", within=60)
 
@@ -220,10 +224,36 @@ class Cluster:
                                               {"type": "Hostname", "address": NODE}]}}
         with httpx.Client(base_url=self.server, headers=headers, verify=self.ssl(), timeout=10) as api:
             api.patch(f"/api/v1/nodes/{NODE}/status", json=addresses).raise_for_status()
+        self._lift_uninitialized_taint()
+
+    def _lift_uninitialized_taint(self) -> None:
+        headers = {"Authorization": f"Bearer {self.admin_token}", "Content-Type": "application/merge-patch+json"}
+        with httpx.Client(base_url=self.server, headers=headers, verify=self.ssl(), timeout=10) as api:
             node = api.get(f"/api/v1/nodes/{NODE}").json()
-            taints = [t for t in node["spec"].get("taints") or ()
-                      if t["key"] != "node.cloudprovider.kubernetes.io/uninitialized"]
-            api.patch(f"/api/v1/nodes/{NODE}", json={"spec": {"taints": taints or None}}).raise_for_status()
+            taints = [t for t in node["spec"].get("taints") or () if t["key"] != UNINITIALIZED]
+            # resourceVersion: the patch applies to the node as read, or fails (409) and is retried.
+            version = node["metadata"]["resourceVersion"]
+            api.patch(f"/api/v1/nodes/{NODE}", json={"metadata": {"resourceVersion": version},
+                                                     "spec": {"taints": taints or None}})
+
+    def _node_schedulable(self) -> bool:
+        """No taint keeps Pods off the node, and none has come back for 3 s.
+
+        The node lifecycle controller patches the node's taint list from its informer's
+        copy; a copy taken before the uninitialized taint was lifted puts it back (seen in
+        a fresh-clone run: every Pod Pending, "had taint node.cloudprovider.kubernetes.io/
+        uninitialized"). So lift it again whenever it is back, and trust a clean node only
+        once it stays clean."""
+        node = self._get(f"/api/v1/nodes/{NODE}") or {}
+        taints = (node.get("spec") or {}).get("taints") or ()
+        if any(t["key"] == UNINITIALIZED for t in taints):
+            self._lift_uninitialized_taint()
+        if any(t.get("effect") in ("NoSchedule", "NoExecute") for t in taints):
+            self._clean_since = None
+            return False
+        now = time.monotonic()
+        self._clean_since = self._clean_since or now
+        return now - self._clean_since >= 3.0
 
     # -- helpers -----------------------------------------------------------------------------
     def write_kubeconfig(self, name: str, token: str, namespace: str = "default") -> Path:
