@@ -106,7 +106,9 @@ class _PoolCollector:
 
     GAUGES = (("runners", "Booted runners"), ("booting", "Runners being booted"),
               ("waiting", "Callers queued for a runner slot"), ("active", "Calls, streams and children running"),
-              ("warm", "Spare runners kept booted while the pool is busy"), ("max_runners", "The pool's max"))
+              ("warm", "Spare runners kept booted while the pool is busy"),
+              ("standby", "Runners the backend holds created, not started, for the next boots"),
+              ("max_runners", "The pool's max"))
 
     def __init__(self) -> None:
         from prometheus_client.core import GaugeMetricFamily
@@ -130,6 +132,7 @@ class _PoolCollector:
             row["waiting"] += s.waiting
             row["active"] += sum(r.active for r in s.runners)
             row["warm"] += s.warm
+            row["standby"] += s.standby
             row["max_runners"] += pool.max
         for key, doc in self.GAUGES:
             family = self._family(f"flame_pool_{key}", doc, labels=["pool", "pid"])

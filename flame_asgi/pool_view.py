@@ -163,7 +163,7 @@ def _pool_json(pool: FlamePool, running: bool, record: PoolRecord) -> dict[str, 
     return {
         "name": pool.name, "backend": pool.backend.name, "running": running, "min": pool.min, "max": pool.max,
         "warm": pool.warm, "capacity": capacity, "runners": runners, "booting": s.booting, "waiting": s.waiting,
-        "slots_used": sum(r.active for r in s.runners),
+        "standby": s.standby, "slots_used": sum(r.active for r in s.runners),
         "slots": capacity * sum(1 for r in runners if r["state"] in ("busy", "idle", "warm")),
         "calls_per_second": record.calls_per_second(), "calls_total": record.calls_total,
         "failed_total": record.failed_total, "boot_times": boots[-20:],

@@ -155,6 +155,8 @@ _BACKEND_SETTINGS: tuple[Setting[Any], ...] = (
     Setting("FLAME_DOCKER_HOST_IP", str, "127.0.0.1",
             _DOCKER + "where a runner's port is published; `none` publishes nothing and dials the container's "
             "address on its network.", accepts="an IP address, or `none`"),
+    Setting("FLAME_DOCKER_STANDBY", int, 0, _DOCKER + "containers kept created, not started, for the next "
+            "boots (a boot is then a start).", accepts="an integer >= 0"),
     Setting("FLAME_K8S_PARENT_POD", str, None, _K8S + "the Pod runners are cloned from and owned by.",
             shown="`POD_NAME`, else the host name"),
     Setting("FLAME_K8S_NAMESPACE", str, None, _K8S + "where runners are created.",
@@ -198,6 +200,8 @@ _BACKEND_SETTINGS: tuple[Setting[Any], ...] = (
             _FLY + "how the parent reaches a machine: a template over its `{id}`, `{name}`, `{private_ip}`, "
             "`{region}`, `{instance_id}`, `{app}`.", accepts="a host template"),
     Setting("FLAME_FLY_API_URL", str, "https://api.machines.dev", _FLY + "the Machines API.", accepts="a URL"),
+    Setting("FLAME_FLY_STANDBY", int, 0, _FLY + "machines kept created or stopped for the next boots (a "
+            "boot is then a start); the machines of runners that ended are reused.", accepts="an integer >= 0"),
 )
 
 SETTINGS: tuple[Setting[Any], ...] = (

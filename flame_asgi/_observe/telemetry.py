@@ -110,12 +110,14 @@ def pool_stopped(pool: ObservedPool) -> None:
         emit("pool.stop", pool=pool.name, backend=pool.backend.name)
 
 
-def boot_started(pool: str, backend: str, runner: str, count: int, why: str = "demand") -> float:
-    """A runner begins to boot (the pool grows) for ``why`` (``min``, ``demand``, ``warm``);
-    returns the time to pass to ``boot_ended``."""
+def boot_started(pool: str, backend: str, runner: str, count: int, why: str = "demand",
+                 prepared: bool = False) -> float:
+    """A runner begins to boot (the pool grows) for ``why`` (``min``, ``demand``, ``warm``),
+    ``prepared`` if the backend had it ready on standby; returns the time to pass to ``boot_ended``."""
     if not active():
         return 0.0
-    emit("runner.boot.start", pool=pool, runner=runner, backend=backend, count=count, why=why)
+    emit("runner.boot.start", pool=pool, runner=runner, backend=backend, count=count, why=why,
+         prepared=prepared)
     return time.perf_counter()
 
 

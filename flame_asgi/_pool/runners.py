@@ -26,6 +26,7 @@ from flame_asgi._base.secret import channel_secret
 from flame_asgi._base.settings import MAX_PAYLOAD
 from flame_asgi._observe import telemetry
 from flame_asgi._pool.config import Hook, PoolConfig
+from flame_asgi._pool.standby import Standby
 from flame_asgi._pool.state import Decision, PoolState
 from flame_asgi._wire.connection import RunnerConnection
 from flame_asgi._wire.pickling import dumps, loads
@@ -67,6 +68,7 @@ class PoolStats:
     booting: int
     waiting: int
     pid: int = dataclasses.field(default_factory=os.getpid)
+    standby: int = 0  # runners the backend holds prepared (created, not started) for the next boots
 
     @property
     def warm(self) -> int:
@@ -96,6 +98,7 @@ class Runners:
         self._app_import: str | None = None
         self._secret = ""
         self._max_payload = 0
+        self.standby = Standby(config.name, self.backend)
 
     def _fresh_state(self) -> PoolState[Waiter]:
         c = self.config
@@ -123,6 +126,7 @@ class Runners:
         self._max_payload = MAX_PAYLOAD.read()
         self.running = True
         self._reaper = self.loop.create_task(self._reap_idle())
+        self._top_up()
         counts = []
         for _ in range(self._state.min):
             self._state.boot_started()
@@ -134,6 +138,7 @@ class Runners:
         """Take no more work: queued callers wake with no runner (they raise PoolClosed)."""
         self.closed = True
         self.running = False
+        self.standby.clear()
         if self._reaper is not None:
             self._reaper.cancel()
         for fut in self._state.take_waiters():
@@ -217,7 +222,7 @@ class Runners:
         runners = [RunnerInfo(r.id, r.handle.url, slots[r.id].active, r.id in self._stopping, r.id in warm)
                    for r in self._runners.values() if r.id in slots]
         return PoolStats(runners=runners, booting=self._state.booting, waiting=self._state.waiting,
-                         pid=os.getpid())
+                         pid=os.getpid(), standby=len(self.standby))
 
     # -- decisions ----------------------------------------------------------------------
     def apply(self, decision: Decision[Waiter]) -> None:
@@ -253,15 +258,17 @@ class Runners:
         if self._state.last_boot_error is not None and delay > 0:
             await asyncio.sleep(delay)
         self._last_attempt = self.loop.time()
-        rid = f"{c.name}-{next(self._ids)}-{secrets.token_hex(3)}"
+        prepared = self.standby.take()
+        rid = prepared.runner_id if prepared is not None else self._new_id()
+        self._top_up()
         meta = {"name": c.name, "count": count, "runner_id": rid}
-        began = telemetry.boot_started(c.name, self.backend.name, rid, count, why)
+        began = telemetry.boot_started(c.name, self.backend.name, rid, count, why, prepared is not None)
         stage = ["the backend was still starting it"]  # what the boot was waiting for, for the error
         scope: asyncio.Timeout | None = None  # a hook may raise TimeoutError before it exists
         try:
             await _call_hook(c.on_grow_start, meta)
             async with asyncio.timeout(c.boot_timeout) as scope:
-                runner = await self._start_runner(rid, stage)
+                runner = await self._start_runner(prepared or await self._spec(rid), stage)
         except BaseException as exc:
             error = exc
             if isinstance(exc, TimeoutError) and scope is not None and scope.expired():
@@ -296,10 +303,18 @@ class Runners:
     def _size(self) -> int:
         return len(self._runners) + self._state.booting
 
-    async def _start_runner(self, rid: str, stage: list[str]) -> Runner:
+    def _new_id(self) -> str:
+        return f"{self.config.name}-{next(self._ids)}-{secrets.token_hex(3)}"
+
+    def _top_up(self) -> None:
+        if self.running and not runner_mode():  # a runner's own pools prepare nothing
+            self.standby.top_up(lambda: self._spec(self._new_id()), self._spawn)
+
+    async def _spec(self, rid: str) -> RunnerSpec:
+        """What the backend needs to boot runner ``rid``: its identity, keys and settings."""
         c = self.config
         if self._version is None:
-            # Hashing the app's source reads files: never on the event loop, never before a boot.
+            # Hashing the app's source reads files: never on the event loop, and only once needed.
             self._version = await asyncio.to_thread(code_version, self._app_import or "")
         info = ParentInfo(
             pool=c.name, runner_id=rid, parent_address=parent_address(), backend=self.backend.name,
@@ -309,8 +324,12 @@ class Runners:
             heartbeat_timeout=self.backend.heartbeat_timeout,
             shutdown_timeout=c.shutdown_timeout, max_payload=self._max_payload,
         )
-        spec = RunnerSpec(pool=c.name, runner_id=rid, info=info, app=self._app_import,
+        return RunnerSpec(pool=c.name, runner_id=rid, info=info, app=self._app_import,
                           boot_timeout=c.boot_timeout, secret=self._secret)
+
+    async def _start_runner(self, spec: RunnerSpec, stage: list[str]) -> Runner:
+        c = self.config
+        rid = spec.runner_id
         started = self.loop.time()
         await self._start_backend()
         handle = await self.backend.boot(spec)
@@ -332,7 +351,7 @@ class Runners:
                 on_recycle=functools.partial(self._recycle, rid),
                 on_closing=functools.partial(self._fence, rid),
             )
-            await conn.handshake(self._version)
+            await conn.handshake(spec.info.code_version)
         except BaseException:
             await asyncio.shield(handle.stop(1.0))
             raise

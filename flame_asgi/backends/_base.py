@@ -79,6 +79,9 @@ class Backend(abc.ABC):
     heartbeat_timeout: float = 10.0
     stop_timeout: float = 5.0  # how long a stopping runner gets before it is killed
     boots_app: ClassVar[bool] = True  # runners boot the app by its import string (not LocalBackend)
+    # Runners kept prepared ahead (created, not started: a container, a stopped machine),
+    # so a boot is a start. Only backends that implement ``prepare`` take it as an option.
+    standby: int = 0
     _app: str | None = None  # the import string given as app=, or found by bind()
 
     def bind(self, pool: str, app: Any | None) -> None:
@@ -97,9 +100,15 @@ class Backend(abc.ABC):
         """The app a runner boots: the pool's app, else an empty one that serves only ``/_flame``."""
         return self._app or BARE_APP
 
+    async def prepare(self, spec: RunnerSpec) -> None:  # noqa: B027 - optional hook
+        """Get ``spec``'s runner ready to start (created, not started), so that ``boot(spec)``
+        only starts it. The pool prepares ``standby`` specs ahead and boots them later, in
+        the order prepared; what is prepared and never booted is released by ``aclose``."""
+
     @abc.abstractmethod
     async def boot(self, spec: RunnerSpec) -> RunnerHandle:
-        """Start one runner. Raise BootError with the reason when the backend refuses."""
+        """Start one runner (the one ``prepare(spec)`` made ready, if it did). Raise BootError
+        with the reason when the backend refuses."""
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release what the backend holds (clients, sockets). Runners are stopped first."""

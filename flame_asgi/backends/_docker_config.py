@@ -6,7 +6,10 @@ functions, tested without aiodocker or a dockerd; ``docker.py`` does the API cal
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import secrets
+import socket
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,6 +18,9 @@ from flame_asgi._wire.exits import ExitReason
 
 LABEL_PARENT, LABEL_POOL, LABEL_RUNNER, LABEL_BACKEND = (
     "flame_asgi.parent", "flame_asgi.pool", "flame_asgi.runner", "flame_asgi.backend")
+# The container the parent runs in ("" on a host): how a later parent tells whether the
+# one that left a standby container behind is still alive.
+LABEL_PARENT_CONTAINER = "flame_asgi.parent_container"
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
@@ -86,6 +92,17 @@ def parse_memory(value: int | str | None) -> int | None:
     if match is None:
         raise ValueError(f"memory={value!r}: use bytes or a size such as '512m' or '2g'")
     return int(float(match[1]) * _UNITS[match[2]])
+
+
+def parent_id() -> str:
+    """This process's id in container labels (``host-pid-random``), fresh after a fork."""
+    global _parent
+    if _parent is None or _parent[0] != os.getpid():
+        _parent = (os.getpid(), f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}")
+    return _parent[1]
+
+
+_parent: tuple[int, str] | None = None
 
 
 def container_name(runner_id: str) -> str:

@@ -1,18 +1,79 @@
-"""What FlyBackend reads from the Machines API without calling it: errors, exits, tokens, backoff."""
+"""FlyBackend's Machines API: the client that calls it (retries, errors that say what to fix),
+and what it reads from the answers (errors, exits, tokens, backoff)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import random
 from collections.abc import Mapping
 from typing import Any
 
 import httpx
 
-from flame_asgi._base.exceptions import FlyAPIError
+from flame_asgi._base.exceptions import BootError, FlyAPIError
 from flame_asgi._base.settings import setting
 from flame_asgi._wire.exits import ExitReason
 
-__all__ = ["api_error", "authorization", "backoff", "describe_machine", "env_int"]
+__all__ = ["MachinesClient", "api_error", "authorization", "backoff", "describe_machine", "env_int"]
+log = logging.getLogger("flame_asgi.backends.fly")
+
+
+class MachinesClient:
+    """The Machines API of one Fly app, over one httpx client opened on first use."""
+
+    def __init__(self, api_url: str, token: str, fly_app: str, max_retries: int) -> None:
+        self.api_url = api_url
+        self.token = token
+        self.fly_app = fly_app
+        self.max_retries = max_retries
+        self._api_client: httpx.AsyncClient | None = None
+
+    async def request(self, method: str, path: str, *, json: Any = None, params: Mapping[str, Any] | None = None,
+                      retry_on: frozenset[int] = frozenset({429}), timeout: float = 15.0) -> Any:
+        """One Machines API call, retried with backoff on ``retry_on`` and failed connects."""
+        if self._api_client is None:
+            self._api_client = httpx.AsyncClient(base_url=self.api_url, headers={
+                "Authorization": authorization(self.token), "User-Agent": "flame_asgi"})
+        for attempt in range(self.max_retries + 1):
+            last = attempt == self.max_retries
+            try:
+                response = await self._api_client.request(method, path, json=json, params=params, timeout=timeout)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                if last:
+                    raise BootError(f"could not reach the Fly Machines API at {self.api_url}: {exc!r}",
+                                    reason=repr(exc)) from None
+                await asyncio.sleep(backoff(attempt, None))
+                continue
+            except httpx.HTTPError as exc:
+                raise BootError(f"Fly Machines API: {method} {path} failed: {exc!r}", reason=repr(exc)) from None
+            if response.status_code < 400:
+                try:
+                    return response.json() if response.content else {}
+                except ValueError:
+                    raise BootError(f"Fly Machines API: {method} {path} answered {response.status_code} with a "
+                                    f"body that is not JSON: {response.text[:200]!r}", reason="bad response") from None
+            if response.status_code in retry_on and not last:
+                log.info("Fly Machines API: %s %s answered %s; retrying", method, path, response.status_code)
+                await asyncio.sleep(backoff(attempt, response.headers.get("retry-after")))
+                continue
+            raise api_error(method, path, response, attempt + 1, self.fly_app)
+        raise AssertionError("unreachable")
+
+
+    async def destroy(self, machine_id: str) -> None:
+        try:
+            await self.request("DELETE", f"/v1/apps/{self.fly_app}/machines/{machine_id}", params={"force": "true"})
+        except FlyAPIError as exc:
+            if exc.status != 404:  # 404: it destroyed itself already (auto_destroy)
+                log.warning("could not destroy Fly machine %s: %s", machine_id, exc)
+        except BootError as exc:
+            log.warning("could not destroy Fly machine %s: %s", machine_id, exc)
+
+    async def aclose(self) -> None:
+        client, self._api_client = self._api_client, None
+        if client is not None:
+            await client.aclose()
 
 
 def api_error(method: str, path: str, response: httpx.Response, attempts: int, fly_app: str) -> FlyAPIError:

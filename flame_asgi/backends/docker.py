@@ -8,6 +8,11 @@ created with ``AutoRemove`` (``docker run --rm``), and removed when the backend 
 or, failing that, when the parent process exits; a runner whose parent dies outright
 exits by itself (heartbeat watchdog), and AutoRemove then deletes its container.
 
+With ``standby=N`` the backend keeps ``N`` containers created ahead for the pool's next
+runners (``docker create``, not started: no CPU, no memory), so a boot is only a start.
+They are removed with the backend; ones a killed parent left behind are removed by the
+next DockerBackend on the same Engine once it sees their parent is gone.
+
 The Engine's event stream tells how a container ended (exit code, OOM kill), which the
 container's inspect data cannot after AutoRemove has deleted it.
 """
@@ -24,7 +29,6 @@ import logging
 import math
 import os
 import secrets
-import socket
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +41,7 @@ from flame_asgi.backends._base import Backend, RunnerHandle, RunnerSpec
 from flame_asgi.backends._docker_config import (
     LABEL_BACKEND,
     LABEL_PARENT,
+    LABEL_PARENT_CONTAINER,
     LABEL_POOL,
     LABEL_RUNNER,
     container_config,
@@ -45,10 +50,11 @@ from flame_asgi.backends._docker_config import (
     describe_exit,
     engine_error,
     own_container_id,
+    parent_id,
     parse_memory,
     published_url,
 )
-from flame_asgi.backends._docker_sweep import remove_labelled
+from flame_asgi.backends._docker_sweep import remove_labelled, remove_orphans
 from flame_asgi.backends._toolkit import (
     connect_when_up,
     forwarded_env,
@@ -66,17 +72,6 @@ log = logging.getLogger("flame_asgi.backends.docker")
 INSTALL_HINT = "DockerBackend needs aiodocker: pip install 'flame_asgi[docker]'"
 
 
-def parent_id() -> str:
-    """This process's id in container labels (``host-pid-random``), fresh after a fork."""
-    global _parent
-    if _parent is None or _parent[0] != os.getpid():
-        _parent = (os.getpid(), f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}")
-    return _parent[1]
-
-
-_parent: tuple[int, str] | None = None
-
-
 class DockerBackend(Backend):
     """Boot each runner as a Docker container serving the same app in runner mode.
 
@@ -92,6 +87,8 @@ class DockerBackend(Backend):
       container's own address on ``network``, for a parent that runs on that network.
     - ``host_config``: raw Engine ``HostConfig`` fields merged last (devices, shm, GPUs...).
     - ``docker_url``: the Engine (default ``DOCKER_HOST``, else the local socket).
+    - ``standby``: containers kept created (not started) for the next boots: a boot is then a
+      start (``docker start`` instead of ``docker run``).
     """
 
     name = "docker"
@@ -119,9 +116,13 @@ class DockerBackend(Backend):
         stop_timeout: float = 5.0,
         heartbeat_interval: float = 1.0,
         heartbeat_timeout: float = 10.0,
+        standby: int = 0,
     ) -> None:
         if importlib.util.find_spec("aiodocker") is None:
             raise ImportError(INSTALL_HINT)
+        if standby < 0:
+            raise ValueError(f"DockerBackend: standby must be >= 0 (got {standby})")
+        self.standby = standby
         self.image = image
         self._app = app
         self.command = list(command) if command is not None else None
@@ -147,6 +148,8 @@ class DockerBackend(Backend):
         self._lock = asyncio.Lock()
         self._exits: dict[str, _Exit] = {}
         self._events: asyncio.Task[None] | None = None
+        self._prepared: dict[str, tuple[DockerContainer, int]] = {}  # runner id -> created container, port
+        self._sweep: asyncio.Task[int] | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> DockerBackend:
@@ -160,6 +163,7 @@ class DockerBackend(Backend):
             cpus=float(get("CPUS") or 0) or None, memory=get("MEMORY"), network=get("NETWORK"),
             binds=[b.strip() for b in (get("BINDS") or "").split(",") if b.strip()],
             working_dir=get("WORKDIR"), host_ip=None if host_ip.lower() == "none" else host_ip,
+            standby=int(get("STANDBY") or 0),
         )
 
     # -- the Engine -----------------------------------------------------------------------
@@ -176,6 +180,7 @@ class DockerBackend(Backend):
                     raise engine_error(f"cannot reach the Docker Engine at {self.docker_url}", exc) from None
                 self._docker = docker
                 self._events = asyncio.get_running_loop().create_task(self._watch(docker))
+                self._sweep = asyncio.get_running_loop().create_task(remove_orphans(docker, parent_id()))
                 label = f"{LABEL_PARENT}={parent_id()}"
                 sweep_at_exit(f"docker-{self.docker_url}-{label}", functools.partial(remove_labelled, self.docker_url,
                                                                                      label))
@@ -213,8 +218,28 @@ class DockerBackend(Backend):
         return str(info["Image"])
 
     # -- boot -----------------------------------------------------------------------------
+    async def prepare(self, spec: RunnerSpec) -> None:
+        """Create ``spec``'s container without starting it: its boot is then a start."""
+        self._prepared[spec.runner_id] = await self._create(await self._client(), spec)
+
     async def boot(self, spec: RunnerSpec) -> DockerRunnerHandle:
         docker = await self._client()
+        prepared = self._prepared.pop(spec.runner_id, None)
+        container, port = prepared if prepared is not None else await self._create(docker, spec)
+        handle = DockerRunnerHandle(self, container, spec)
+        try:
+            await container.start()
+            handle.started = True
+            handle.follow_logs()
+            handle.url = await self._address(handle, port, self.network == "host")
+        except BaseException as exc:
+            await asyncio.shield(handle.stop(0))
+            if isinstance(exc, BootError) or not isinstance(exc, Exception):
+                raise
+            raise engine_error(f"cannot start runner container {handle.name}", exc) from None
+        return handle
+
+    async def _create(self, docker: aiodocker.Docker, spec: RunnerSpec) -> tuple[DockerContainer, int]:
         image = self.image or await self._own_image(docker)
         host_mode = self.network == "host"
         port = free_port() if host_mode else self.port
@@ -224,25 +249,15 @@ class DockerBackend(Backend):
         config = container_config(
             image=image, command=command, env={"PYTHONUNBUFFERED": "1", **forwarded_env(), **self.env, **spec.env},
             port=port, labels={**self.labels, LABEL_PARENT: parent_id(), LABEL_POOL: spec.pool,
-                               LABEL_RUNNER: spec.runner_id, LABEL_BACKEND: self.id},
+                               LABEL_PARENT_CONTAINER: own_container_id() or "", LABEL_RUNNER: spec.runner_id,
+                               LABEL_BACKEND: self.id},
             network=self.network, host_ip=self.host_ip, binds=self.binds, init=self.init, cpus=self.cpus,
             memory=self.memory, working_dir=self.working_dir, host_config=self.host_config)
         try:
             container = await docker.containers.create(config, name=container_name(spec.runner_id))
         except Exception as exc:
             raise engine_error(f"cannot create a runner container from image {image!r}", exc) from None
-        handle = DockerRunnerHandle(self, container, spec)
-        try:
-            await container.start()
-            handle.started = True
-            handle.follow_logs()
-            handle.url = await self._address(handle, port, host_mode)
-        except BaseException as exc:
-            await asyncio.shield(handle.stop(0))
-            if isinstance(exc, BootError) or not isinstance(exc, Exception):
-                raise
-            raise engine_error(f"cannot start runner container {handle.name}", exc) from None
-        return handle
+        return container, port
 
     async def _address(self, handle: DockerRunnerHandle, port: int, host_mode: bool) -> str:
         if host_mode:
@@ -259,8 +274,13 @@ class DockerBackend(Backend):
     # -- cleanup --------------------------------------------------------------------------
     async def aclose(self) -> None:
         docker, self._docker = self._docker, None
+        self._prepared.clear()  # removed below with the other leftovers
         if docker is None:
             return
+        if self._sweep is not None:
+            self._sweep.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._sweep
         try:
             # Leftovers: runners the pool never got to stop (a boot cancelled half-way...).
             leftovers = await docker.containers.list(all=True, filters={"label": [f"{LABEL_BACKEND}={self.id}"]})

@@ -6,7 +6,9 @@ The backend speaks the Fly Machines API over httpx. It creates a machine from
 start, and dials the runner on its private address (``http://[fdaa:...]:8080``) once
 ``/_flame/health`` answers. Creates are retried with backoff on 409, 412, 422 and 429
 (capacity and rate limits); API and transport errors become ``BootError`` saying what to
-fix. Stopping a runner stops its machine and destroys it.
+fix. Stopping a runner stops its machine and destroys it; with ``standby=N`` a boot starts
+a machine prepared ahead instead (``_fly_standby``), and ended runners' machines are kept
+stopped for the next ones.
 """
 
 from __future__ import annotations
@@ -28,13 +30,13 @@ from flame_asgi._base.settings import setting
 from flame_asgi._wire.channel import Channel
 from flame_asgi._wire.exits import ExitReason
 from flame_asgi.backends._base import Backend, RunnerHandle, RunnerSpec, connect_websocket
-from flame_asgi.backends._fly_api import api_error, authorization, backoff, describe_machine, env_int
+from flame_asgi.backends._fly_api import MachinesClient, describe_machine, env_int
+from flame_asgi.backends._fly_standby import PARENT_KEY, RETRY_CREATE, MachineStandby
 from flame_asgi.backends._toolkit import dns_name, forwarded_env, same_python, uvicorn_command
 
 __all__ = ["FlyAPIError", "FlyBackend", "FlyRunnerHandle", "describe_machine"]
 log = logging.getLogger("flame_asgi.backends.fly")
 DEFAULT_API_URL = "https://api.machines.dev"
-RETRY_CREATE = frozenset({409, 412, 422, 429})  # conflicts, capacity, rate limits: worth another try
 DOWN_STATES = frozenset({"stopping", "stopped", "suspending", "suspended", "destroying", "destroyed",
                          "failed", "launch_failed"})
 HOST_FIELDS = ("id", "name", "private_ip", "region", "instance_id", "app")
@@ -65,6 +67,10 @@ class FlyBackend(Backend):
       the machine (the API's JSON) and returning a host. Default: its private IPv6 address.
     - ``api_url``: the Machines API (``FLAME_FLY_API_URL``, default https://api.machines.dev).
     - ``max_retries``: extra attempts of a create refused with 409/412/422/429.
+    - ``standby`` (``FLAME_FLY_STANDBY``): machines kept ready for the next boots, which then
+      start them instead of creating machines: created with ``skip_launch``, or stopped after
+      a runner and updated for the next. Runner machines then have no ``auto_destroy``: the
+      backend destroys them when it closes, and a later parent those a killed one left.
     """
 
     name = "fly"
@@ -93,6 +99,7 @@ class FlyBackend(Backend):
         max_retries: int = 4,
         heartbeat_interval: float = 1.0,
         heartbeat_timeout: float = 10.0,
+        standby: int | None = None,
     ) -> None:
         environ = os.environ
         if app is not None:
@@ -119,13 +126,15 @@ class FlyBackend(Backend):
         self.max_retries = max_retries
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
-        self._api_client: httpx.AsyncClient | None = None
+        self.standby = standby if standby is not None else env_int("FLAME_FLY_STANDBY", 0)
+        self.api = MachinesClient(self.api_url, self.token, self.fly_app, max_retries)
+        self._machines = MachineStandby(self.api, self.standby)
         self._runner_client: httpx.AsyncClient | None = None
         if not 0 < port < 65536:
             raise ValueError(f"FlyBackend: port must be between 1 and 65535 (got {port})")
-        if self.cpus < 1 or self.gpus < 0 or max_retries < 0:
-            raise ValueError(f"FlyBackend: cpus must be >= 1, gpus and max_retries >= 0 (got cpus={self.cpus}, "
-                             f"gpus={self.gpus}, max_retries={max_retries})")
+        if self.cpus < 1 or self.gpus < 0 or max_retries < 0 or self.standby < 0:
+            raise ValueError(f"FlyBackend: cpus must be >= 1, gpus, max_retries and standby >= 0 (got cpus="
+                             f"{self.cpus}, gpus={self.gpus}, max_retries={max_retries}, standby={self.standby})")
         if self.memory_mb < 256 or self.memory_mb % 256:
             raise ValueError(f"FlyBackend: memory_mb must be a multiple of 256 (got {self.memory_mb})")
         if isinstance(self.runner_host, str):
@@ -157,21 +166,33 @@ class FlyBackend(Backend):
         raise BootError(f"FlyBackend needs {names}: {'; '.join(hints)}",
                         reason=f"missing {', '.join(var for var, _ in missing)}")
 
+    async def start(self) -> None:
+        if self.standby and not runner_mode():
+            try:  # machines of a killed parent: nothing else destroys them
+                await self._machines.sweep(os.environ.get("FLY_MACHINE_ID"))
+            except BootError as exc:
+                log.warning("FlyBackend: could not look for machines left by a parent that is gone: %s", exc)
+
+    async def prepare(self, spec: RunnerSpec) -> None:
+        self.require_settings()
+        await self._machines.prepare(spec.runner_id, self.machine_request(spec))
+
     async def boot(self, spec: RunnerSpec) -> FlyRunnerHandle:
         self.require_settings()
-        machine = await self.request("POST", f"/v1/apps/{self.fly_app}/machines", json=self.machine_request(spec),
-                                     retry_on=RETRY_CREATE)
+        machine = await self._machines.start(spec.runner_id) or await self.api.request(
+            "POST", f"/v1/apps/{self.fly_app}/machines", json=self.machine_request(spec), retry_on=RETRY_CREATE)
         try:
             return FlyRunnerHandle(self, spec, machine)
         except BaseException:
-            await asyncio.shield(self._destroy(machine.get("id", "")))
+            await asyncio.shield(self.api.destroy(machine.get("id", "")))
             raise
 
     async def aclose(self) -> None:
-        clients, self._api_client, self._runner_client = (self._api_client, self._runner_client), None, None
-        for client in clients:
-            if client is not None:
-                await client.aclose()
+        await self._machines.aclose()
+        await self.api.aclose()
+        client, self._runner_client = self._runner_client, None
+        if client is not None:
+            await client.aclose()
 
     def __repr__(self) -> str:
         gpu = f", gpus={self.gpus}x{self.gpu_kind}" if self.gpu_kind else ""
@@ -189,8 +210,9 @@ class FlyBackend(Backend):
             guest.update(gpu_kind=self.gpu_kind, gpus=self.gpus or 1)
         metadata = {"flame_pool": spec.pool, "flame_runner_id": spec.runner_id}
         if os.environ.get("FLY_MACHINE_ID"):
-            metadata["flame_parent_machine"] = os.environ["FLY_MACHINE_ID"]
-        config: dict[str, Any] = {"image": self.image, "env": env, "guest": guest, "auto_destroy": True,
+            metadata[PARENT_KEY] = os.environ["FLY_MACHINE_ID"]
+        # With standby, machines outlive their runner (stopped, to be reused): the backend destroys them.
+        config: dict[str, Any] = {"image": self.image, "env": env, "guest": guest, "auto_destroy": not self.standby,
                                   "restart": {"policy": "no"}, "metadata": metadata}
         cmd = self.command(spec)
         if cmd:
@@ -225,52 +247,11 @@ class FlyBackend(Backend):
         return f"http://{host}:{self.port}"
 
     # -- the API --------------------------------------------------------------------------
-    async def request(self, method: str, path: str, *, json: Any = None, params: Mapping[str, Any] | None = None,
-                      retry_on: frozenset[int] = frozenset({429}), timeout: float = 15.0) -> Any:
-        """One Machines API call, retried with backoff on ``retry_on`` and failed connects."""
-        if self._api_client is None:
-            self._api_client = httpx.AsyncClient(base_url=self.api_url, headers={
-                "Authorization": authorization(self.token), "User-Agent": "flame_asgi"})
-        for attempt in range(self.max_retries + 1):
-            last = attempt == self.max_retries
-            try:
-                response = await self._api_client.request(method, path, json=json, params=params, timeout=timeout)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                if last:
-                    raise BootError(f"could not reach the Fly Machines API at {self.api_url}: {exc!r}",
-                                    reason=repr(exc)) from None
-                await asyncio.sleep(backoff(attempt, None))
-                continue
-            except httpx.HTTPError as exc:
-                raise BootError(f"Fly Machines API: {method} {path} failed: {exc!r}", reason=repr(exc)) from None
-            if response.status_code < 400:
-                try:
-                    return response.json() if response.content else {}
-                except ValueError:
-                    raise BootError(f"Fly Machines API: {method} {path} answered {response.status_code} with a "
-                                    f"body that is not JSON: {response.text[:200]!r}", reason="bad response") from None
-            if response.status_code in retry_on and not last:
-                log.info("Fly Machines API: %s %s answered %s; retrying", method, path, response.status_code)
-                await asyncio.sleep(backoff(attempt, response.headers.get("retry-after")))
-                continue
-            raise api_error(method, path, response, attempt + 1, self.fly_app)
-        raise AssertionError("unreachable")
-
     def runner_client(self) -> httpx.AsyncClient:
         if self._runner_client is None:
             # No proxies from the environment: runners live on the private network.
             self._runner_client = httpx.AsyncClient(trust_env=False, timeout=2.0)
         return self._runner_client
-
-    async def _destroy(self, machine_id: str) -> None:
-        try:
-            await self.request("DELETE", f"/v1/apps/{self.fly_app}/machines/{machine_id}", params={"force": "true"})
-        except FlyAPIError as exc:
-            if exc.status != 404:  # 404: it destroyed itself already (auto_destroy)
-                log.warning("could not destroy Fly machine %s: %s", machine_id, exc)
-        except BootError as exc:
-            log.warning("could not destroy Fly machine %s: %s", machine_id, exc)
-
 
 class FlyRunnerHandle(RunnerHandle):
     url: str
@@ -303,7 +284,7 @@ class FlyRunnerHandle(RunnerHandle):
             params = {"state": "started", "timeout": wait, **({"instance_id": self.instance_id}
                                                               if self.instance_id else {})}
             try:
-                await self.backend.request("GET", f"{self.path}/wait", params=params, timeout=wait + 10)
+                await self.backend.api.request("GET", f"{self.path}/wait", params=params, timeout=wait + 10)
                 return
             except FlyAPIError as exc:
                 if exc.status != 408:
@@ -353,7 +334,7 @@ class FlyRunnerHandle(RunnerHandle):
 
     async def _machine(self) -> dict[str, Any] | None:
         try:
-            machine = await self.backend.request("GET", self.path, timeout=5.0)
+            machine = await self.backend.api.request("GET", self.path, timeout=5.0)
         except BootError:
             return None
         return machine if isinstance(machine, dict) else None
@@ -371,12 +352,16 @@ class FlyRunnerHandle(RunnerHandle):
         self._stopped = True
         grace = max(1, math.ceil(timeout))
         try:
-            await self.backend.request("POST", f"{self.path}/stop", json={"signal": "SIGTERM", "timeout": f"{grace}s"})
-            await self.backend.request("GET", f"{self.path}/wait", timeout=grace + 10, params={
+            stop = {"signal": "SIGTERM", "timeout": f"{grace}s"}
+            await self.backend.api.request("POST", f"{self.path}/stop", json=stop)
+            await self.backend.api.request("GET", f"{self.path}/wait", timeout=grace + 10, params={
                 "state": "stopped", "instance_id": self.instance_id or "", "timeout": grace})
         except BootError as exc:  # already stopped, or destroyed by auto_destroy: nothing to wait for
             log.debug("stopping Fly machine %s: %s", self.machine_id, exc)
-        await self.backend._destroy(self.machine_id)
+        else:
+            if self.backend.standby and self.backend._machines.keep(self.machine_id):
+                return  # stopped, kept for a later runner
+        await self.backend.api.destroy(self.machine_id)
 
     async def exit_reason(self) -> ExitReason | None:
         if self._stopped:
@@ -385,7 +370,7 @@ class FlyRunnerHandle(RunnerHandle):
         if machine is not None and machine.get("state") == "started" and self.instance_id:
             # The connection often drops before the API has seen the exit: give it a moment.
             try:
-                await self.backend.request("GET", f"{self.path}/wait", timeout=0.25, params={
+                await self.backend.api.request("GET", f"{self.path}/wait", timeout=0.25, params={
                     "state": "stopped", "instance_id": self.instance_id, "timeout": 1})
                 machine = await self._machine() or machine
             except BootError:

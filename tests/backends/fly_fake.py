@@ -3,8 +3,15 @@
 It serves, on 127.0.0.1 in a thread of its own, the endpoints FlyBackend uses, as the
 public reference documents them (JSON bodies; errors are ``{"error": ..., "status": ...}``):
 
+    GET    /v1/apps/{app}/machines                   list the machines (?include_deleted=true) -> 200 [machine]
     POST   /v1/apps/{app}/machines                   create and start a machine -> 200 machine
+                                                     ({"skip_launch": true}: created, not started)
     GET    /v1/apps/{app}/machines/{id}              the machine, state and events -> 200 | 404
+    POST   /v1/apps/{app}/machines/{id}              update its config (a new instance_id); a running
+                                                     machine restarts with it, a stopped or created
+                                                     one starts unless "skip_launch" -> 200 machine
+    POST   /v1/apps/{app}/machines/{id}/start        start a created or stopped machine
+                                                     -> 200 {"previous_state": ...} | 404
     GET    /v1/apps/{app}/machines/{id}/wait         ?state=started|stopped|destroyed&timeout=S
                                                      &instance_id (needed for stopped)
                                                      -> 200 {"ok": true} | 400 | 408 on timeout
@@ -126,7 +133,8 @@ class FakeFly:
 
     def fail_next(self, action: str, status: int, *, times: int = 1, error: str = "injected failure",
                   retry_after: str | None = None) -> None:
-        """Make the next ``times`` requests of ``action`` (create, get, wait, stop, delete) fail."""
+        """Make the next ``times`` requests of ``action`` (list, create, get, update, start, wait,
+        stop, delete) fail."""
         with self._lock:
             self._failures[action].extend([(status, error, retry_after)] * times)
 
@@ -182,8 +190,11 @@ class FakeFly:
         self._changed = asyncio.Condition()
         base = "/v1/apps/{app}/machines"
         app = Starlette(routes=[
+            Route(base, self._route("list", self._list), methods=["GET"]),
             Route(base, self._route("create", self._create), methods=["POST"]),
             Route(base + "/{id}", self._route("get", self._get), methods=["GET"]),
+            Route(base + "/{id}", self._route("update", self._update), methods=["POST"]),
+            Route(base + "/{id}/start", self._route("start", self._start_machine), methods=["POST"]),
             Route(base + "/{id}", self._route("delete", self._delete), methods=["DELETE"]),
             Route(base + "/{id}/wait", self._route("wait", self._wait), methods=["GET"]),
             Route(base + "/{id}/stop", self._route("stop", self._stop_machine), methods=["POST"]),
@@ -250,8 +261,51 @@ class FakeFly:
             private_ip=f"fdaa:0:f1a:a7b:{n:x}:0:0:2", address=f"127.0.{n // 250}.{n % 250 + 2}", config=config)
         self._machines[machine.id] = machine
         machine.event("launch", "created", source="user")
-        asyncio.get_running_loop().create_task(self._start(machine, list(cmd)))
+        if not body.get("skip_launch"):
+            asyncio.get_running_loop().create_task(self._start(machine))
         return JSONResponse(machine.to_json())
+
+    async def _list(self, request: Request) -> Response:
+        deleted = request.query_params.get("include_deleted") == "true"
+        return JSONResponse([m.to_json() for m in self._machines.values() if deleted or m.state != "destroyed"])
+
+    async def _update(self, request: Request) -> Response:
+        machine = self._machines[request.path_params["id"]]
+        if machine.state == "destroyed":
+            return _error(404, "machine not found", "not_found")
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "invalid JSON body", "invalid_argument")
+        config = body.get("config") or {}
+        if not config.get("image"):
+            return _error(400, "invalid config.image: image is required", "invalid_argument")
+        running = machine.state in ("started", "stopping", "starting")
+        if running and machine.proc is not None:  # the new config takes a restart
+            machine.stop_requested = True
+            _killpg(machine.proc.pid, signal.SIGTERM)
+            asyncio.get_running_loop().call_later(5, _kill_if_alive, machine.proc)
+            if machine.watcher is not None:
+                await machine.watcher
+        machine.config = config
+        machine.instance_id = secrets.token_hex(13).upper()
+        machine.stop_requested = machine.oom_killed = False
+        machine.event("update", "replaced", source="user")
+        if machine.state != "destroyed":
+            await self._set_state(machine, "created" if machine.state == "created" else "stopped")
+            if not body.get("skip_launch"):
+                asyncio.get_running_loop().create_task(self._start(machine))
+        return JSONResponse(machine.to_json())
+
+    async def _start_machine(self, request: Request) -> Response:
+        machine = self._machines[request.path_params["id"]]
+        previous = machine.state
+        if previous == "destroyed":
+            return _error(404, "machine not found", "not_found")
+        if previous in ("created", "stopped"):
+            await self._set_state(machine, "starting")
+            asyncio.get_running_loop().create_task(self._start(machine))
+        return JSONResponse({"previous_state": previous, "migrated": False, "new_host": ""})
 
     async def _get(self, request: Request) -> Response:
         return JSONResponse(self._machines[request.path_params["id"]].to_json())
@@ -305,10 +359,11 @@ class FakeFly:
         return JSONResponse({"ok": True})
 
     # -- machine lifecycle ------------------------------------------------------------------
-    async def _start(self, machine: FakeMachine, cmd: list[str]) -> None:
+    async def _start(self, machine: FakeMachine) -> None:
         await asyncio.sleep(self.start_delay)
-        if machine.state != "created":
+        if machine.state not in ("created", "stopped", "starting"):
             return
+        cmd = list((machine.config.get("init") or {}).get("cmd") or self.default_cmd or [])
         argv = [sys.executable if cmd[0] in ("python", "python3") else cmd[0], *cmd[1:]]
         for i, arg in enumerate(argv[:-1]):
             if arg == "--host":  # the machine's own interface

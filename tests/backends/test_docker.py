@@ -21,13 +21,14 @@ from typing import Any
 
 import pytest
 
-from flame_asgi import BootError, FlamePool, RunnerLost, parent
+from flame_asgi import BootError, FlamePool, RunnerLost, parent, subscribe
 
 aiodocker = pytest.importorskip("aiodocker", reason="DockerBackend needs aiodocker: pip install 'flame_asgi[docker]'")
 
 from flame_asgi.backends.docker import (  # noqa: E402
     LABEL_BACKEND,
     LABEL_PARENT,
+    LABEL_RUNNER,
     DockerBackend,
     container_id_in,
     parent_id,
@@ -268,6 +269,97 @@ async def test_engine_errors_are_boot_errors(docker: Docker, options: dict[str, 
     async with FlamePool("dk-errors", backend=DockerBackend(**options), boot_timeout=5) as pool:  # type: ignore[arg-type]
         with pytest.raises(BootError, match=error):
             await pool.call(where, timeout=1)
+
+
+async def containers(docker: Docker, label: str) -> dict[str, str]:
+    """``runner id -> state`` of the containers with ``label`` (``created``, ``running``...)."""
+    found = await docker.containers.list(all=True, filters={"label": [label]})
+    return {c._container["Labels"][LABEL_RUNNER]: c._container["State"] for c in found}
+
+
+async def test_standby_containers_are_created_ahead_and_a_boot_only_starts_one(docker: Docker,
+                                                                               backend: Factory) -> None:
+    events: list[tuple[str, dict[str, Any]]] = []
+    unsubscribe = subscribe(lambda name, fields: events.append((name, fields)))
+    b = backend(standby=2)
+    label = f"{LABEL_BACKEND}={b.id}"
+    try:
+        async with FlamePool("dk-standby", backend=b, max=3, max_concurrency=1, boot_timeout=20) as pool:
+            # Opening the pool prepares two containers: created, never started, no runner yet.
+            async def prepared(n: int) -> bool:
+                return pool.stats().standby == n and list((await containers(docker, label)).values()).count(
+                    "created") == n
+            await eventually(prepared_two := lambda: prepared(2), within=20)
+            assert pool.stats().runners == []
+            standby = set(await containers(docker, label))
+            # A call boots one of them (its container is started, not created) ...
+            rid = (await pool.call(where))[1]
+            assert rid in standby
+            [boot] = [f for name, f in events if name == "runner.boot.start"]
+            assert boot["runner"] == rid and boot["prepared"] is True
+            # ... and another is prepared behind it: one running, two created.
+            await eventually(prepared_two, within=20)
+            states = await containers(docker, label)
+            assert states[rid] == "running" and sorted(states.values()) == ["created", "created", "running"]
+            # Three long calls at once: two wait for boots, which start the two prepared containers.
+            ids = await asyncio.gather(*(pool.call(nap, 4.0) for _ in range(3)))
+            assert len(set(ids)) == 3
+        # Closing the pool removes the prepared containers with the runners.
+        assert await labelled(docker, label) == []
+    finally:
+        unsubscribe()
+
+
+def test_standby_is_checked_and_read_from_the_environment() -> None:
+    with pytest.raises(ValueError, match="standby must be >= 0"):
+        DockerBackend(IMAGE, standby=-1)
+    assert DockerBackend.from_env({"FLAME_DOCKER_STANDBY": "3"}).standby == 3
+
+
+STANDBY_PARENT = """
+import asyncio, sys
+from flame_asgi import FlamePool
+from flame_asgi.backends.docker import DockerBackend, parent_id
+
+async def main():
+    backend = DockerBackend({image!r}, python=sys.executable, binds={binds!r}, working_dir={repo!r},
+                            env={{"PYTHONPATH": {path!r}}}, standby=2)
+    pool = FlamePool("dk-standby-orphan", backend=backend, boot_timeout=20)
+    await pool.start()
+    while pool.stats().standby < 2:
+        await asyncio.sleep(0.05)
+    print(parent_id(), flush=True)
+    await asyncio.sleep(60)  # killed here: nothing removes its standby containers
+
+asyncio.run(main())
+"""
+
+
+async def test_standby_containers_of_a_killed_parent_are_removed_by_the_next_backend(
+        docker: Docker, backend: Factory) -> None:
+    script = STANDBY_PARENT.format(image=IMAGE, binds=binds(), repo=str(REPO), path=pythonpath())
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE,
+                                                env={**os.environ, "PYTHONPATH": pythonpath()})
+    try:
+        assert proc.stdout is not None
+        label = f"{LABEL_PARENT}=" + (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().strip()
+        proc.kill()
+        await proc.wait()
+        await asyncio.sleep(1.0)
+        assert list((await containers(docker, label)).values()) == ["created", "created"]  # nothing exits by itself
+        # The next backend on this Engine sees their parent is gone and removes them.
+        async with FlamePool("dk-sweeper", backend=backend(), boot_timeout=20) as pool:
+            await pool.call(where)
+
+            async def swept() -> bool:
+                return await labelled(docker, label) == []
+            await eventually(swept, within=15)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        for cid in await labelled(docker, label):  # a failed check must not leave them to the next test
+            await docker.containers.container(cid).delete(force=True)
 
 
 PARENT = """

@@ -239,3 +239,81 @@ def test_app_keyword_still_names_the_fly_app_with_a_deprecation_warning() -> Non
         backend = FlyBackend(token="t", app="old-style", image="img")
     assert backend.fly_app == "old-style"
     assert backend.app_import() == "flame_asgi._bare:app"  # the import string is app_import=, untouched
+
+
+# -- standby: machines prepared ahead, reused after their runner ---------------------------
+async def _until(check: Any, what: str, budget: float = 20.0) -> None:
+    deadline = time.monotonic() + budget
+    while not check():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        await asyncio.sleep(0.05)
+
+
+def _states(fake: FakeFly) -> list[str]:
+    return sorted(m["state"] for m in fake.machines())
+
+
+async def test_standby_machines_are_created_without_launch_and_a_boot_starts_one(fake: FakeFly) -> None:
+    async with FlamePool("fly-standby", backend=fly(fake, standby=2), max=2, max_concurrency=1,
+                         boot_timeout=20) as pool:
+        await _until(lambda: pool.stats().standby == 2, "two machines prepared")
+        assert _states(fake) == ["created", "created"] and pool.stats().runners == []  # nothing runs yet
+        assert all(body["skip_launch"] is True and body["config"]["auto_destroy"] is False for body in fake.bodies)
+        prepared = {m["id"] for m in fake.machines()}
+        ran_on = await pool.call(_machine_id)
+        assert ran_on in prepared  # the boot started a prepared machine ...
+        assert fake.count("POST", f"/{ran_on}/start") == 1
+        await _until(lambda: pool.stats().standby == 2, "another prepared behind it")
+        assert _states(fake) == ["created", "created", "started"]
+    assert_no_machine_left(fake)  # closing destroys the runner's and the prepared machines
+
+
+async def test_a_stopped_runners_machine_is_reused_for_a_later_runner(fake: FakeFly) -> None:
+    async with FlamePool("fly-reuse", backend=fly(fake, standby=1), max=1, max_concurrency=1,
+                         idle_shutdown_after=0.3, boot_timeout=20) as pool:
+        first = await pool.call(_machine_id)
+        await _until(lambda: not pool.stats().runners, "the first runner idles away")
+        machine = next(m for m in fake.machines() if m["id"] == first)
+        assert machine["state"] == "stopped"  # kept, not destroyed
+        # The next top-up (after the next boot) updates the kept machine for a new runner.
+        second = await pool.call(_machine_id)
+        await _until(lambda: pool.stats().standby == 1, "a machine prepared again")
+        # The second runner started the machine prepared while the first ran; the first's
+        # machine, stopped, was updated (not created anew) to be the next one prepared.
+        assert second != first
+        updates = [path for method, path, _ in fake.requests if method == "POST" and path.endswith(f"/{first}")]
+        assert updates == [f"/v1/apps/{fake.app}/machines/{first}"]
+        assert fake.count("POST") == 2  # two creates in all: the third runner's machine is the first's
+        reused = next(m for m in fake.machines() if m["id"] == first)
+        assert reused["config"]["metadata"]["flame_runner_id"] != machine["config"]["metadata"]["flame_runner_id"]
+        assert reused["instance_id"] != machine["instance_id"]
+    assert_no_machine_left(fake)
+
+
+async def test_machines_of_a_parent_that_is_gone_are_destroyed_by_the_next(fake: FakeFly,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # The first parent is "machine-a", which no longer exists: a parent killed with its machine.
+    monkeypatch.setenv("FLY_MACHINE_ID", "machine-a")
+    gone = fly(fake, standby=2)
+    pool = FlamePool("fly-orphans", backend=gone, max=1, boot_timeout=20)
+    await pool.start()
+    await _until(lambda: pool.stats().standby == 2, "two machines prepared")
+    left = [m["id"] for m in fake.machines()]
+    assert all(m["config"]["metadata"]["flame_parent_machine"] == "machine-a" for m in fake.machines())
+    await gone.api.aclose()  # the parent dies: no close, no destroy
+    # The next parent ("machine-b") destroys them when its pool starts; its own are kept.
+    monkeypatch.setenv("FLY_MACHINE_ID", "machine-b")
+    async with FlamePool("fly-sweeper", backend=fly(fake, standby=1), max=1, boot_timeout=20) as sweeper:
+        await _until(lambda: sweeper.stats().standby == 1, "its own machine prepared")
+        states = {m["id"]: m["state"] for m in fake.machines()}
+        assert all(states[mid] == "destroyed" for mid in left)
+        assert sorted(states.values()).count("created") == 1
+    await pool.aclose()  # the abandoned pool's tasks (its machines are gone already)
+    assert_no_machine_left(fake)
+
+
+def test_standby_is_checked_and_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="standby >= 0"):
+        FlyBackend(token="t", fly_app="a", image=IMAGE, standby=-1)
+    monkeypatch.setenv("FLAME_FLY_STANDBY", "2")
+    assert FlyBackend(token="t", fly_app="a", image=IMAGE).standby == 2

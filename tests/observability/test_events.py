@@ -46,7 +46,7 @@ async def test_every_kind_of_work_reports_start_and_end(backend: BackendFactory,
     assert boot == {**boot, "pool": "ev", "runner": rid, "backend": kind, "ok": True, "count": 1}
     assert 0 < boot["duration"] <= ends["call"]["queue_time"]
     assert named(events, "runner.boot.start") == [{"pool": "ev", "runner": rid, "backend": kind, "count": 1,
-                                                  "why": "demand"}]
+                                                  "why": "demand", "prepared": False}]
     assert named(events, "runner.stop") == [{"pool": "ev", "runner": rid, "backend": kind, "count": 0,
                                               "reason": "shutdown", "detail": "shutdown"}]
     names = [n for n, _ in events]
