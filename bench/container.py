@@ -75,11 +75,11 @@ def _binds() -> list[str]:
     return [f"{d}:{d}:ro" for d in unique if not any(d.startswith(o + "/") for o in unique)]
 
 
-def _backend() -> Any:
+def _backend(**options: Any) -> Any:
     from flame_asgi.backends.docker import DockerBackend
 
     return DockerBackend(IMAGE, python=sys.executable, binds=_binds(), working_dir=str(REPO),
-                         env={"PYTHONPATH": str(REPO)})
+                         env={"PYTHONPATH": str(REPO)}, **options)
 
 
 async def _docker_run_first_response() -> float:

@@ -182,6 +182,10 @@ def _warm_runners(w: P) -> list[Row]:
                      cell(d, "warm", "best_ms", unit="ms"), "", "",
                      f"warm=0 (it waits for a boot) {cell(d, 'cold', 'best_ms', unit='ms')}",
                      f"cold/warm {times(_ratio_of(d))}"))
+        if "standby" in d:
+            rows.append((f"{name}: the same call, warm=0 with standby=1 (the boot starts a created container)",
+                         cell(d, "standby", "best_ms", unit="ms"), "", "", "",
+                         f"cold/standby {times(get(w, 'ratios', 'docker_cold_over_standby'))}"))
     b = w.get("burst", {})
     for label in ("warm", "cold"):
         r = b.get(label, {})

@@ -2,7 +2,9 @@
 
 - ``busy_call``: the pool's runner is held by a long call and another call arrives.
   ``cold``: ``warm=0``, it waits for a boot. ``warm``: ``warm=1``, it runs on the spare
-  booted beside the first runner. Time to its result; each round a fresh pool.
+  booted beside the first runner. Time to its result; each round a fresh pool. On
+  DockerBackend also ``standby``: ``warm=0`` with ``DockerBackend(standby=1)``, the boot
+  it waits for starts a container created ahead instead of creating one.
 - ``burst`` (ProcessBackend): ``max=10, max_concurrency=5``. One call first (the pool is in
   use), the pool then idle (with ``warm=10`` its spares are up), then 50 calls of 10 ms at
   once: the time to the first result and the p50/p99 of the 50 calls' latencies, the round
@@ -27,13 +29,16 @@ async def measure(cfg: Config) -> dict[str, Any]:
     process = await _busy_calls(ProcessBackend, cfg.cold_rounds)
     burst = {"cold": await _bursts(0, cfg.cold_rounds), "warm": await _bursts(BURST_MAX, cfg.cold_rounds)}
     missing = await container._engine_missing()
-    docker = unavailable(missing) if missing else await _busy_calls(container._backend, cfg.cold_rounds)
+    docker = unavailable(missing) if missing else await _busy_calls(container._backend, cfg.cold_rounds,
+                                                                    standby=True)
     return {
         "process_busy_call": process, "docker_busy_call": docker, "burst": burst,
         "ratios": {
             "process_cold_over_warm": ratio(process["cold"]["best_ms"], process["warm"]["best_ms"]),
             "docker_cold_over_warm": ratio(docker.get("cold", {}).get("best_ms"),
                                            docker.get("warm", {}).get("best_ms")),
+            "docker_cold_over_standby": ratio(docker.get("cold", {}).get("best_ms"),
+                                              docker.get("standby", {}).get("best_ms")),
             "burst_first_result_cold_over_warm": ratio(burst["cold"]["first_result_ms"],
                                                        burst["warm"]["first_result_ms"]),
             "burst_p99_cold_over_warm": ratio(burst["cold"]["p99_ms"], burst["warm"]["p99_ms"]),
@@ -41,15 +46,18 @@ async def measure(cfg: Config) -> dict[str, Any]:
     }
 
 
-async def _busy_calls(backend: Callable[[], Backend], rounds: int) -> dict[str, Any]:
+async def _busy_calls(backend: Callable[..., Backend], rounds: int, standby: bool = False) -> dict[str, Any]:
     out = {}
-    for label, warm in (("cold", 0), ("warm", 1)):
+    variants = [("cold", 0, {}), ("warm", 1, {})] + ([("standby", 0, {"standby": 1})] if standby else [])
+    for label, warm, options in variants:
         samples = []
         for _ in range(rounds):
-            async with FlamePool("bench-warm", backend=backend(), max=2, max_concurrency=1, warm=warm,
+            async with FlamePool("bench-warm", backend=backend(**options), max=2, max_concurrency=1, warm=warm,
                                  boot_timeout=60.0, timeout=60.0, idle_shutdown_after=None) as pool:
                 holder = asyncio.ensure_future(pool.call(tasks.sleep, 30.0))
-                while not pool.stats().runners or pool.stats().booting:  # the holder runs; spares are up
+                # The holder runs; spares are up; the prepared container is created.
+                while (not pool.stats().runners or pool.stats().booting
+                       or pool.stats().standby < options.get("standby", 0)):
                     await asyncio.sleep(0.01)
                 start = now()
                 await pool.call(tasks.nothing)
