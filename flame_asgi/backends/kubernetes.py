@@ -102,7 +102,7 @@ class KubernetesBackend(Backend):
         context: str | None = None,
         log_level: str = "warning",
         stop_timeout: float = 5.0,
-        heartbeat_interval: float = 1.0,
+        heartbeat_interval: float = 2.5,
         heartbeat_timeout: float = 10.0,
     ) -> None:
         if importlib.util.find_spec("lightkube") is None:
@@ -135,6 +135,7 @@ class KubernetesBackend(Backend):
         self._client: AsyncClient | None = None
         self._parent: dict[str, Any] | None = None
         self._owned: set[str] = set()  # runner Pods (and their Secrets) not yet deleted
+        self._resweep: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
     @classmethod
@@ -234,7 +235,15 @@ class KubernetesBackend(Backend):
                 raise api_error(exc, "get", "pods", self.namespace, self.server()) from None
             self._parent = pod.to_dict()
             await self._sweep_finished(api, self._parent)
+            # The kubelet restarts a killed container within a second or two, often before
+            # the dead process's runners have noticed and exited: look again once they have.
+            self._resweep = asyncio.get_running_loop().create_task(self._sweep_later(self._parent))
         return self._parent
+
+    async def _sweep_later(self, parent: dict[str, Any]) -> None:
+        await asyncio.sleep(self.heartbeat_timeout + self.stop_timeout + 5.0)
+        if self._client is not None:
+            await self._sweep_finished(self._client, parent)
 
     async def _sweep_finished(self, api: AsyncClient, parent: dict[str, Any]) -> None:
         # Runners of an earlier process in this same Pod (a restarted container) exited by
@@ -310,6 +319,8 @@ class KubernetesBackend(Backend):
     async def aclose(self) -> None:
         client, self._client = self._client, None
         forget_sweep(f"kubernetes-{self.id}")
+        if self._resweep is not None:
+            self._resweep.cancel()
         if client is None:
             return
         from lightkube.resources.core_v1 import Pod, Secret
