@@ -49,8 +49,16 @@ class ForkedProcess:
         return self._exited.result() if self._exited.done() else None
 
     async def wait(self) -> int:
+        if not self._exited.done() and not self._server.gone.is_set():
+            # The fork server reports every exit: wait for that, or for the server to go. No
+            # polling while it is up: an idle pool of hundreds of runners must cost nothing.
+            gone: asyncio.Future[Any] = asyncio.ensure_future(self._server.gone.wait())
+            try:
+                await asyncio.wait({self._exited, gone}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                gone.cancel()
         while not self._exited.done():
-            if not self._server.alive and _ended(self.pid):  # nobody will report it: watch the pid ourselves
+            if _ended(self.pid):  # the fork server is gone, nobody will report it: watch the pid ourselves
                 self._exited.set_result(self.STATUS_LOST)
                 break
             try:
@@ -90,6 +98,7 @@ class ForkServer:
         self._reader: asyncio.Task[None] | None = None
         self._ready: asyncio.Future[None] | None = None
         self.alive = False
+        self.gone = asyncio.Event()  # set once the fork server has ended: exits are no longer reported
 
     async def start(self, timeout: float = 30.0) -> None:
         loop = asyncio.get_running_loop()
@@ -139,6 +148,7 @@ class ForkServer:
             pass
         finally:
             self.alive = False
+            self.gone.set()
             if not self._ready.done():
                 self._ready.set_exception(ForkUnavailable("the fork server exited"))
             pending, self._pending = self._pending, {}
@@ -212,6 +222,7 @@ class ForkServer:
 
     async def aclose(self) -> None:
         self.alive = False
+        self.gone.set()
         if self._sock is not None:
             self._sock.close()
             self._sock = None
