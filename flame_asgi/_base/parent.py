@@ -36,7 +36,7 @@ class ParentInfo:
     code_version: str
     app: str
     failsafe_timeout: float = 30.0
-    heartbeat_interval: float = 1.0
+    heartbeat_interval: float = 2.5
     heartbeat_timeout: float = 10.0
     shutdown_timeout: float | None = 30.0
     max_payload: int = MAX_PAYLOAD.default

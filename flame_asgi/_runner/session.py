@@ -184,12 +184,19 @@ class RunnerSession:
         # "ping" needs nothing: every frame already refreshed _last_seen.
 
     async def _heartbeat(self) -> None:
+        # As the parent's: one timer, for the next ping or the timeout, whichever is sooner.
         interval, timeout = self.info.heartbeat_interval, self.info.heartbeat_timeout
+        next_ping = self.loop.time() + interval
         while True:
-            await asyncio.sleep(interval)
-            if self.loop.time() - self._last_seen > timeout:
+            silent_until = self._last_seen + timeout + 0.001
+            await asyncio.sleep(max(0.0, min(next_ping, silent_until) - self.loop.time()))
+            now = self.loop.time()
+            if now - self._last_seen > timeout:
                 self.end_reason = f"parent unreachable: no message for {timeout:g} s"
                 return
+            if now < next_ping:
+                continue
+            next_ping = now + interval
             try:
                 await self.send("ping")
             except ChannelClosed:

@@ -292,14 +292,22 @@ class RunnerConnection:
             await self._lose(f"the runner sent an invalid message ({exc})")
 
     async def _heartbeat(self) -> None:
+        # One timer per channel that wakes for the next ping or, if sooner, the moment the
+        # runner's silence reaches the timeout: the loss is seen at the timeout, not up to an
+        # interval later, whatever the interval.
         loop = asyncio.get_running_loop()
+        next_ping = loop.time() + self._interval
         while True:
-            await asyncio.sleep(self._interval)
-            if loop.time() - self._last_seen > self._timeout:
+            silent_until = self._last_seen + self._timeout + 0.001
+            await asyncio.sleep(max(0.0, min(next_ping, silent_until) - loop.time()))
+            now = loop.time()
+            if now - self._last_seen > self._timeout:
                 await self._lose(f"no heartbeat for {self._timeout:g} s (network partition or hung runner)",
                                  unreachable=True)
                 return
-            await self._send_quietly("ping")
+            if now >= next_ping:
+                next_ping = now + self._interval
+                await self._send_quietly("ping")
 
     def _closing(self, reason: str) -> bool:
         """Mark the channel gone, synchronously: from now on no call is placed on this runner."""

@@ -75,7 +75,7 @@ class Backend(abc.ABC):
     """Base class of every backend. Subclasses set ``name`` and implement ``boot``."""
 
     name: ClassVar[str]
-    heartbeat_interval: float = 1.0
+    heartbeat_interval: float = 2.5
     heartbeat_timeout: float = 10.0
     stop_timeout: float = 5.0  # how long a stopping runner gets before it is killed
     boots_app: ClassVar[bool] = True  # runners boot the app by its import string (not LocalBackend)

@@ -114,7 +114,7 @@ class DockerBackend(Backend):
         docker_url: str | None = None,
         log_level: str = "warning",
         stop_timeout: float = 5.0,
-        heartbeat_interval: float = 1.0,
+        heartbeat_interval: float = 2.5,
         heartbeat_timeout: float = 10.0,
         standby: int = 0,
     ) -> None:

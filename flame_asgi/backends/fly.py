@@ -97,7 +97,7 @@ class FlyBackend(Backend):
         log_level: str = "warning",
         stop_timeout: float = 5.0,
         max_retries: int = 4,
-        heartbeat_interval: float = 1.0,
+        heartbeat_interval: float = 2.5,
         heartbeat_timeout: float = 10.0,
         standby: int | None = None,
     ) -> None:

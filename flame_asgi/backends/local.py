@@ -26,7 +26,7 @@ class LocalBackend(Backend):
     name = "local"
     boots_app = False  # runners are sessions in this process: no app is booted
 
-    def __init__(self, *, heartbeat_interval: float = 1.0, heartbeat_timeout: float = 10.0) -> None:
+    def __init__(self, *, heartbeat_interval: float = 2.5, heartbeat_timeout: float = 10.0) -> None:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
 

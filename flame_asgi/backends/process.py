@@ -48,7 +48,7 @@ class ProcessBackend(Backend):
         env: Mapping[str, str] | None = None,
         log_level: str = "warning",
         stop_timeout: float = 5.0,
-        heartbeat_interval: float = 1.0,
+        heartbeat_interval: float = 2.5,
         heartbeat_timeout: float = 10.0,
         fork: bool = True,
         memory_limit: int | None = None,
