@@ -98,6 +98,7 @@ class ForkServer:
         self._reader: asyncio.Task[None] | None = None
         self._ready: asyncio.Future[None] | None = None
         self.alive = False
+        self._send_lock = asyncio.Lock()
         self.gone = asyncio.Event()  # set once the fork server has ended: exits are no longer reported
 
     async def start(self, timeout: float = 30.0) -> None:
@@ -190,11 +191,11 @@ class ForkServer:
         reply: asyncio.Future[int] = loop.create_future()
         self._pending[request_id] = reply
         try:
-            socket.send_fds(self._sock, [json.dumps(request).encode()], [listen.fileno(), write_fd])
-        except OSError as exc:
+            await self._send(json.dumps(request).encode(), [listen.fileno(), write_fd])
+        except (OSError, TimeoutError) as exc:
             self._pending.pop(request_id, None)
             os.close(read_fd)
-            raise ForkUnavailable(f"could not reach the fork server: {exc}") from None
+            raise ForkUnavailable(f"could not reach the fork server: {exc!r}") from None
         finally:
             os.close(write_fd)
         try:
@@ -219,6 +220,26 @@ class ForkServer:
             exited = loop.create_future()
             self._exits[pid] = exited
         return ForkedProcess(pid, exited, stderr, self, pipe)
+
+    async def _send(self, message: bytes, fds: list[int]) -> None:
+        """One request, waiting while the socket's buffer is full: hundreds of boots at once
+        queue here instead of failing over to fresh interpreters, which would starve the
+        fork server of the CPU it needs to catch up."""
+        assert self._sock is not None
+        loop = asyncio.get_running_loop()
+        # One sender at a time: a descriptor has one writer callback, so waiters take turns.
+        async with asyncio.timeout(SPAWN_TIMEOUT), self._send_lock:
+            while True:
+                try:
+                    socket.send_fds(self._sock, [message], fds)
+                    return
+                except BlockingIOError:
+                    writable = loop.create_future()
+                    loop.add_writer(self._sock.fileno(), writable.set_result, None)
+                    try:
+                        await writable
+                    finally:
+                        loop.remove_writer(self._sock.fileno())
 
     async def aclose(self) -> None:
         self.alive = False

@@ -97,6 +97,13 @@ class ProcessBackend(Backend):
                     return self._limited(ProcessRunnerHandle(forked, url, spec, self.stop_timeout))
                 except ForkUnavailable as exc:
                     log.warning("%s; booting a fresh interpreter", exc)
+                    # A fork that answers late holds this socket until it is killed, and
+                    # could accept the parent's connection and drop it: take another port.
+                    sock.close()
+                    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                    sock.bind((self.host, 0))
+                    sock.listen(256)
+                    url = f"http://{self.host}:{sock.getsockname()[1]}"
             # The keys go through a pipe, not the environment: an exec'd process's initial
             # environment stays readable in /proc/<pid>/environ for its whole life.
             env = _without_root({**os.environ, **self.env, **spec.env, "PYTHONPATH": _pythonpath()})
