@@ -7,8 +7,8 @@ socket is rebuilt with its real family and handed to ``uvicorn.Server`` directly
 
 The server is ``QuietServer``: uvicorn's main loop wakes ten times a second to see whether
 it should exit, which an idle runner pays for all its life (and a parent with hundreds of
-runners pays hundreds of times); this one wakes once a second for the Date header, and at
-once when a signal asks it to exit.
+runners pays hundreds of times); this one wakes every five seconds (the Date header a
+runner's internal replies carry is that coarse), and at once when a signal asks it to exit.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from flame_asgi._base.settings import RUNNER_KEYS
 
 
 class QuietServer(uvicorn.Server):
-    """``uvicorn.Server`` whose main loop sleeps until a signal or the next second."""
+    """``uvicorn.Server`` whose main loop sleeps until a signal, or five seconds."""
 
     _wakeup: asyncio.Event | None = None
     _loop: asyncio.AbstractEventLoop | None = None
@@ -38,9 +38,9 @@ class QuietServer(uvicorn.Server):
         counter = 0
         should_exit = await self.on_tick(counter)
         while not should_exit:
-            counter = (counter + 10) % 864000  # on_tick counts tenths: every call is a whole second
+            counter = (counter + 50) % 864000  # on_tick counts tenths of a second: each call updates the Date header
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0):
+                async with asyncio.timeout(5.0):
                     await self._wakeup.wait()
             should_exit = await self.on_tick(counter)
 
