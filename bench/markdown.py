@@ -52,6 +52,7 @@ def render(report: P) -> str:
     rows = [*_warm(m["warm_call"]), *_throughput(m["throughput"]), *_cold(m["cold"]), *_scale(m["scale_out"]),
             *_payload(m["payload"]), *_docker(m["docker"]["ours"]),
             *_warm_runners(m.get("warm_runners", {}).get("ours", {"available": False})),
+            *_idle(m.get("idle", {}).get("ours", {"available": False})),
             *_kubernetes(m.get("kubernetes", {}).get("ours", {"available": False})), *_streams(m["streams"]["ours"]),
             *_burst_memory(m["burst"]["ours"], m["memory"]["ours"])]
     peers = m["warm_call"]["peers"]
@@ -193,6 +194,24 @@ def _warm_runners(w: P) -> list[Row]:
                      "first result; p50; p99", f"{cell(r, 'first_result_ms', unit='ms')}; "
                      f"{cell(r, 'p50_ms', unit='ms')}; {cell(r, 'p99_ms', unit='ms')}", "", "",
                      f"{cell(r, 'runners_up_before')} runner(s) up before it", ""))
+    return rows
+
+
+def _idle(d: P) -> list[Row]:
+    if d.get("available") is False:
+        return [("idle runners: CPU and memory", "unavailable", "", "", "", "")]
+    rows = [(f"{p['runners']} idle runners: parent CPU; runners' CPU", f"{p['parent_cpu_pct']} %; "
+             f"{p['runners_cpu_pct']} % of a core", "", "",
+             f"{p['wakeups_per_runner_per_s']} wake-ups/s per runner; parent {p['parent_wakeups_per_s']}/s",
+             f"{p['runner_pss_kb']} KB PSS per runner, {p['parent_rss_per_runner_kb']} KB parent RSS per runner")
+            for p in d.get("points", [])]
+    fit = d.get("fit", {})
+    rows.append(("idle runners at 10,000 (estimate)",
+                 f"parent {get(fit, 'parent_cpu_pct', 'at_10000')} %, runners "
+                 f"{get(fit, 'runners_cpu_pct', 'at_10000')} % of a core; {get(fit, 'memory', 'at_10000_gb')} GB",
+                 "", "",
+                 f"{get(fit, 'parent_cpu_pct', 'formula')}; {get(fit, 'runners_cpu_pct', 'formula')}",
+                 f"{get(fit, 'memory', 'formula')}"))
     return rows
 
 

@@ -27,6 +27,7 @@ from bench import (
     cold,
     container,
     floors,
+    idle,
     kubernetes,
     latency,
     markdown,
@@ -103,6 +104,7 @@ async def run(cfg: Config, stamp: str) -> dict[str, Any]:
         "streams": await step("streams", lambda: streams.measure(cfg)),
         "pool_sim": await step("pool_sim", lambda: pool_sim.measure(cfg)),
         "memory": await step("memory", lambda: memory.measure(cfg)),
+        "idle": await step("idle", lambda: idle.measure(cfg)),
         "peers": await step("peers", lambda: peers.measure(cfg, spin, deadline)),
     }
     measurements = report.build(raw)

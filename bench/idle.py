@@ -1,0 +1,135 @@
+"""What idle runners cost: CPU and memory of the parent and of the runners, per runner.
+
+For each count N (quick: 10, 50, 150; full: up to 500), a ProcessBackend pool boots N
+runners (``min=max=N``), every runner answers one call, then nothing runs. After a
+settle period, over a window of W seconds: the parent's CPU time (``process_time``,
+all its threads) and the runners' (``utime + stime`` of each runner process, from
+``/proc``), as a share of one core; their wake-ups (voluntary context switches per
+second); the parent's RSS growth per runner and each runner's PSS (its share of pages,
+fork-shared ones split). A least-squares line through the counts gives the per-runner
+cost and the estimate at 10,000 runners, with the formula. Runs in a fresh interpreter
+(``python -m bench.idle``), alone: the machine's other load is in the figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+from bench import _subproc, tasks
+from bench._config import Config
+from bench._measure import rss_kb
+from bench._subproc import run_json
+from flame_asgi import FlamePool, ProcessBackend
+
+TICK = os.sysconf("SC_CLK_TCK")
+ESTIMATE_AT = 10_000
+
+
+async def measure(cfg: Config) -> dict[str, Any]:
+    """Run the idle-cost measurements in a fresh interpreter."""
+    return await run_json("bench.idle", ["--quick"] if cfg.quick else [], 900.0)
+
+
+async def _measure_here(cfg: Config) -> dict[str, Any]:
+    counts = (10, 50, 150) if cfg.quick else (10, 50, 150, 300, 500)
+    window = 5.0 if cfg.quick else 10.0
+    async with FlamePool("bench-idle-warm", backend=ProcessBackend(), min=1, max=1) as pool:
+        await pool.call(tasks.nothing)  # imports and first-use setup, before any figure
+    points = [await _point(n, window) for n in counts]
+    return {"available": True, "window_s": window, "points": points, "fit": _fits(points)}
+
+
+async def _point(count: int, window: float) -> dict[str, Any]:
+    before_kb = rss_kb()
+    started = time.perf_counter()
+    async with FlamePool("bench-idle", backend=ProcessBackend(), min=count, max=count, max_concurrency=1,
+                         idle_shutdown_after=None, boot_timeout=300.0) as pool:
+        boot_s = time.perf_counter() - started
+        await asyncio.gather(*(pool.call(tasks.nothing) for _ in range(count)))
+        pids = [r.handle.proc.pid for r in pool._runners]  # bench-only peek: ProcessBackend handles
+        await asyncio.sleep(3.0)  # boots and first calls settle
+        rss_with_kb = rss_kb()
+        parent_cpu, parent_ctx = time.process_time(), _ctx_switches(os.getpid())
+        runner_cpu, runner_ctx = _cpu_ticks(pids), sum(_ctx_switches(p) for p in pids)
+        t0 = time.perf_counter()
+        await asyncio.sleep(window)
+        elapsed = time.perf_counter() - t0
+        parent_share = (time.process_time() - parent_cpu) / elapsed
+        runners_share = (_cpu_ticks(pids) - runner_cpu) / TICK / elapsed
+        parent_wakeups = (_ctx_switches(os.getpid()) - parent_ctx) / elapsed
+        runner_wakeups = (sum(_ctx_switches(p) for p in pids) - runner_ctx) / elapsed
+        pss = [_pss_kb(p) for p in pids]
+        alive = len(pool.stats().runners)
+    return {
+        "runners": count, "alive": alive, "boot_s": round(boot_s, 2),
+        "parent_cpu_pct": round(parent_share * 100, 2), "runners_cpu_pct": round(runners_share * 100, 2),
+        "parent_wakeups_per_s": round(parent_wakeups, 1),
+        "wakeups_per_runner_per_s": round(runner_wakeups / count, 2),
+        "parent_rss_per_runner_kb": round((rss_with_kb - before_kb) / count, 1),
+        "runner_pss_kb": round(sum(pss) / len(pss), 1),
+    }
+
+
+def _fits(points: list[dict[str, Any]]) -> dict[str, Any]:
+    out = {}
+    for key, unit in (("parent_cpu_pct", "% of a core"), ("runners_cpu_pct", "% of a core")):
+        a, b = _line([p["runners"] for p in points], [p[key] for p in points])
+        out[key] = {"fixed": round(a, 3), "per_runner": round(b, 4), "unit": unit,
+                    "at_10000": round(a + b * ESTIMATE_AT, 1),
+                    "formula": f"{a:.3f} + {b:.4f} x N {unit}"}
+    rss = sum(p["parent_rss_per_runner_kb"] for p in points[1:]) / max(1, len(points) - 1)
+    pss = sum(p["runner_pss_kb"] for p in points) / len(points)
+    out["memory"] = {"parent_rss_per_runner_kb": round(rss, 1), "runner_pss_kb": round(pss, 1),
+                     "at_10000_gb": round((rss + pss) * ESTIMATE_AT / 1024 / 1024, 1),
+                     "formula": f"N x ({rss:.0f} KB in the parent + {pss:.0f} KB per runner)"}
+    return out
+
+
+def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least squares ``y = a + b x``."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx else 0.0
+    return my - b * mx, b
+
+
+def _cpu_ticks(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total
+
+
+def _ctx_switches(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("voluntary_ctxt_switches:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _pss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    _subproc.main(_measure_here)
