@@ -32,6 +32,8 @@ from flame_asgi import FlamePool, LocalBackend, ProcessBackend
     ({"on_shrink": 3}, TypeError, "on_shrink must be a function"),
     ({"backend": ProcessBackend}, TypeError, r"backend must be a flame_asgi Backend instance or None \(an instance"),
     ({"backend": "process"}, TypeError, "backend must be a flame_asgi Backend instance"),
+    ({"backend": ProcessBackend(heartbeat_interval=10, heartbeat_timeout=10)}, ValueError,
+     r"the backend's heartbeat_interval \(10 s\) must be more than 0 and less than its heartbeat_timeout \(10 s\)"),
 ])
 def test_bad_options_fail_at_construction(options: dict[str, Any], error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=f"FlamePool 'p': {message}"):

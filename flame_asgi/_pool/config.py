@@ -122,6 +122,11 @@ def check_options(name: Any, options: dict[str, Any]) -> None:
             hint = " (an instance, not the class: add ())" if isinstance(backend, type) else ""
             raise TypeError(f"{where}: backend must be a flame_asgi Backend instance or None{hint} "
                             f"(got {backend!r})")
+        if not 0 < backend.heartbeat_interval < backend.heartbeat_timeout:
+            # Otherwise a runner's silence limit passes between two heartbeats of a healthy
+            # parent: every runner would exit, and the parent see it lost, within seconds.
+            raise ValueError(f"{where}: the backend's heartbeat_interval ({backend.heartbeat_interval:g} s) must be "
+                             f"more than 0 and less than its heartbeat_timeout ({backend.heartbeat_timeout:g} s)")
 
 
 def _seconds(where: str, key: str, value: Any, *, zero_ok: bool) -> None:
