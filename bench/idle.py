@@ -110,21 +110,19 @@ def _cpu_ticks(pids: list[int]) -> int:
 
 
 def _ctx_switches(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("voluntary_ctxt_switches:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    return _proc_number(f"/proc/{pid}/status", "voluntary_ctxt_switches:")
 
 
 def _pss_kb(pid: int) -> int:
+    return _proc_number(f"/proc/{pid}/smaps_rollup", "Pss:")
+
+
+def _proc_number(path: str, key: str) -> int:
+    """The number after ``key`` in a ``/proc`` file, 0 if the process is gone."""
     try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("Pss:"):
+                if line.startswith(key):
                     return int(line.split()[1])
     except OSError:
         pass

@@ -15,6 +15,7 @@ import pytest
 from flame_asgi import BootError, FlamePool, ProcessBackend, subscribe
 from flame_asgi.backends import RunnerHandle, RunnerSpec
 from tests import remote
+from tests.conftest import until
 
 
 class Preparing(ProcessBackend):
@@ -37,25 +38,17 @@ class Preparing(ProcessBackend):
         return await super().boot(spec)
 
 
-async def _until(predicate: Any, what: str, budget: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + budget
-    while not predicate():
-        assert loop.time() < deadline, f"never happened: {what}"
-        await asyncio.sleep(0.02)
-
-
 async def test_boots_take_the_oldest_prepared_runner_and_the_pool_prepares_another() -> None:
     events: list[tuple[str, dict[str, Any]]] = []
     unsubscribe = subscribe(lambda name, fields: events.append((name, fields)))
     backend = Preparing(standby=2)
     try:
         async with FlamePool("standby", backend=backend, max=2, max_concurrency=1) as pool:
-            await _until(lambda: pool.stats().standby == 2, "two runners prepared when the pool opens")
+            await until(lambda: pool.stats().standby == 2, 20.0, "two runners prepared when the pool opens")
             assert pool.stats().runners == [] and len(backend.prepared) == 2
             first, second = backend.prepared
             assert await pool.call(remote.runner_id) == first  # the oldest boots first
-            await _until(lambda: pool.stats().standby == 2, "another prepared behind it")
+            await until(lambda: pool.stats().standby == 2, 20.0, "another prepared behind it")
             assert backend.prepared[2:] and backend.prepared[2] not in (first, second)
             # Prepared runners count toward nothing: two calls at once take max=2 runners.
             ids = await asyncio.gather(pool.call(remote.runner_id_after, 3.0), pool.call(remote.runner_id_after, 3.0))
@@ -74,10 +67,10 @@ async def test_a_backend_that_refuses_to_prepare_costs_a_warning_not_a_call(capl
         return [r.getMessage() for r in caplog.records if "could not prepare a standby runner" in r.getMessage()]
     with caplog.at_level(logging.WARNING, logger="flame_asgi.pool"):
         async with FlamePool("standby-refused", backend=backend, max=1) as pool:
-            await _until(lambda: len(refused()) == 2, "both prepares of the pool's opening refused")
+            await until(lambda: len(refused()) == 2, 20.0, "both prepares of the pool's opening refused")
             rid = await pool.call(remote.runner_id)
             assert backend.booted == [rid] and pool.stats().standby == 0  # booted whole, as without standby
-            await _until(lambda: len(refused()) == 4, "asked again after the boot")
+            await until(lambda: len(refused()) == 4, 20.0, "asked again after the boot")
             await asyncio.sleep(0.3)
             assert len(refused()) == 4  # and not again until the next boot: never in a loop
     assert all("no room for another container" in m for m in refused())
