@@ -79,12 +79,16 @@ def _tcp_sockets(pid: int) -> list[tuple[str, tuple[str, int], tuple[str, int]]]
     inodes = socket_inodes(pid)
     found = []
     for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
-        with open(f"/proc/{pid}/net/{table}") as f:
-            next(f)
-            for line in f:
-                fields = line.split()
-                if fields[9] in inodes:
-                    found.append((fields[3], _address(fields[1], family), _address(fields[2], family)))
+        try:
+            with open(f"/proc/{pid}/net/{table}") as f:
+                next(f)
+                lines = list(f)
+        except FileNotFoundError:  # it exited between the two reads: a gone process holds no socket
+            return []
+        for line in lines:
+            fields = line.split()
+            if fields[9] in inodes:
+                found.append((fields[3], _address(fields[1], family), _address(fields[2], family)))
     return found
 
 
