@@ -32,7 +32,10 @@ class Config:
     stream_rounds: int = 3
     pool_sim_waiters: int = 1_000_000  # callers queued in the bookkeeping simulation
     pool_sim_ops: int = 20_000  # timed decisions of each kind, per round and size
-    peer_timeout: float = 300.0  # seconds for one peer's whole subprocess
+    fanout_items: int = 100_000  # pool.map items per round, and the peers' task count
+    fanout_runners: int = 100
+    fanout_rounds: int = 3
+    peer_timeout: float = 600.0  # seconds for one peer's whole subprocess
     total_budget_s: float | None = None  # peers share what is left of it (``--quick``)
 
     @classmethod
@@ -54,7 +57,9 @@ class Config:
             stream_rounds=2,
             pool_sim_waiters=100_000,
             pool_sim_ops=5_000,
-            peer_timeout=50.0,
+            fanout_items=20_000,
+            fanout_rounds=1,
+            peer_timeout=60.0,
             total_budget_s=140.0,
         )
 

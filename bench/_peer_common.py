@@ -30,6 +30,8 @@ class Peer(Protocol):
 
     def echo(self, data: bytes) -> bytes: ...
 
+    def fanout(self, n: int) -> list[object]: ...  # identity(x) for x in range(n), results in order
+
     def stop(self) -> None: ...
 
 
@@ -50,7 +52,7 @@ def measure(peer: Peer, cfg: Config, spin: int) -> dict[str, Any]:
     try:
         result = {"available": True, **info, "start_to_first_result_ms": round(cold_ms, 1),
                   "latency": _latency(peer, cfg), "throughput": _throughput(peer, cfg),
-                  "scaleout": _scaleout(peer, cfg, spin), "payload": _payload(peer, cfg)}
+                  "scaleout": _scaleout(peer, cfg, spin), "payload": _payload(peer, cfg), "fanout": _fanout(peer, cfg)}
         return {**result, "duration_s": round(now() - start, 1)}
     finally:
         peer.stop()
@@ -58,7 +60,7 @@ def measure(peer: Peer, cfg: Config, spin: int) -> dict[str, Any]:
 
 def _latency(peer: Peer, cfg: Config) -> dict[str, Any]:
     rounds = []
-    for i in range(cfg.rounds):
+    for i in range(cfg.fanout_rounds):
         for _ in range(cfg.latency_warmup if i == 0 else cfg.latency_warmup // 4):
             peer.one()
         samples: list[float] = []
@@ -76,7 +78,7 @@ def _latency(peer: Peer, cfg: Config) -> dict[str, Any]:
 def _throughput(peer: Peer, cfg: Config) -> dict[str, Any]:
     peer.batch(cfg.throughput_batch)  # warm up
     rates = []
-    for _ in range(cfg.rounds):
+    for _ in range(cfg.fanout_rounds):
         t = now()
         done = 0
         while done < cfg.throughput_calls and now() < t + cfg.throughput_budget_s:
@@ -117,3 +119,15 @@ def _payload(peer: Peer, cfg: Config) -> dict[str, Any]:
         out[f"{size_mb}MB"] = {**best_rate(rates, "mb_per_s"),
                                "best_round_trip_ms": round(size_mb / max(rates) * 1000, 1)}
     return out
+
+
+def _fanout(peer: Peer, cfg: Config) -> dict[str, Any]:
+    peer.fanout(1000)  # warm up
+    rates = []
+    for _ in range(cfg.fanout_rounds):
+        t = now()
+        results = peer.fanout(cfg.fanout_items)
+        rates.append(cfg.fanout_items / (now() - t))
+        if results != list(range(cfg.fanout_items)):
+            raise AssertionError(f"{peer.name}: fan-out results came back different")
+    return {"items": cfg.fanout_items, **best_rate(rates, "items_per_s")}

@@ -52,7 +52,7 @@ def render(report: P) -> str:
     rows = [*_warm(m["warm_call"]), *_throughput(m["throughput"]), *_cold(m["cold"]), *_scale(m["scale_out"]),
             *_payload(m["payload"]), *_docker(m["docker"]["ours"]),
             *_warm_runners(m.get("warm_runners", {}).get("ours", {"available": False})),
-            *_idle(m.get("idle", {}).get("ours", {"available": False})),
+            *_idle(m.get("idle", {}).get("ours", {"available": False})), *_fanout(m.get("fanout", {})),
             *_kubernetes(m.get("kubernetes", {}).get("ours", {"available": False})), *_streams(m["streams"]["ours"]),
             *_burst_memory(m["burst"]["ours"], m["memory"]["ours"])]
     peers = m["warm_call"]["peers"]
@@ -213,6 +213,20 @@ def _idle(d: P) -> list[Row]:
                  f"{get(fit, 'parent_cpu_pct', 'formula')}; {get(fit, 'runners_cpu_pct', 'formula')}",
                  f"{get(fit, 'memory', 'formula')}"))
     return rows
+
+
+def _fanout(f: P) -> list[Row]:
+    ours: P = f.get("ours", {"available": False})
+    if ours.get("available") is False:
+        return [("fan-out: pool.map of trivial items over 100 runners", "unavailable", "", "", "", "")]
+    ray, dask = f["peers"]["ray"], f["peers"]["dask"]
+    return [(f"fan-out: pool.map of {ours['items']:,} trivial items over {ours['runners']} runners",
+             cell(ours, "items_per_s", unit="items/s", digits=0), cell(ray, "items_per_s", unit="items/s", digits=0),
+             cell(dask, "items_per_s", unit="items/s", digits=0),
+             f"parent peak {cell(ours, 'parent_peak_mb')} MB of Python allocations "
+             f"({cell(ours, 'half', 'parent_peak_mb')} MB at {cell(ours, 'half', 'items')} items); "
+             f"{cell(ours, 'max_in_flight')} in flight at most",
+             f"ours/Ray {times(get(f, 'ratios', 'ours_over_ray'))}")]
 
 
 def _ratio_of(d: P) -> float | None:

@@ -40,6 +40,10 @@ class DaskPeer:
         result: bytes = self.client.submit(tasks.echo, data, pure=False).result()
         return result
 
+    def fanout(self, n: int) -> list[object]:
+        futures = self.client.map(tasks.identity, range(n), pure=False)
+        return list(self.client.gather(futures))  # type: ignore[no-untyped-call]
+
     def stop(self) -> None:
         self.client.close()  # type: ignore[no-untyped-call]
         self.cluster.close()

@@ -18,6 +18,7 @@ class RayPeer:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
         self.nothing = ray.remote(tasks.nothing)
         self.echo_task = ray.remote(tasks.echo)
+        self.identity = ray.remote(tasks.identity)
         self.spin_one = ray.remote(num_cpus=1)(tasks.spin)
         self.spin_alone = ray.remote(num_cpus=2)(tasks.spin)  # takes both CPUs: one at a time
         return {"version": ray.__version__, "setup": "ray.init(num_cpus=2, include_dashboard=False)"}
@@ -35,6 +36,9 @@ class RayPeer:
     def echo(self, data: bytes) -> bytes:
         result: bytes = self.ray.get(self.echo_task.remote(data))
         return result
+
+    def fanout(self, n: int) -> list[object]:
+        return list(self.ray.get([self.identity.remote(x) for x in range(n)]))
 
     def stop(self) -> None:
         self.ray.shutdown()

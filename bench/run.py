@@ -26,6 +26,7 @@ from bench import (
     burst,
     cold,
     container,
+    fanout,
     floors,
     idle,
     kubernetes,
@@ -105,6 +106,7 @@ async def run(cfg: Config, stamp: str) -> dict[str, Any]:
         "pool_sim": await step("pool_sim", lambda: pool_sim.measure(cfg)),
         "memory": await step("memory", lambda: memory.measure(cfg)),
         "idle": await step("idle", lambda: idle.measure(cfg)),
+        "fanout": await step("fanout", lambda: fanout.measure(cfg)),
         "peers": await step("peers", lambda: peers.measure(cfg, spin, deadline)),
     }
     measurements = report.build(raw)
