@@ -14,6 +14,7 @@ Run as ``python -m flame_asgi.backends._fork_template APP CONTROL_FD``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -46,6 +47,25 @@ def _child(request: dict[str, Any], listen_fd: int, stderr_fd: int, ctrl: socket
                  graceful=request["graceful"])
 
 
+def _import_what_uvicorn_starts_with() -> None:
+    # uvicorn imports its loop, protocol and lifespan classes by name as it starts, and its
+    # "auto" loop is uvloop when that is installed (uvicorn[standard]): imported here once,
+    # they cost each fork nothing; left to the child, uvloop alone took ~5 ms of a ~18 ms
+    # scale-from-zero call.
+    import concurrent.futures.thread  # noqa: F401  # the runner's worker threads
+
+    from uvicorn import config
+    from uvicorn.importer import import_from_string
+
+    for table, key in (("HTTP_PROTOCOLS", "auto"), ("WS_PROTOCOLS", "auto"), ("LIFESPAN", "on"),
+                       ("LOOP_FACTORIES", "auto"), ("LOOP_SETUPS", "auto")):
+        target = getattr(config, table, {}).get(key)  # older uvicorns name the loop table LOOP_SETUPS
+        if target:
+            import_from_string(target)
+    with contextlib.suppress(ImportError):
+        import uvloop  # noqa: F401  # what "auto" picks when it can
+
+
 def serve(app: str, ctrl: socket.socket) -> None:
     # Import everything a runner needs before the first fork.
     import uvicorn
@@ -57,16 +77,30 @@ def serve(app: str, ctrl: socket.socket) -> None:
     import flame_asgi.backends._serve  # noqa: F401
     from flame_asgi._base.parent import code_version
 
+    _import_what_uvicorn_starts_with()
+
     module, _, attr = app.partition(":")
     getattr(importlib.import_module(module), attr or "app")
     code_version(app)  # hashed once here: every fork inherits the fingerprint of this code
     if threading.active_count() != 1:
         _send(ctrl, {"error": f"importing {app} started threads; forking it is unsafe"})
         return
+    # Sleep until a request or a child's exit, never on a timer: an idle template would
+    # otherwise wake 20 times a second for as long as the pool lives, and an exit would be
+    # reported up to one tick late. SIGCHLD's handler does nothing; the wakeup fd it writes
+    # to is what ends the select, so an exit between the reaping and the select is not lost.
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     _send(ctrl, {"ready": os.getpid()})
     children: set[int] = set()
     while True:
-        readable, _, _ = select.select([ctrl], [], [], 0.05)
+        readable, _, _ = select.select([ctrl.fileno(), wake_r], [], [])
+        if wake_r in readable:
+            with contextlib.suppress(BlockingIOError):
+                os.read(wake_r, 4096)
         while children:  # reap, and report how each child ended
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -76,7 +110,7 @@ def serve(app: str, ctrl: socket.socket) -> None:
                 break
             children.discard(pid)
             _send(ctrl, {"exit": pid, "code": os.waitstatus_to_exitcode(status)})
-        if not readable:
+        if ctrl.fileno() not in readable:
             continue
         data, fds, _, _ = socket.recv_fds(ctrl, MAX_MESSAGE, 2)
         if not data:  # the parent is gone; children watch their own channels
@@ -88,7 +122,10 @@ def serve(app: str, ctrl: socket.socket) -> None:
         if pid == 0:
             code = 1
             try:
-                os.close(grouped_r)
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                for fd in (grouped_r, wake_r, wake_w):
+                    os.close(fd)
                 code = _child(request, listen_fd, stderr_fd, ctrl, grouped_w)
             except SystemExit as exc:  # uvicorn's own exit: its log already says why
                 code = exc.code if isinstance(exc.code, int) else 1

@@ -108,3 +108,44 @@ async def test_many_boots_at_once_queue_for_the_fork_server_instead_of_falling_b
             assert len(pool.stats().runners) == 250
     assert len(set(parents)) == 1 and parents[0] != os.getpid()  # every runner forked by the one server
     assert not [r for r in caplog.records if "fresh interpreter" in r.getMessage()]
+
+
+def voluntary_switches(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no voluntary_ctxt_switches for {pid}")
+
+
+async def test_an_idle_fork_server_sleeps_and_a_childs_exit_wakes_it(server: tuple[ForkServer, int],
+                                                                     listening: socket.socket) -> None:
+    fork_server, server_pid = server
+    forked = await spawn(fork_server, listening)
+    await asyncio.sleep(0.3)  # the fork's own start-up reports settle
+    before = voluntary_switches(server_pid)
+    await asyncio.sleep(1.0)
+    # It sleeps in select() until a request or a SIGCHLD: no timer (it woke 20 times a second).
+    assert voluntary_switches(server_pid) - before <= 1
+    os.killpg(forked.pid, signal.SIGTERM)
+    # The exit is reported without a tick to wait for, and the child is reaped.
+    assert await asyncio.wait_for(forked.wait(), 10.0) == -signal.SIGTERM
+    await until(lambda: not children_of(server_pid), what="the fork to be reaped")
+    forked_again = await spawn(fork_server, listening)  # and it still forks
+    os.killpg(forked_again.pid, signal.SIGKILL)
+    assert await forked_again.wait() == -signal.SIGKILL
+
+
+def test_the_template_imports_what_uvicorn_starts_with_before_it_forks() -> None:
+    import subprocess
+    import sys
+
+    probe = ("import sys; from flame_asgi.backends import _fork_template as t; "
+             "t._import_what_uvicorn_starts_with(); "
+             "print(' '.join(m for m in ('uvloop', 'uvicorn.lifespan.on', 'uvicorn.protocols.http.auto', "
+             "'uvicorn.loops.auto', 'concurrent.futures.thread') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    # uvloop is what uvicorn's "auto" loop picks (uvicorn[standard]); a fork that imported it
+    # itself spent ~5 ms of its start-up on it.
+    assert out == ["uvloop", "uvicorn.lifespan.on", "uvicorn.protocols.http.auto", "uvicorn.loops.auto",
+                   "concurrent.futures.thread"]
