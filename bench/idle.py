@@ -3,9 +3,9 @@
 For each count N (quick: 10, 50, 150; full: up to 500), a ProcessBackend pool boots N
 runners (``min=max=N``), every runner answers one call, then nothing runs. After a
 settle period, over a window of W seconds: the parent's CPU time (``process_time``,
-all its threads) and the runners' (``utime + stime`` of each runner process, from
-``/proc``), as a share of one core; their wake-ups (voluntary context switches per
-second); the parent's RSS growth per runner and each runner's PSS (its share of pages,
+all its threads), the runners' and the fork server's (every thread's time on a CPU, from
+``/proc/PID/task/TID/schedstat``, in ns), as a share of one core; their wake-ups
+(voluntary context switches per second); the parent's RSS growth per runner and each runner's PSS (its share of pages,
 fork-shared ones split). A least-squares line through the counts gives the per-runner
 cost and the estimate at 10,000 runners, with the formula. Runs in a fresh interpreter
 (``python -m bench.idle``), alone: the machine's other load is in the figures.
@@ -24,7 +24,6 @@ from bench._measure import rss_kb
 from bench._subproc import run_json
 from flame_asgi import FlamePool, ProcessBackend
 
-TICK = os.sysconf("SC_CLK_TCK")
 ESTIMATE_AT = 10_000
 
 
@@ -53,12 +52,16 @@ async def _point(count: int, window: float) -> dict[str, Any]:
         await asyncio.sleep(3.0)  # boots and first calls settle
         rss_with_kb = rss_kb()
         parent_cpu, parent_ctx = time.process_time(), _ctx_switches(os.getpid())
-        runner_cpu, runner_ctx = _cpu_ticks(pids), sum(_ctx_switches(p) for p in pids)
+        runner_cpu, runner_ctx = _cpu_seconds(pids), sum(_ctx_switches(p) for p in pids)
+        template = [pool.backend._forkserver._proc.pid]  # type: ignore[attr-defined, union-attr]  # bench-only peek
+        template_cpu, template_ctx = _cpu_seconds(template), _ctx_switches(template[0])
         t0 = time.perf_counter()
         await asyncio.sleep(window)
         elapsed = time.perf_counter() - t0
         parent_share = (time.process_time() - parent_cpu) / elapsed
-        runners_share = (_cpu_ticks(pids) - runner_cpu) / TICK / elapsed
+        runners_share = (_cpu_seconds(pids) - runner_cpu) / elapsed
+        template_share = (_cpu_seconds(template) - template_cpu) / elapsed
+        template_wakeups = (_ctx_switches(template[0]) - template_ctx) / elapsed
         parent_wakeups = (_ctx_switches(os.getpid()) - parent_ctx) / elapsed
         runner_wakeups = (sum(_ctx_switches(p) for p in pids) - runner_ctx) / elapsed
         pss = [_pss_kb(p) for p in pids]
@@ -67,6 +70,7 @@ async def _point(count: int, window: float) -> dict[str, Any]:
         "runners": count, "alive": alive, "boot_s": round(boot_s, 2),
         "parent_cpu_pct": round(parent_share * 100, 2), "runners_cpu_pct": round(runners_share * 100, 2),
         "parent_wakeups_per_s": round(parent_wakeups, 1),
+        "fork_server_cpu_pct": round(template_share * 100, 3), "fork_server_wakeups_per_s": round(template_wakeups, 1),
         "wakeups_per_runner_per_s": round(runner_wakeups / count, 2),
         "parent_rss_per_runner_kb": round((rss_with_kb - before_kb) / count, 1),
         "runner_pss_kb": round(sum(pss) / len(pss), 1),
@@ -97,16 +101,25 @@ def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return my - b * mx, b
 
 
-def _cpu_ticks(pids: list[int]) -> int:
+def _cpu_seconds(pids: list[int]) -> float:
+    """CPU time of every thread of ``pids``, from ``/proc/PID/task/TID/schedstat`` (ns).
+
+    Not ``utime + stime`` of ``/proc/PID/stat``: those are whole clock ticks (10 ms), and a
+    runner that idles well uses less than one in a window, so 150 of them read as 0.0 %.
+    """
     total = 0
     for pid in pids:
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
+            tasks_ = os.listdir(f"/proc/{pid}/task")
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
-    return total
+        for tid in tasks_:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue
+    return total / 1e9
 
 
 def _ctx_switches(pid: int) -> int:

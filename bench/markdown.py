@@ -202,7 +202,8 @@ def _idle(d: P) -> list[Row]:
         return [("idle runners: CPU and memory", "unavailable", "", "", "", "")]
     rows = [(f"{p['runners']} idle runners: parent CPU; runners' CPU", f"{p['parent_cpu_pct']} %; "
              f"{p['runners_cpu_pct']} % of a core", "", "",
-             f"{p['wakeups_per_runner_per_s']} wake-ups/s per runner; parent {p['parent_wakeups_per_s']}/s",
+             f"{p['wakeups_per_runner_per_s']} wake-ups/s per runner; parent {p['parent_wakeups_per_s']}/s; "
+             f"fork server {p.get('fork_server_cpu_pct', 'n/a')} %, {p.get('fork_server_wakeups_per_s', 'n/a')}/s",
              f"{p['runner_pss_kb']} KB PSS per runner, {p['parent_rss_per_runner_kb']} KB parent RSS per runner")
             for p in d.get("points", [])]
     fit = d.get("fit", {})
