@@ -1,4 +1,4 @@
-"""How much work each benchmark does: ``--quick`` (about two minutes) or the full run."""
+"""How much work each benchmark does: ``--quick`` (about five minutes with the peers) or the full run."""
 
 from __future__ import annotations
 
@@ -59,8 +59,8 @@ class Config:
             pool_sim_ops=5_000,
             fanout_items=20_000,
             fanout_rounds=1,
-            peer_timeout=60.0,
-            total_budget_s=140.0,
+            peer_timeout=90.0,
+            total_budget_s=330.0,
         )
 
     def as_dict(self) -> dict[str, object]:

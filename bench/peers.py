@@ -26,7 +26,8 @@ async def measure(cfg: Config, spin_iterations: int, deadline: float | None = No
             continue
         timeout = cfg.peer_timeout
         if deadline is not None:
-            timeout = max(10.0, min(timeout, (deadline - now()) / (len(PEERS) - i)))
+            # At least a minute: Ray alone takes ~6 s to start, and a peer cut short measures nothing.
+            timeout = max(60.0, min(timeout, (deadline - now()) / (len(PEERS) - i)))
         args = ["--spin", str(spin_iterations), *(["--quick"] if cfg.quick else [])]
         out[name] = await run_json(module, args, timeout)
     return out
