@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import hashlib
+import json
 import os
+import struct
 
 import pytest
 
 from flame_asgi import FlamePool, LocalBackend, ProcessBackend, ProtocolError
-from flame_asgi._wire.codec import FrameKey, FrameOpener, FrameSealer, digest_of
+from flame_asgi._wire.codec import TREE_CHUNK, TREE_MIN, FrameKey, FrameOpener, FrameSealer, digest_of
 from flame_asgi._wire.shm import SHM_MIN, SharedMemory
 from tests import remote
 from tests.conftest import until
@@ -99,6 +102,19 @@ def test_large_payloads_use_a_tree_digest_that_both_ends_agree_on() -> None:
     data = os.urandom(40 * 1024 * 1024)
     assert digest_of(data) == digest_of(memoryview(data)) and digest_of(data).startswith("t")
     assert digest_of(data[:-1] + b"!") != digest_of(data)
+    # The definition, computed here independently: SHA-256 of the pieces' SHA-256s.
+    pieces = b"".join(hashlib.sha256(data[i:i + TREE_CHUNK]).digest() for i in range(0, len(data), TREE_CHUNK))
+    assert digest_of(data) == "t" + hashlib.sha256(pieces).hexdigest()
+
+
+def test_a_shared_memory_frame_carries_the_digest_of_the_payload_it_copied_while_hashing() -> None:
+    sealer, opener, sender, _ = pair()
+    data = os.urandom(TREE_MIN + 12345)
+    frame = sealer.seal("call", 1, data)
+    header = json.loads(frame[4:4 + struct.unpack(">I", frame[:4])[0]])
+    assert "sh" in header and header["d"] == digest_of(data)
+    assert bytes(opener.open(frame).payload) == data
+    sender.close()
 
 
 async def test_process_runners_use_shared_memory_and_free_it(tmp_path: object) -> None:

