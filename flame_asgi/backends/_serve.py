@@ -1,4 +1,7 @@
-"""``python -m flame_asgi.backends._serve APP FD [options]``: uvicorn on an inherited socket.
+"""``python -m flame_asgi.backends._serve APP (FD | --host H --port P) [options]``: a runner's uvicorn.
+
+ProcessBackend hands it a socket it bound (``FD``); container and machine runners
+(Docker, Kubernetes, Fly) give ``--host``/``--port`` and it binds there itself.
 
 Why not ``python -m uvicorn APP --fd FD``: uvicorn wraps an inherited descriptor as an
 AF_UNIX socket, so asyncio never sets TCP_NODELAY on its TCP connections and small
@@ -68,7 +71,9 @@ def serve(app: str, fd: int, *, log_level: str, ws_max_size: int, graceful: int)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flame_asgi.backends._serve")
     parser.add_argument("app")
-    parser.add_argument("fd", type=int)
+    parser.add_argument("fd", type=int, nargs="?", help="an inherited listening socket")
+    parser.add_argument("--host", default="0.0.0.0", help="without FD: the address to listen on")
+    parser.add_argument("--port", type=int, default=None, help="without FD: the port to listen on")
     parser.add_argument("--log-level", default="warning")
     parser.add_argument("--ws-max-size", type=int, default=16 * 1024 * 1024)
     parser.add_argument("--graceful", type=int, default=5)
@@ -78,7 +83,25 @@ def main(argv: list[str] | None = None) -> int:
         # Set after exec, so never in /proc/<pid>/environ; the runner pops it as it reads it.
         with os.fdopen(args.keys_fd, "rb") as keys:
             os.environ[RUNNER_KEYS.name] = keys.read().decode()
-    return serve(args.app, args.fd, log_level=args.log_level, ws_max_size=args.ws_max_size, graceful=args.graceful)
+    if (args.fd is None) == (args.port is None):
+        parser.error("give either FD or --port")
+    fd = args.fd if args.fd is not None else listen(args.host, args.port).detach()
+    return serve(args.app, fd, log_level=args.log_level, ws_max_size=args.ws_max_size, graceful=args.graceful)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port``, bound as uvicorn binds ``--host``/``--port``
+    (``::`` takes IPv4 too: Linux's IPV6_V6ONLY is off by default)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 if __name__ == "__main__":

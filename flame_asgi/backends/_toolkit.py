@@ -43,11 +43,15 @@ def graceful_seconds(stop_timeout: float) -> int:
 
 def uvicorn_command(python: str, app: str, *, host: str, port: int, log_level: str, max_payload: int,
                     stop_timeout: float) -> list[str]:
-    """The command line of a runner that serves ``app`` under plain uvicorn on ``host:port``."""
-    return [python, "-m", "uvicorn", app, "--host", host, "--port", str(port),
-            "--lifespan", "on", "--log-level", log_level, "--no-access-log",
-            "--ws-max-size", str(max_payload + WS_HEADROOM), "--ws-per-message-deflate", "false",
-            "--timeout-graceful-shutdown", str(graceful_seconds(stop_timeout))]
+    """The command line of a runner that serves ``app`` under uvicorn on ``host:port``.
+
+    ``flame_asgi.backends._serve``, not ``python -m uvicorn``: the same uvicorn, whose main
+    loop sleeps until a signal instead of waking ten times a second for the runner's life
+    (lifespan on, no access log, no per-message deflate, as a runner wants).
+    """
+    return [python, "-m", "flame_asgi.backends._serve", app, "--host", host, "--port", str(port),
+            "--log-level", log_level, "--ws-max-size", str(max_payload + WS_HEADROOM),
+            "--graceful", str(graceful_seconds(stop_timeout))]
 
 
 def same_python(image: str | None, own_image: str | None) -> str:

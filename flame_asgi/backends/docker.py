@@ -78,7 +78,8 @@ class DockerBackend(Backend):
     - ``image``: image to run; ``None`` means the image of the container this process runs in.
     - ``app``: import string of the app (found from the pool's app when omitted).
     - ``command``: the container's command; by default
-      ``python -m uvicorn <app> --host 0.0.0.0 --port <port>`` (``python`` = ``python=``).
+      ``python -m flame_asgi.backends._serve <app> --host 0.0.0.0 --port <port>`` (uvicorn,
+      quiet while idle; ``python`` = ``python=``).
     - ``cpus`` (e.g. ``1.5``), ``memory`` (bytes or ``"512m"``; no swap beyond it).
     - ``env``: extra variables (the parent's environment is *not* copied).
     - ``network``: Docker network (``"host"`` shares the host's; the port is then picked free).

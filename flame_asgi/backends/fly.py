@@ -58,8 +58,8 @@ class FlyBackend(Backend):
       they get ``FLAME_PARENT``, ``FLAME_RUNNER_KEYS``, ``FLAME_CODE_VERSION`` / ``FLAME_MAX_PAYLOAD``
       when the parent has them, ``env``, and what Fly sets itself (app secrets, ``FLY_*``).
     - ``port``: where the runner listens on its private address (8080).
-    - ``cmd``: the runner's command line (``init.cmd``); default ``python -m uvicorn <app>
-      --host :: --port <port> ...``. ``[]`` keeps the image's own CMD, which must then serve
+    - ``cmd``: the runner's command line (``init.cmd``); default ``python -m
+      flame_asgi.backends._serve <app> --host :: --port <port> ...`` (uvicorn). ``[]`` keeps the image's own CMD, which must then serve
       the app on ``[::]:port``.
     - ``runner_host``: how the parent reaches a machine (``FLAME_FLY_RUNNER_HOST``): a
       template over the machine's ``{id}``, ``{name}``, ``{private_ip}``, ``{region}``,

@@ -66,7 +66,8 @@ class KubernetesBackend(Backend):
     - ``image``: run runners from another image (default: the parent container's).
     - ``app``: import string of the app (found from the pool's app when omitted).
     - ``python``, ``command``: the interpreter of the default command
-      ``python -m uvicorn <app> --host 0.0.0.0 --port <port>``, or a whole other command.
+      ``python -m flame_asgi.backends._serve <app> --host 0.0.0.0 --port <port>`` (uvicorn),
+      or a whole other command.
     - ``cpu``, ``memory``: requests and limits of the runner container ("500m", "1Gi").
     - ``env``: extra variables (added to those the parent container's spec defines).
     - ``template``: a Pod manifest (dict, lightkube ``Pod`` or YAML/JSON file path) merged

@@ -214,7 +214,7 @@ async def test_runners_share_the_parents_limits_and_get_their_whole_grace_period
         config = (await docker.containers.container(cid).show())["Config"]
         assert f"FLAME_MAX_PAYLOAD={8 << 20}" in config["Env"]
         cmd = config["Cmd"]
-        assert cmd[cmd.index("--timeout-graceful-shutdown") + 1] == "2"
+        assert cmd[cmd.index("--graceful") + 1] == "2"
 
 
 async def test_grows_to_max_and_idle_runners_are_removed(docker: Docker, backend: Factory) -> None:

@@ -125,7 +125,7 @@ async def test_call_and_stream_run_on_a_machine(fake: FakeFly) -> None:
     assert config["auto_destroy"] is True
     assert config["restart"] == {"policy": "no"}
     assert config["guest"] == {"cpu_kind": "performance", "cpus": 2, "memory_mb": 4096}
-    assert config["init"]["cmd"][:4] == ["python", "-m", "uvicorn", "flame_asgi._bare:app"]
+    assert config["init"]["cmd"][:4] == ["python", "-m", "flame_asgi.backends._serve", "flame_asgi._bare:app"]
     assert config["init"]["cmd"][4:6] == ["--host", "::"]
     assert_no_machine_left(fake)
 

@@ -228,7 +228,7 @@ async def test_call_and_stream_through_a_runner_pod_in_a_real_container(
         assert runner.url == f"http://127.0.0.1:{port['hostPort']}" and port["hostPort"] in range(20000, 30000)
         assert container["image"] == IMAGE and container["resources"] == {
             "requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}}
-        assert container["command"][1:4] == ["-m", "uvicorn", "flame_asgi._bare:app"]
+        assert container["command"][1:4] == ["-m", "flame_asgi.backends._serve", "flame_asgi._bare:app"]
         assert container["command"][4:6] == ["--host", "$(FLAME_POD_IP)"]  # the node's address, not 0.0.0.0
         assert "data" not in {v["name"] for v in spec["volumes"]}  # storage stays with the parent
         env = {e["name"]: e for e in container["env"]}
