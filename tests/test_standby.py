@@ -74,3 +74,38 @@ async def test_a_backend_that_refuses_to_prepare_costs_a_warning_not_a_call(capl
             await asyncio.sleep(0.3)
             assert len(refused()) == 4  # and not again until the next boot: never in a loop
     assert all("no room for another container" in m for m in refused())
+
+
+class SlowPreparing(ProcessBackend):
+    """A ProcessBackend whose prepare finishes only when the test says so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.standby = 1
+        self.asked = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def prepare(self, spec: RunnerSpec) -> None:
+        self.asked.set()
+        await self.go.wait()
+
+
+async def test_a_prepare_that_ends_after_a_clear_keeps_nothing() -> None:
+    from flame_asgi._base.parent import ParentInfo
+    from flame_asgi._pool.standby import Standby
+
+    backend = SlowPreparing()
+    standby = Standby("cleared", backend)
+    tasks: list[asyncio.Task[None]] = []
+
+    async def spec() -> RunnerSpec:
+        info = ParentInfo(pool="cleared", runner_id="cleared-1", parent_address="test", backend="process",
+                          code_version="v", app="")
+        return RunnerSpec(pool="cleared", runner_id="cleared-1", info=info, app=None, boot_timeout=None, secret="s")
+
+    standby.top_up(spec, lambda coro: tasks.append(asyncio.ensure_future(coro)))  # type: ignore[arg-type]
+    await asyncio.wait_for(backend.asked.wait(), 10.0)
+    standby.clear()  # the pool closed while the backend was still preparing
+    backend.go.set()
+    await asyncio.gather(*tasks)
+    assert len(standby) == 0 and standby.take() is None  # its backend removed that runner: nobody boots it

@@ -29,6 +29,7 @@ class Standby:
         self.backend = backend
         self._ready: collections.deque[RunnerSpec] = collections.deque()
         self._preparing = 0
+        self._generation = 0  # bumped by clear(): a prepare begun before it keeps nothing
 
     def __len__(self) -> int:
         return len(self._ready)
@@ -49,10 +50,13 @@ class Standby:
             spawn(self._prepare(make_spec))
 
     def clear(self) -> None:
-        """Forget the prepared specs (the pool closes: the backend's ``aclose`` removes them)."""
+        """Forget the prepared specs (the pool closes: the backend's ``aclose`` removes them),
+        and those still being prepared when they are done."""
         self._ready.clear()
+        self._generation += 1
 
     async def _prepare(self, make_spec: Callable[[], Awaitable[RunnerSpec]]) -> None:
+        generation = self._generation
         try:
             spec = await make_spec()
             await self.backend.prepare(spec)
@@ -60,6 +64,7 @@ class Standby:
             # Not fatal: the next boot creates its runner whole, as without standby.
             log.warning("pool %r: could not prepare a standby runner: %s", self.pool, exc)
         else:
-            self._ready.append(spec)
+            if generation == self._generation:  # else cleared meanwhile: its runner is gone with the backend
+                self._ready.append(spec)
         finally:
             self._preparing -= 1
