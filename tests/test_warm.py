@@ -11,14 +11,7 @@ import pytest
 
 from flame_asgi import FlamePool, LocalBackend, ProcessBackend, subscribe
 from tests import remote
-
-
-async def _until(predicate: Any, what: str, budget: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + budget
-    while not predicate():
-        assert loop.time() < deadline, f"never happened: {what}"
-        await asyncio.sleep(0.02)
+from tests.conftest import until
 
 
 async def test_a_burst_runs_on_spares_booted_before_it() -> None:
@@ -29,7 +22,7 @@ async def test_a_burst_runs_on_spares_booted_before_it() -> None:
                              idle_shutdown_after=None) as pool:
             assert pool.warm == 3 and pool.stats().runners == []  # a pool that had no call boots none
             await pool.call(remote.pid)
-            await _until(lambda: not pool.stats().booting, "three warm spares beside the first runner")
+            await until(lambda: not pool.stats().booting, 30.0, "three warm spares beside the first runner")
             assert pool.stats().warm == 3
             assert len(pool.stats().runners) == 4
             booted = {r.id for r in pool.stats().runners}
@@ -40,7 +33,7 @@ async def test_a_burst_runs_on_spares_booted_before_it() -> None:
             ran_on = set(await asyncio.gather(*burst))
             assert ran_on <= booted, "a call of the burst waited for a runner booted after it"
             # The spares it took are topped up, never past max=6.
-            await _until(lambda: pool.stats().warm >= 2 and not pool.stats().booting, "spares topped up")
+            await until(lambda: pool.stats().warm >= 2 and not pool.stats().booting, 30.0, "spares topped up")
             assert len(pool.stats().runners) == 6
             whys = [f["why"] for name, f in events if name == "runner.boot.start"]
             assert whys.count("demand") == 1 and whys.count("warm") == 5
@@ -54,7 +47,7 @@ async def test_a_quiet_pool_lets_its_spares_idle_away() -> None:
     try:
         async with FlamePool("quiet", backend=LocalBackend(), max=4, warm=2, idle_shutdown_after=0.3) as pool:
             await pool.call(remote.square, 2)
-            await _until(lambda: pool.stats().runners == [], "every runner idled away once the pool was quiet")
+            await until(lambda: pool.stats().runners == [], 30.0, "every runner idled away once the pool was quiet")
             assert pool.stats().warm == 0 and not pool.stats().booting
     finally:
         unsubscribe()
@@ -67,7 +60,7 @@ async def test_single_use_takes_a_fresh_warm_runner_per_call() -> None:
     async with FlamePool("fresh", backend=ProcessBackend(), max=3, warm=1, single_use=True,
                          idle_shutdown_after=None) as pool:
         first = await pool.call(remote.pid)
-        await _until(lambda: not pool.stats().booting, "a fresh spare for the next call")
+        await until(lambda: not pool.stats().booting, 30.0, "a fresh spare for the next call")
         assert pool.stats().warm == 1
         spare = next(r.id for r in pool.stats().runners if r.warm)
         second = await pool.call(remote.runner_id_after, 0.0)

@@ -59,8 +59,8 @@ class FlyBackend(Backend):
       when the parent has them, ``env``, and what Fly sets itself (app secrets, ``FLY_*``).
     - ``port``: where the runner listens on its private address (8080).
     - ``cmd``: the runner's command line (``init.cmd``); default ``python -m
-      flame_asgi.backends._serve <app> --host :: --port <port> ...`` (uvicorn). ``[]`` keeps the image's own CMD, which must then serve
-      the app on ``[::]:port``.
+      flame_asgi.backends._serve <app> --host :: --port <port> ...`` (uvicorn). ``[]`` keeps
+      the image's own CMD, which must then serve the app on ``[::]:port``.
     - ``runner_host``: how the parent reaches a machine (``FLAME_FLY_RUNNER_HOST``): a
       template over the machine's ``{id}``, ``{name}``, ``{private_ip}``, ``{region}``,
       ``{instance_id}``, ``{app}`` such as ``"{id}.vm.{app}.internal"``, or a callable taking
@@ -186,6 +186,11 @@ class FlyBackend(Backend):
         except BaseException:
             await asyncio.shield(self.api.destroy(machine.get("id", "")))
             raise
+
+    def keep_stopped(self, machine_id: str) -> bool:
+        """Keep an ended runner's stopped machine for a later runner (``standby``)? False:
+        destroy it."""
+        return bool(self.standby) and self._machines.keep(machine_id)
 
     async def aclose(self) -> None:
         await self._machines.aclose()
@@ -359,7 +364,7 @@ class FlyRunnerHandle(RunnerHandle):
         except BootError as exc:  # already stopped, or destroyed by auto_destroy: nothing to wait for
             log.debug("stopping Fly machine %s: %s", self.machine_id, exc)
         else:
-            if self.backend.standby and self.backend._machines.keep(self.machine_id):
+            if self.backend.keep_stopped(self.machine_id):
                 return  # stopped, kept for a later runner
         await self.backend.api.destroy(self.machine_id)
 
