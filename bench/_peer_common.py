@@ -124,7 +124,7 @@ def _payload(peer: Peer, cfg: Config) -> dict[str, Any]:
 def _fanout(peer: Peer, cfg: Config) -> dict[str, Any]:
     peer.fanout(1000)  # warm up
     rates = []
-    for _ in range(cfg.fanout_rounds):
+    for _ in range(getattr(peer, "fanout_rounds", cfg.fanout_rounds)):
         t = now()
         results = peer.fanout(cfg.fanout_items)
         rates.append(cfg.fanout_items / (now() - t))
