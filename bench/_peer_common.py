@@ -60,7 +60,7 @@ def measure(peer: Peer, cfg: Config, spin: int) -> dict[str, Any]:
 
 def _latency(peer: Peer, cfg: Config) -> dict[str, Any]:
     rounds = []
-    for i in range(cfg.fanout_rounds):
+    for i in range(cfg.rounds):
         for _ in range(cfg.latency_warmup if i == 0 else cfg.latency_warmup // 4):
             peer.one()
         samples: list[float] = []
@@ -78,7 +78,7 @@ def _latency(peer: Peer, cfg: Config) -> dict[str, Any]:
 def _throughput(peer: Peer, cfg: Config) -> dict[str, Any]:
     peer.batch(cfg.throughput_batch)  # warm up
     rates = []
-    for _ in range(cfg.fanout_rounds):
+    for _ in range(cfg.rounds):
         t = now()
         done = 0
         while done < cfg.throughput_calls and now() < t + cfg.throughput_budget_s:
