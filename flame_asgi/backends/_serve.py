@@ -85,19 +85,23 @@ def main(argv: list[str] | None = None) -> int:
             os.environ[RUNNER_KEYS.name] = keys.read().decode()
     if (args.fd is None) == (args.port is None):
         parser.error("give either FD or --port")
-    fd = args.fd if args.fd is not None else listen(args.host, args.port).detach()
+    fd = args.fd if args.fd is not None else bound(args.host, args.port).detach()
     return serve(args.app, fd, log_level=args.log_level, ws_max_size=args.ws_max_size, graceful=args.graceful)
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host:port``, bound as uvicorn binds ``--host``/``--port``
-    (``::`` takes IPv4 too: Linux's IPV6_V6ONLY is off by default)."""
+def bound(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` as uvicorn's ``--host``/``--port`` binds it, and
+    not listening yet: uvicorn listens on it once the app's lifespan has started, so, as
+    before, a connection is refused until the runner is ready, never left queued."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # As asyncio's create_server(host=...) does: "::" is IPv6 only (Fly's private
+            # network), whatever the host's net.ipv6.bindv6only says.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((host, port))
-        sock.listen(2048)
     except OSError:
         sock.close()
         raise
