@@ -53,15 +53,15 @@ async def _point(count: int, window: float) -> dict[str, Any]:
         rss_with_kb = rss_kb()
         parent_cpu, parent_ctx = time.process_time(), _ctx_switches(os.getpid())
         runner_cpu, runner_ctx = _cpu_seconds(pids), sum(_ctx_switches(p) for p in pids)
-        template = [pool.backend._forkserver._proc.pid]  # type: ignore[attr-defined, union-attr]  # bench-only peek
-        template_cpu, template_ctx = _cpu_seconds(template), _ctx_switches(template[0])
+        template = _fork_server_pids(pool)
+        template_cpu, template_ctx = _cpu_seconds(template), sum(_ctx_switches(p) for p in template)
         t0 = time.perf_counter()
         await asyncio.sleep(window)
         elapsed = time.perf_counter() - t0
         parent_share = (time.process_time() - parent_cpu) / elapsed
         runners_share = (_cpu_seconds(pids) - runner_cpu) / elapsed
         template_share = (_cpu_seconds(template) - template_cpu) / elapsed
-        template_wakeups = (_ctx_switches(template[0]) - template_ctx) / elapsed
+        template_wakeups = (sum(_ctx_switches(p) for p in template) - template_ctx) / elapsed
         parent_wakeups = (_ctx_switches(os.getpid()) - parent_ctx) / elapsed
         runner_wakeups = (sum(_ctx_switches(p) for p in pids) - runner_ctx) / elapsed
         pss = [_pss_kb(p) for p in pids]
@@ -99,6 +99,14 @@ def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     sxx = sum((x - mx) ** 2 for x in xs)
     b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx else 0.0
     return my - b * mx, b
+
+
+def _fork_server_pids(pool: FlamePool) -> list[int]:
+    """The fork server's pid (bench-only peek), or none when the backend booted fresh
+    interpreters instead: its figures are then 0."""
+    server = getattr(pool.backend, "_forkserver", None)
+    proc = getattr(server, "_proc", None)
+    return [proc.pid] if proc is not None else []
 
 
 def _cpu_seconds(pids: list[int]) -> float:

@@ -61,7 +61,8 @@ def build(raw: P) -> P:
 def _fanout(raw: P) -> P:
     ours = raw.get("fanout", NO_PEER)
     ray, dask = _peer(raw["peers"], "ray", "fanout"), _peer(raw["peers"], "dask", "fanout")
-    return {"unit": "items per second; MB of parent RSS growth", "ours": ours, "peers": {"ray": ray, "dask": dask},
+    return {"unit": "items per second; MB of the parent's peak Python allocations (tracemalloc)", "ours": ours,
+            "peers": {"ray": ray, "dask": dask},
             "ratios": {"ours_over_ray": ratio(get(ours, "items_per_s"), ray.get("items_per_s")),
                        "ours_over_dask": ratio(get(ours, "items_per_s"), dask.get("items_per_s"))}}
 

@@ -52,7 +52,8 @@ RESULTS = pathlib.Path(__file__).parent / "results"
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer iterations: about five minutes (with Ray and Dask installed)")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer iterations: about five minutes (with Ray and Dask installed)")
     parser.add_argument("--out", type=pathlib.Path, help="output directory (default bench/results/<timestamp>)")
     args = parser.parse_args(argv)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
