@@ -311,6 +311,10 @@ def echo(data: bytes) -> bytes:
     return data
 
 
+def echo_each(items: list[Any]) -> Iterator[Any]:
+    yield from items
+
+
 def raise_after_receiving(data: bytes) -> None:
     raise ValueError(f"remote boom after {len(data)} bytes")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import pathlib
 import pickle
 import time
@@ -19,8 +20,9 @@ from websockets.asyncio.client import connect
 
 from flame_asgi import FlamePool, ParentInfo, PayloadTooLarge, ProcessBackend, ProtocolError
 from flame_asgi._base.parent import code_version
-from flame_asgi._wire.codec import TO_PARENT, TO_RUNNER, FrameOpener, FrameSealer, make_signer
+from flame_asgi._wire.codec import MAC_MIN, TO_PARENT, TO_RUNNER, FrameOpener, FrameSealer, make_signer
 from flame_asgi._wire.keys import AUTH_HEADER, RunnerKeys
+from flame_asgi._wire.payload import Payload, Pickled
 from flame_asgi.backends import RunnerSpec
 from flame_asgi.backends.process import ProcessRunnerHandle
 from tests import remote
@@ -61,6 +63,16 @@ def test_codec_refuses_bad_frames_before_unpickling(tmp_path: pathlib.Path, monk
     skipper.seal("hello", runner="r1")
     skipper.seal("call", 1, evil)  # sequence 2, never delivered
     skipped = skipper.seal("call", 2, evil)  # sequence 3 right after 1: a frame went missing
+
+    def flipped(payload: Payload, at: int) -> list[bytes]:
+        """hello, then a call carrying ``payload`` with its byte ``at`` (from the end) flipped."""
+        sealer = FrameSealer(signer, "session", 1 << 20)
+        first, frame = sealer.seal("hello", runner="r1"), bytearray(sealer.seal("call", 1, payload))
+        frame[-at] ^= 1
+        return [first, bytes(frame)]
+
+    big = os.urandom(MAC_MIN * 4)  # checked with Poly1305, not SHA-256
+    out_of_band = Pickled(evil, [big])  # the pickle, then its buffer, as dumps() makes them
     cases = {
         "unsigned": [evil],
         "garbage header": [b"\x00\x00\x00\x05hello" + evil],
@@ -72,12 +84,15 @@ def test_codec_refuses_bad_frames_before_unpickling(tmp_path: pathlib.Path, monk
         "from the future": [FrameSealer(signer, "s", 1 << 20, clock=in_an_hour).seal("hello")],
         "signature cut off": [hello[:-40]],
         "tampered payload": [hello, call[:-1] + bytes([call[-1] ^ 1])],
+        "tampered large payload": flipped(evil + big, 1),
+        "tampered out-of-band buffer": flipped(out_of_band, 1),
+        "tampered pickle of an out-of-band payload": flipped(out_of_band, len(big) + 1),
         "replayed": [hello, call, call],
         "skipped sequence": [hello, skipped],
         "call before hello": [call],
     }
     loaded: list[Any] = []
-    monkeypatch.setattr("flame_asgi._wire.pickling.pickle.loads", lambda data: loaded.append(data))
+    monkeypatch.setattr("flame_asgi._wire.pickling.pickle.loads", lambda data, **_: loaded.append(data))
     for name, frames in cases.items():
         o = opener()
         with pytest.raises(ProtocolError):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import hashlib
 import json
 import os
 import struct
@@ -13,7 +12,8 @@ import struct
 import pytest
 
 from flame_asgi import FlamePool, LocalBackend, ProcessBackend, ProtocolError
-from flame_asgi._wire.codec import TREE_CHUNK, TREE_MIN, FrameKey, FrameOpener, FrameSealer, digest_of
+from flame_asgi._wire.codec import MAC_MIN, OVERLAP_MIN, FrameKey, FrameOpener, FrameSealer
+from flame_asgi._wire.pickling import dumps, loads
 from flame_asgi._wire.shm import SHM_MIN, SharedMemory
 from tests import remote
 from tests.conftest import until
@@ -69,24 +69,29 @@ def test_a_reference_to_memory_that_is_not_sealed_is_refused() -> None:
     sender.close()
 
 
-def test_memory_changed_before_its_seal_fails_the_digest(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A same-user process could write into the memfd between its creation and its seal.
+@pytest.mark.parametrize("size", [SHM_MIN, OVERLAP_MIN + 12345])
+@pytest.mark.parametrize("out_of_band", [False, True], ids=["in-band", "out-of-band"])
+def test_memory_changed_before_its_seal_fails_the_check(monkeypatch: pytest.MonkeyPatch, size: int,
+                                                        out_of_band: bool) -> None:
+    # A same-user process could write into the memfd between its creation and its seal; the
+    # receiver must refuse it whether it maps the payload or reads it part by part, and
+    # whether it checks it on its own thread or beside the copy (from OVERLAP_MIN).
     import flame_asgi._wire.shm as shm
 
-    real = shm._sealed
-
-    def tampered(payload: bytes | memoryview) -> int:
+    def tampered(*parts: bytes | memoryview) -> int:
+        data = b"".join(bytes(part) for part in parts)
         fd = os.memfd_create("flame-payload", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        os.write(fd, b"evil" + bytes(payload)[4:])
+        os.write(fd, data[:-4] + b"evil")
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, shm._SEALS)
         return fd
 
     monkeypatch.setattr(shm, "_sealed", tampered)
     sealer, opener, sender, _ = pair()
-    frame = sealer.seal("call", 1, os.urandom(SHM_MIN))
-    with pytest.raises(ProtocolError, match="does not match its signed digest"):
+    payload = dumps(os.urandom(size), "a result") if out_of_band else os.urandom(size)
+    assert type(payload).__name__ == ("Pickled" if out_of_band else "bytes")
+    frame = sealer.seal("call", 1, payload)
+    with pytest.raises(ProtocolError, match="does not match its signed check"):
         opener.open(frame)
-    monkeypatch.setattr(shm, "_sealed", real)
     sender.close()
 
 
@@ -98,22 +103,31 @@ def test_a_reference_without_a_shared_memory_end_is_refused() -> None:
     sender.close()
 
 
-def test_large_payloads_use_a_tree_digest_that_both_ends_agree_on() -> None:
-    data = os.urandom(40 * 1024 * 1024)
-    assert digest_of(data) == digest_of(memoryview(data)) and digest_of(data).startswith("t")
-    assert digest_of(data[:-1] + b"!") != digest_of(data)
-    # The definition, computed here independently: SHA-256 of the pieces' SHA-256s.
-    pieces = b"".join(hashlib.sha256(data[i:i + TREE_CHUNK]).digest() for i in range(0, len(data), TREE_CHUNK))
-    assert digest_of(data) == "t" + hashlib.sha256(pieces).hexdigest()
-
-
-def test_a_shared_memory_frame_carries_the_digest_of_the_payload_it_copied_while_hashing() -> None:
+@pytest.mark.parametrize("size", [SHM_MIN, OVERLAP_MIN + 12345])
+def test_an_out_of_band_payload_is_read_from_shared_memory_as_the_bytes_it_unpickles_to(size: int) -> None:
     sealer, opener, sender, _ = pair()
-    data = os.urandom(TREE_MIN + 12345)
-    frame = sealer.seal("call", 1, data)
+    data = os.urandom(size)
+    frame = sealer.seal("result", 1, dumps({"a": data, "b": data, "c": b"small"}, "a result"))
     header = json.loads(frame[4:4 + struct.unpack(">I", frame[:4])[0]])
-    assert "sh" in header and header["d"] == digest_of(data)
-    assert bytes(opener.open(frame).payload) == data
+    assert "sh" in header and "m" in header and "d" not in header  # Poly1305 from MAC_MIN
+    assert header["b"][1] == size  # the pickle, then the one buffer: shared bytes go once
+    result = loads(opener.open(frame).payload)
+    assert result["a"] == data and result["a"] is result["b"] and result["c"] == b"small"
+    sender.close()
+
+
+def test_small_payloads_carry_a_sha256_and_large_ones_a_tag_that_no_two_frames_share() -> None:
+    sealer, opener, sender, _ = pair()
+    small, large = b"x" * (MAC_MIN - 1), b"y" * MAC_MIN
+
+    def header(frame: bytes) -> dict[str, object]:
+        opener.open(frame)
+        parsed: dict[str, object] = json.loads(frame[4:4 + struct.unpack(">I", frame[:4])[0]])
+        return parsed
+
+    first, second = header(sealer.seal("call", 1, large)), header(sealer.seal("call", 2, large))
+    assert first["m"] != second["m"]  # the same bytes, another one-time key
+    assert "m" not in header(sealer.seal("call", 3, small)) and "d" in header(sealer.seal("call", 4, small))
     sender.close()
 
 

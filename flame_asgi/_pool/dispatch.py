@@ -23,6 +23,7 @@ from flame_asgi._pool.runners import Runners
 from flame_asgi._pool.slots import Slots
 from flame_asgi._pool.stream import RemoteStream
 from flame_asgi._wire.connection import RemoteCall
+from flame_asgi._wire.payload import Payload
 from flame_asgi._wire.pickling import dumps, loads
 from flame_asgi._wire.protocol import CALL_WINDOW, WorkKind
 from flame_asgi._wire.tracking import track
@@ -47,7 +48,7 @@ class Dispatch:
     # -- calls --------------------------------------------------------------------------
     async def call(self, obs: telemetry.CallObserver, fn: Callable[..., Any], args: tuple[Any, ...],
                    kwargs: dict[str, Any], opts: CallOptions, placement: Placement,
-                   pickled: tuple[bytes, list[str]] | None = None) -> Any:
+                   pickled: tuple[Payload, list[str]] | None = None) -> Any:
         attempt = 0
         while True:
             try:
@@ -66,7 +67,7 @@ class Dispatch:
 
     async def _attempt(self, obs: telemetry.CallObserver, fn: Callable[..., Any], args: tuple[Any, ...],
                        kwargs: dict[str, Any], opts: CallOptions, placement: Placement,
-                       pickled: tuple[bytes, list[str]] | None) -> Any:
+                       pickled: tuple[Payload, list[str]] | None) -> Any:
         # Pickled per attempt: a retry's Uploads are registered anew (the lost attempt's
         # tokens were forgotten when it ended).
         if pickled is None:
@@ -133,7 +134,7 @@ class Dispatch:
         task.add_done_callback(self._casts.pop)
 
     async def _cast(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], opts: CallOptions,
-                    placement: Placement, pickled: tuple[bytes, list[str]]) -> None:
+                    placement: Placement, pickled: tuple[Payload, list[str]]) -> None:
         obs = self.observe("cast", fn)
         try:
             await self.call(obs, fn, args, kwargs, opts, placement, pickled)
@@ -189,7 +190,7 @@ class Dispatch:
         return ChildHandle(rid, remote, link, on_progress, obs)
 
     # -- the start of any work ----------------------------------------------------------
-    async def start(self, rid: str, kind: WorkKind, payload: bytes, *, link: bool, progress: bool,
+    async def start(self, rid: str, kind: WorkKind, payload: Payload, *, link: bool, progress: bool,
                     obs: telemetry.CallObserver, tokens: list[str], placement: Placement,
                     track: bool = False) -> RemoteCall:
         """Send the work to slot ``rid`` of ``placement``; the RemoteCall then owns the slot

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from flame_asgi._observe.telemetry import CallObserver
 from flame_asgi._wire.connection import RemoteCall
+from flame_asgi._wire.payload import Payload
 from flame_asgi._wire.protocol import WorkKind
 
 
@@ -28,6 +29,6 @@ class Starter(Protocol):
 
     def observe(self, kind: WorkKind, fn: Any) -> CallObserver: ...
 
-    async def start(self, rid: str, kind: WorkKind, payload: bytes, *, link: bool, progress: bool,
+    async def start(self, rid: str, kind: WorkKind, payload: Payload, *, link: bool, progress: bool,
                     obs: CallObserver, tokens: list[str], placement: Placement,
                     track: bool = False) -> RemoteCall: ...

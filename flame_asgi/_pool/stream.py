@@ -17,6 +17,7 @@ from flame_asgi._base.exceptions import CallTimeout
 from flame_asgi._observe import telemetry
 from flame_asgi._pool.placement import Placement, Starter
 from flame_asgi._wire.connection import RemoteCall
+from flame_asgi._wire.payload import Payload
 from flame_asgi._wire.pickling import loads
 from flame_asgi._wire.transfer import forget
 
@@ -24,7 +25,7 @@ from flame_asgi._wire.transfer import forget
 class RemoteStream:
     """Iterate with ``async for``; ``timeout`` bounds the wait for each next item."""
 
-    def __init__(self, dispatch: Starter, placement: Placement, fn: Any, payload: bytes, tokens: list[str], *,
+    def __init__(self, dispatch: Starter, placement: Placement, fn: Any, payload: Payload, tokens: list[str], *,
                  wait: float | None, per_item: float | None, link: bool,
                  on_progress: Callable[[Any], Any] | None) -> None:
         self._dispatch = dispatch
@@ -32,7 +33,7 @@ class RemoteStream:
         self._on_progress = on_progress
         self._tokens = tokens
         self._fn = fn
-        self._payload: bytes | None = payload
+        self._payload: Payload | None = payload
         self._wait = wait  # for a slot
         self._per_item = per_item
         self._link = link

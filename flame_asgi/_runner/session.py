@@ -28,6 +28,7 @@ from flame_asgi._runner.work import Work
 from flame_asgi._wire.channel import Channel, ChannelClosed
 from flame_asgi._wire.codec import Frame, FrameKey, FrameOpener, FrameSealer
 from flame_asgi._wire.keys import RunnerKeys
+from flame_asgi._wire.payload import Payload, Pickled
 from flame_asgi._wire.pickling import dumps, loads, pack_exception
 from flame_asgi._wire.protocol import (
     FrameType,
@@ -75,7 +76,7 @@ class RunnerSession:
     def active(self) -> int:
         return len(self._work)
 
-    async def send(self, type_: FrameType, id_: int = 0, payload: bytes = b"", **meta: Any) -> None:
+    async def send(self, type_: FrameType, id_: int = 0, payload: Payload = b"", **meta: Any) -> None:
         assert self._writer is not None
         await self._writer.send(type_, id_, payload, **meta)
 
@@ -162,7 +163,7 @@ class RunnerSession:
         if not is_to_runner(type_):
             return  # a type this version does not send to runners
         if is_transfer(type_):
-            self.hub.handle(type_, frame.meta, frame.payload)
+            self.hub.handle(type_, frame.meta, frame.whole())
         elif type_ == "call":
             work = Work(self, frame.id, frame)
             self._work[frame.id] = work
@@ -178,7 +179,7 @@ class RunnerSession:
         elif type_ == "message":
             target = self._work.get(frame.id)
             if target is not None:
-                target.deliver_message(bytes(frame.payload))
+                target.deliver_message(frame.payload if isinstance(frame.payload, Pickled) else bytes(frame.payload))
         elif type_ == "release":
             self._spawn(self.resources.release(str(frame.meta.get("x", ""))))
         # "ping" needs nothing: every frame already refreshed _last_seen.
@@ -216,7 +217,7 @@ class RunnerSession:
         except ChannelClosed:
             pass
 
-    async def _run(self, work: Work, payload: memoryview) -> None:
+    async def _run(self, work: Work, payload: memoryview | Pickled) -> None:
         work.started = True
         current_reporter.set(work)
         span = remote_span(self.info, work.kind, work.trace)
@@ -246,7 +247,7 @@ class RunnerSession:
             self._work.pop(work.id, None)
             span.end()
 
-    async def _quiet(self, work: Work, type_: WorkReply, data: bytes = b"") -> None:
+    async def _quiet(self, work: Work, type_: WorkReply, data: Payload = b"") -> None:
         try:
             await self.send(type_, work.id, data)
         except PayloadTooLarge as exc:  # an exception too big to send: say so instead

@@ -17,6 +17,7 @@ from flame_asgi._base.exceptions import PayloadTooLarge
 from flame_asgi._base.parent import ParentInfo
 from flame_asgi._runner.progress import Sent
 from flame_asgi._wire.codec import Frame
+from flame_asgi._wire.payload import Payload, Pickled
 from flame_asgi._wire.pickling import dumps, loads
 from flame_asgi._wire.protocol import CREDITED, MESSAGE_WINDOW, FrameType, WorkKind, WorkReply, is_work_kind
 from flame_asgi._wire.transfer import TransferHub
@@ -30,7 +31,7 @@ class Session(Protocol):
     loop_thread: int
     hub: TransferHub
 
-    async def send(self, type_: FrameType, id_: int = 0, payload: bytes = b"", **meta: Any) -> None: ...
+    async def send(self, type_: FrameType, id_: int = 0, payload: Payload = b"", **meta: Any) -> None: ...
 
     def spawn_send(self, type_: FrameType, id_: int = 0, **meta: Any) -> None: ...
 
@@ -64,14 +65,14 @@ class Work:
         self.credit: int = frame.meta.get("w", 32)
         self.trace: dict[str, str] | None = frame.meta.get("tc")  # the caller's trace context
         self.track: bool = bool(frame.meta.get("tr", False))  # keep the result's resources (``_tracking``)
-        self._inbox: asyncio.Queue[bytes] | None = None  # a child's messages, made on first use
+        self._inbox: asyncio.Queue[bytes | Pickled] | None = None  # a child's messages, made on first use
         self.task: asyncio.Task[None] | None = None
         self.started = False
         self.cancelled = False
         self.thread_ident: int | None = None
         self._thread_lock = threading.Lock()
         self._credit_event = asyncio.Event()
-        self._outq: deque[tuple[WorkReply, bytes, asyncio.Future[None]]] = deque()
+        self._outq: deque[tuple[WorkReply, Payload, asyncio.Future[None]]] = deque()
         self._sender: asyncio.Task[None] | None = None
 
     # -- progress and items, in order, within the caller's credit ---------------------
@@ -89,7 +90,7 @@ class Work:
         asyncio.run_coroutine_threadsafe(self._enqueue_and_wait("event", data), loop).result()
         return Sent()
 
-    def deliver_message(self, data: bytes) -> None:
+    def deliver_message(self, data: bytes | Pickled) -> None:
         if self._inbox is None:
             self._inbox = asyncio.Queue()
         if self._inbox.qsize() < MESSAGE_WINDOW:  # the parent keeps within it; a peer that does not loses
@@ -122,10 +123,10 @@ class Work:
         self.session.spawn_send("credit", self.id, c=1)
         return loads(data, self.session.hub)
 
-    async def _enqueue_and_wait(self, type_: WorkReply, data: bytes) -> None:
+    async def _enqueue_and_wait(self, type_: WorkReply, data: Payload) -> None:
         await self.enqueue(type_, data)
 
-    def enqueue(self, type_: WorkReply, data: bytes) -> asyncio.Future[None]:
+    def enqueue(self, type_: WorkReply, data: Payload) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = self.session.loop.create_future()
         self._outq.append((type_, data, fut))
         if self._sender is None or self._sender.done():
@@ -149,7 +150,7 @@ class Work:
             if not fut.done():
                 fut.set_result(None)
 
-    async def emit(self, type_: WorkReply, data: bytes = b"") -> None:
+    async def emit(self, type_: WorkReply, data: Payload = b"") -> None:
         """Send a final frame after every event already queued."""
         if self._outq:
             await self.enqueue(type_, data)

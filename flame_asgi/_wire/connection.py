@@ -19,6 +19,7 @@ from flame_asgi._base.exceptions import BootError, FlameError, RunnerLost, Versi
 from flame_asgi._wire.channel import Channel, ChannelClosed, MemoryChannel
 from flame_asgi._wire.codec import TO_PARENT, TO_RUNNER, FrameOpener, FrameSealer, make_signer
 from flame_asgi._wire.exits import ExitReason, loss_label
+from flame_asgi._wire.payload import Payload
 from flame_asgi._wire.pickling import unpack_exception
 from flame_asgi._wire.protocol import (
     CREDITED,
@@ -114,7 +115,7 @@ class RemoteCall:
             return data
         return RunnerLost(f"runner {rid} cancelled the work (it is shutting down)", runner_id=rid)
 
-    async def send_message(self, data: bytes) -> None:
+    async def send_message(self, data: Payload) -> None:
         """Send a message to this work (a child), in order; wait while the runner holds
         ``MESSAGE_WINDOW`` untaken ones."""
         while self._message_credit <= 0 and not self.finished:
@@ -215,10 +216,10 @@ class RunnerConnection:
         self._last_seen = loop.time()
         self._tasks = [loop.create_task(self._reader()), loop.create_task(self._heartbeat())]
 
-    async def _send(self, type_: FrameType, id_: int = 0, payload: bytes = b"", **meta: Any) -> None:
+    async def _send(self, type_: FrameType, id_: int = 0, payload: Payload = b"", **meta: Any) -> None:
         await self._writer.send(type_, id_, payload, **meta)
 
-    async def start(self, kind: WorkKind, payload: bytes, *, link: bool, progress: bool, window: int,
+    async def start(self, kind: WorkKind, payload: Payload, *, link: bool, progress: bool, window: int,
                     on_finish: Callable[[], None], trace: dict[str, str] | None = None,
                     tokens: list[str] | None = None, track: bool = False) -> RemoteCall:
         if self.closed is not None:
@@ -275,7 +276,7 @@ class RunnerConnection:
                     frame = self._opener.open(raw)
                     type_ = frame.type
                     if is_transfer(type_):
-                        self.hub.handle(type_, frame.meta, frame.payload)
+                        self.hub.handle(type_, frame.meta, frame.whole())
                         continue
                     call = self._calls.get(frame.id) if frame.id else None
                     if call is not None and is_work_reply(type_):

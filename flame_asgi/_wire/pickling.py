@@ -1,6 +1,8 @@
 """Pickling of calls, results and exceptions, with errors that name the offending object.
 
 Only ``loads`` unpickles, and it is only ever given payloads that ``FrameOpener`` verified.
+Large ``bytes`` in a call's arguments or in a result travel out of band (``_wire.payload``):
+``dumps`` returns them beside the pickle instead of copying them into it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import cloudpickle  # type: ignore[import-untyped]
 
 from flame_asgi._base.exceptions import RemoteError, SerializationError
+from flame_asgi._wire.payload import OOB_MIN, Payload, Pickled
 from flame_asgi._wire.tracking import ResourceTable, reduce_tracked
 from flame_asgi._wire.transfer import TransferHub, collecting_tokens, forget, receiving_through
 
@@ -67,7 +70,68 @@ def _dumps(obj: Any, resources: ResourceTable | None = None) -> bytes:
     return buffer.getvalue()
 
 
-def dumps(obj: Any, what: str, tokens: list[str] | None = None, resources: ResourceTable | None = None) -> bytes:
+class _OutOfBand:
+    """Mixed into a pickler: every ``bytes`` of ``OOB_MIN`` or more, at any depth, is left out
+    of the pickle as a persistent reference to ``self.buffers`` (the C pickler copies an
+    exact ``bytes`` into the pickle without asking ``reducer_override``, but it asks
+    ``persistent_id`` about every object). The same object met twice is one buffer, so what
+    was shared arrives shared."""
+
+    buffers: list[bytes]
+    _seen: dict[int, int]
+
+    def persistent_id(self, obj: Any) -> int | None:
+        if type(obj) is not bytes or len(obj) < OOB_MIN:
+            return None
+        index = self._seen.get(id(obj))
+        if index is None:
+            index = self._seen[id(obj)] = len(self.buffers)
+            self.buffers.append(obj)
+        return index
+
+
+class _OutOfBandPickler(_OutOfBand, _Pickler):
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.buffers, self._seen = [], {}
+
+
+class _OutOfBandTrackingPickler(_OutOfBand, _TrackingPickler):
+    def __init__(self, file: io.BytesIO, table: ResourceTable) -> None:
+        super().__init__(file, table)
+        self.buffers, self._seen = [], {}
+
+
+def _dumps_out_of_band(obj: Any, resources: ResourceTable | None) -> Payload:
+    """``_dumps``, with large ``bytes`` left beside the pickle (a ``Pickled``) when a quick
+    look finds one near the top (a call's arguments, a result): a pickler with
+    ``persistent_id`` pays a Python call per object, which only a payload that carries
+    large bytes repays. Large bytes deeper down stay in the pickle, as before."""
+    if not _carries_large_bytes(obj, 3):
+        return _dumps(obj, resources)
+    buffer = io.BytesIO()
+    pickler = _OutOfBandPickler(buffer) if resources is None else _OutOfBandTrackingPickler(buffer, resources)
+    pickler.dump(obj)
+    return Pickled(buffer.getvalue(), pickler.buffers) if pickler.buffers else buffer.getvalue()
+
+
+_SCAN = 64  # containers longer than this are not looked into (the look would cost per item)
+
+
+def _carries_large_bytes(obj: Any, depth: int) -> bool:
+    """Whether ``obj`` is, or holds within ``depth`` levels of short plain tuples, lists and
+    dict values, a ``bytes`` of ``OOB_MIN`` or more: a call is ``(fn, args, kwargs)``, so
+    three levels reach the items of a list argument."""
+    kind = type(obj)
+    if kind is bytes:
+        return len(obj) >= OOB_MIN
+    if depth == 0 or kind not in (tuple, list, dict) or len(obj) > _SCAN:
+        return False
+    items = obj.values() if kind is dict else obj
+    return any(_carries_large_bytes(item, depth - 1) for item in items)
+
+
+def dumps(obj: Any, what: str, tokens: list[str] | None = None, resources: ResourceTable | None = None) -> Payload:
     """Pickle ``obj``; on failure, raise SerializationError naming the object that failed.
 
     Uploads inside ``obj`` are registered for the other side to pull; their tokens are
@@ -77,7 +141,7 @@ def dumps(obj: Any, what: str, tokens: list[str] | None = None, resources: Resou
     collected: list[str] = []
     try:
         with collecting_tokens(collected):
-            data = _dumps(obj, resources)
+            data = _dumps_out_of_band(obj, resources)
     except Exception as exc:  # pickling raises TypeError, PicklingError, AttributeError...
         forget(collected)  # nothing will be sent: nobody will pull these
         with collecting_tokens(collected := []):  # the search pickles parts again
@@ -94,9 +158,14 @@ def dumps(obj: Any, what: str, tokens: list[str] | None = None, resources: Resou
     return data
 
 
-def loads(data: bytes | memoryview, hub: TransferHub | None = None) -> Any:
-    """Unpickle verified bytes; Uploads in them become RemoteBytes read through ``hub``."""
+def loads(data: bytes | memoryview | Pickled, hub: TransferHub | None = None) -> Any:
+    """Unpickle a verified payload; Uploads in it become RemoteBytes read through ``hub``."""
     with receiving_through(hub):
+        if isinstance(data, Pickled):
+            unpickler = pickle.Unpickler(io.BytesIO(data.stream))
+            buffers = data.buffers
+            unpickler.persistent_load = lambda index: buffers[index]  # type: ignore[method-assign]
+            return unpickler.load()
         return pickle.loads(data)
 
 

@@ -43,6 +43,8 @@ from __future__ import annotations
 
 from typing import Any, Literal, Protocol, TypeGuard, get_args
 
+from flame_asgi._wire.payload import Payload
+
 WorkKind = Literal["call", "cast", "stream", "child"]
 Credited = Literal["event", "item"]  # each spends one credit of the caller's window
 Terminal = Literal["result", "end", "error", "cancelled"]
@@ -68,7 +70,7 @@ TO_RUNNER: frozenset[str] = frozenset(get_args(ToRunner))
 class SendFrame(Protocol):
     """Sends one frame on a channel end (``RunnerConnection._send``, ``RunnerSession.send``)."""
 
-    async def __call__(self, type_: FrameType, id_: int = 0, payload: bytes = b"", **meta: Any) -> None: ...
+    async def __call__(self, type_: FrameType, id_: int = 0, payload: Payload = b"", **meta: Any) -> None: ...
 
 
 def is_work_kind(value: object) -> TypeGuard[WorkKind]:

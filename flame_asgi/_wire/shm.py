@@ -33,9 +33,15 @@ import mmap
 import os
 import secrets
 import stat
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from flame_asgi._wire.payload import check_layout, split
+
 SHM_MIN = 256 * 1024  # payloads from this size go through shared memory
+OVERLAP_MIN = 4 * 1024 * 1024  # payloads from this size are checked from a mapping while they are read
+# Begins the check of a payload's parts: (its header field, a call that returns the check).
+StartCheck = Callable[[Sequence[bytes | memoryview]], tuple[str, Callable[[], str]]]
 _SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _AVAILABLE = hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd")
 
@@ -57,11 +63,12 @@ class SharedMemory:
     def wants(self, size: int) -> bool:
         return self.enabled and size >= SHM_MIN
 
-    def put(self, seq: int, payload: bytes | memoryview) -> dict[str, int]:
-        """Write ``payload`` to a new sealed memfd; return the reference for the frame header."""
-        fd = _sealed(payload)
+    def put(self, seq: int, parts: Sequence[bytes | memoryview]) -> dict[str, int]:
+        """Write ``parts`` end to end to a new sealed memfd; return the reference for the frame header."""
+        fd = _sealed(*parts)
         self._sent[seq] = fd
-        return {"pid": os.getpid(), "fd": fd, "ino": os.fstat(fd).st_ino, "n": len(payload)}
+        st = os.fstat(fd)
+        return {"pid": os.getpid(), "fd": fd, "ino": st.st_ino, "n": st.st_size}
 
     def acknowledged(self, seq: int) -> None:
         """The peer has opened our frames up to ``seq``: their memfds can go."""
@@ -74,17 +81,31 @@ class SharedMemory:
         return seq
 
     # -- receiving --------------------------------------------------------------------
-    def get(self, seq: int, ref: Any, max_size: int) -> memoryview:
-        """Map the memfd a verified frame names, after checking it is the one it names."""
+    def get(self, seq: int, ref: Any, max_size: int, layout: Any,
+            start_check: StartCheck) -> tuple[list[memoryview] | list[bytes], tuple[str, Callable[[], str]]]:
+        """The payload in the memfd a verified frame names, after checking it is the one it
+        names, and its check (``start_check``'s, begun on it). In one piece: mapped, as one
+        view. Sent out of band: read part by part as ``bytes`` along its ``layout``, the
+        objects the unpickler hands on (one copy, where a mapping costs the unpickler a copy
+        and page faults besides)."""
         try:
             pid, fd, ino, size = (int(ref[k]) for k in ("pid", "fd", "ino", "n"))
         except (TypeError, KeyError, ValueError):
             raise SharedMemoryError("malformed shared-memory reference") from None
         if not 0 < size <= max_size:
             raise SharedMemoryError(f"shared-memory payload of {size:,} bytes is out of bounds")
-        view = _map(pid, fd, ino, size)
+        if layout is None:
+            view = _map(pid, fd, ino, size)
+            result: tuple[list[memoryview] | list[bytes], tuple[str, Callable[[], str]]] = (
+                [view], start_check([view]))
+        else:
+            try:
+                layout = check_layout(layout, size)
+            except ValueError as exc:
+                raise SharedMemoryError(str(exc)) from None
+            result = _read(pid, fd, ino, size, layout, start_check)
         self._received = max(self._received, seq)
-        return view
+        return result
 
     def close(self) -> None:
         for fd in self._sent.values():
@@ -114,13 +135,14 @@ def available() -> bool:
     return _AVAILABLE
 
 
-def _sealed(payload: bytes | memoryview) -> int:
+def _sealed(*parts: bytes | memoryview) -> int:
     fd = os.memfd_create("flame-payload", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
-        view = memoryview(payload).cast("B")
-        written = 0
-        while written < len(view):
-            written += os.write(fd, view[written:])
+        for part in parts:
+            view = memoryview(part).cast("B")
+            written = 0
+            while written < len(view):
+                written += os.write(fd, view[written:])
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
     except BaseException:
         os.close(fd)
@@ -128,7 +150,9 @@ def _sealed(payload: bytes | memoryview) -> int:
     return fd
 
 
-def _map(pid: int, fd: int, ino: int, size: int) -> memoryview:
+def _open(pid: int, fd: int, ino: int, size: int) -> int:
+    """Our own descriptor of the sender's memfd, once it is shown to be the sealed file the
+    frame was signed for."""
     try:
         mine = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
@@ -139,8 +163,42 @@ def _map(pid: int, fd: int, ino: int, size: int) -> memoryview:
             raise SharedMemoryError("the named shared memory is not the one the frame was signed for")
         if fcntl.fcntl(mine, fcntl.F_GET_SEALS) & _SEALS != _SEALS:
             raise SharedMemoryError("the named shared memory is not sealed against changes")
+    except BaseException:
+        os.close(mine)
+        raise
+    return mine
+
+
+def _map(pid: int, fd: int, ino: int, size: int) -> memoryview:
+    mine = _open(pid, fd, ino, size)
+    try:
         return memoryview(mmap.mmap(mine, size, prot=mmap.PROT_READ))
     except OSError as exc:
         raise SharedMemoryError(f"cannot map the sender's shared memory ({exc.strerror})") from None
+    finally:
+        os.close(mine)
+
+
+def _read(pid: int, fd: int, ino: int, size: int, layout: list[int],
+          start_check: StartCheck) -> tuple[list[bytes], tuple[str, Callable[[], str]]]:
+    mine = _open(pid, fd, ino, size)
+    try:
+        check = None
+        if size >= OVERLAP_MIN:
+            # Checked through a mapping on the check's thread while this one copies: both
+            # read the same pages, which the seals keep from changing.
+            mapping = memoryview(mmap.mmap(mine, size, prot=mmap.PROT_READ))
+            check = start_check(split(mapping, layout))
+        parts = []
+        offset = 0
+        for n in layout:
+            part = os.pread(mine, n, offset)
+            if len(part) != n:  # a sealed file cannot shrink: only a bad layout gets here
+                raise SharedMemoryError("the named shared memory is shorter than its layout")
+            parts.append(part)
+            offset += n
+        return parts, check or start_check(parts)
+    except OSError as exc:
+        raise SharedMemoryError(f"cannot read the sender's shared memory ({exc.strerror})") from None
     finally:
         os.close(mine)

@@ -22,6 +22,7 @@ from typing import Any
 
 from flame_asgi._wire.channel import Channel, ChannelClosed
 from flame_asgi._wire.codec import FrameSealer
+from flame_asgi._wire.payload import Payload
 from flame_asgi._wire.protocol import FrameType
 
 BATCH = 0xFF
@@ -45,7 +46,7 @@ class FrameWriter:
         self._writing = False  # the writer task is between taking the queue and the end of its writes
         self._direct = False  # a frame went out directly in this loop iteration
 
-    async def send(self, type_: FrameType, id_: int = 0, payload: bytes = b"", **meta: Any) -> None:
+    async def send(self, type_: FrameType, id_: int = 0, payload: Payload = b"", **meta: Any) -> None:
         """Queue a frame; wait only while too much is queued (back-pressure)."""
         if self._error is not None:
             raise self._error
