@@ -12,9 +12,9 @@ import struct
 import pytest
 
 from flame_asgi import FlamePool, LocalBackend, ProcessBackend, ProtocolError
-from flame_asgi._wire.codec import MAC_MIN, OVERLAP_MIN, FrameKey, FrameOpener, FrameSealer
+from flame_asgi._wire.codec import MAC_MIN, FrameKey, FrameOpener, FrameSealer
 from flame_asgi._wire.pickling import dumps, loads
-from flame_asgi._wire.shm import SHM_MIN, SharedMemory
+from flame_asgi._wire.shm import OVERLAP_MIN, SHM_MIN, SharedMemory
 from tests import remote
 from tests.conftest import until
 

@@ -39,15 +39,13 @@ from flame_asgi._wire.keys import TO_RUNNER as TO_RUNNER
 from flame_asgi._wire.keys import derive
 from flame_asgi._wire.payload import Payload, Pickled, check_layout, keep, parts_of, split
 from flame_asgi._wire.protocol import FrameType
-from flame_asgi._wire.shm import OVERLAP_MIN as SHM_OVERLAP_MIN
-from flame_asgi._wire.shm import SharedMemory, SharedMemoryError
+from flame_asgi._wire.shm import OVERLAP_MIN, SharedMemory, SharedMemoryError
 
 MAX_AGE_SECONDS = 60
 _LEN = struct.Struct(">I")
 _SIG = 32  # HMAC-SHA256
 _MAX_HEADER = 64 * 1024
 _ZEROS = bytes(16)
-OVERLAP_MIN = SHM_OVERLAP_MIN  # payloads from this size are tagged on a thread while they are copied
 MAC_MIN = 16 * 1024  # payloads from this size are checked with Poly1305, smaller ones with SHA-256
 _RESERVED = frozenset({"s", "n", "t", "i", "d", "m", "ts", "sh", "a", "b"})  # header fields the codec owns
 _encode_header = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps(..., separators) builds one per call
@@ -91,15 +89,16 @@ class FrameKey:
                 mac.update(_ZEROS[len(part) % 16:])
         return mac.finalize().hex()
 
-    def start_check(self, session: str, seq: int, parts: Sequence[bytes | memoryview]) -> tuple[str, Callable[[], str]]:
+    def start_check(self, session: str, seq: int, parts: Sequence[bytes | memoryview],
+                    copying: bool = True) -> tuple[str, Callable[[], str]]:
         """The header field for a payload's check (``d`` or ``m``) and a call that returns the
-        check; a large payload's tag is begun on another thread (Poly1305 releases the GIL),
-        so that this one can copy the same bytes meanwhile."""
+        check. From ``OVERLAP_MIN``, when the caller is ``copying`` the same bytes meanwhile,
+        the tag is begun on another thread (Poly1305 releases the GIL)."""
         size = sum(len(part) for part in parts)
         if size < MAC_MIN:
             digest = digest_of(parts)
             return "d", lambda: digest
-        if size < OVERLAP_MIN:
+        if size < OVERLAP_MIN or not copying:
             tag = self.tag(session, seq, parts)
             return "m", lambda: tag
         global _tagger
@@ -157,12 +156,13 @@ class FrameSealer:
         parts = parts_of(payload)
         if isinstance(payload, Pickled):
             header["b"] = payload.layout
-        field, check = self._key.start_check(self.session, self._seq, parts) if payload else ("", None)
+        to_shm = self._shm is not None and self._shm.wants(len(payload))
+        field, check = self._key.start_check(self.session, self._seq, parts, to_shm) if payload else ("", None)
         if self._shm is not None:
             ack = self._shm.take_ack()
             if ack:
                 header["a"] = ack  # the peer may close the memfds of its frames up to this one
-            if self._shm.wants(len(payload)):
+            if to_shm:
                 # Copied into sealed memory while a large payload's tag is computed: the two
                 # overlap instead of taking turns (100 MB: 34 ms instead of 52).
                 header["sh"] = self._shm.put(self._seq, parts)

@@ -77,8 +77,10 @@ class _OutOfBand:
     ``persistent_id`` about every object). The same object met twice is one buffer, so what
     was shared arrives shared."""
 
-    buffers: list[bytes]
-    _seen: dict[int, int]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.buffers: list[bytes] = []
+        self._seen: dict[int, int] = {}
 
     def persistent_id(self, obj: Any) -> int | None:
         if type(obj) is not bytes or len(obj) < OOB_MIN:
@@ -91,15 +93,11 @@ class _OutOfBand:
 
 
 class _OutOfBandPickler(_OutOfBand, _Pickler):
-    def __init__(self, file: io.BytesIO) -> None:
-        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
-        self.buffers, self._seen = [], {}
+    pass
 
 
 class _OutOfBandTrackingPickler(_OutOfBand, _TrackingPickler):
-    def __init__(self, file: io.BytesIO, table: ResourceTable) -> None:
-        super().__init__(file, table)
-        self.buffers, self._seen = [], {}
+    pass
 
 
 def _dumps_out_of_band(obj: Any, resources: ResourceTable | None) -> Payload:
@@ -110,7 +108,8 @@ def _dumps_out_of_band(obj: Any, resources: ResourceTable | None) -> Payload:
     if not _carries_large_bytes(obj, 3):
         return _dumps(obj, resources)
     buffer = io.BytesIO()
-    pickler = _OutOfBandPickler(buffer) if resources is None else _OutOfBandTrackingPickler(buffer, resources)
+    pickler = (_OutOfBandPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL) if resources is None
+               else _OutOfBandTrackingPickler(buffer, resources))
     pickler.dump(obj)
     return Pickled(buffer.getvalue(), pickler.buffers) if pickler.buffers else buffer.getvalue()
 
