@@ -4,7 +4,9 @@ path a payload takes (the frame itself, shared memory, a child's messages, a str
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 
 import pytest
 
@@ -47,6 +49,21 @@ def test_small_bytes_mutable_buffers_and_long_containers_stay_in_the_pickle() ->
     assert arrived == [bytearray(data)] and type(arrived[0]) is bytearray  # type: ignore[index]
     long = [data] + [0] * 100  # only short containers are searched: the cost would be per item
     assert isinstance(dumps(long, "a long list"), bytes) and through_a_frame(long) == long
+
+
+@pytest.mark.parametrize("index", [1, -1, "0"])
+def test_a_persistent_id_that_names_no_buffer_is_an_unpickling_error(index: object) -> None:
+    # only our own pickler writes verified pickles, so this is a bug, never an index into
+    # something else: it must say what is wrong (the unpickler is a subclass since 3.13 made
+    # ``persistent_load`` read-only on instances)
+    class Referring(pickle.Pickler):
+        def persistent_id(self, obj: object) -> object:
+            return index if obj == "ref" else None
+
+    stream = io.BytesIO()
+    Referring(stream, protocol=5).dump(["ref"])
+    with pytest.raises(pickle.UnpicklingError, match="names no buffer"):
+        loads(Pickled(stream.getvalue(), [b"only one"]))
 
 
 async def test_out_of_band_payloads_cross_every_path_to_a_runner_and_back(backend: BackendFactory) -> None:

@@ -157,14 +157,29 @@ def dumps(obj: Any, what: str, tokens: list[str] | None = None, resources: Resou
     return data
 
 
+class _OutOfBandUnpickler(pickle.Unpickler):
+    """Resolves the pickle's persistent ids to the payload's verified buffers, by index.
+
+    A subclass, not an attribute set on an instance: Python 3.13 made ``persistent_load``
+    read-only on ``_pickle.Unpickler`` instances.
+    """
+
+    def __init__(self, data: Pickled) -> None:
+        super().__init__(io.BytesIO(data.stream))
+        self._buffers = data.buffers
+
+    def persistent_load(self, index: Any) -> Any:
+        if type(index) is not int or not 0 <= index < len(self._buffers):
+            # the pickle is verified, so only our own pickler wrote it: say so, not IndexError
+            raise pickle.UnpicklingError(f"persistent id {index!r} names no buffer of this payload")
+        return self._buffers[index]
+
+
 def loads(data: bytes | memoryview | Pickled, hub: TransferHub | None = None) -> Any:
     """Unpickle a verified payload; Uploads in it become RemoteBytes read through ``hub``."""
     with receiving_through(hub):
         if isinstance(data, Pickled):
-            unpickler = pickle.Unpickler(io.BytesIO(data.stream))
-            buffers = data.buffers
-            unpickler.persistent_load = lambda index: buffers[index]  # type: ignore[method-assign]
-            return unpickler.load()
+            return _OutOfBandUnpickler(data).load()
         return pickle.loads(data)
 
 
