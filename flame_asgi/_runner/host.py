@@ -107,7 +107,7 @@ class RunnerHost:
         self._claimed = True
         await send({"type": "websocket.accept"})
         session = RunnerSession(self.info, self._keys, on_ready=self._on_ready)
-        reason = await session.serve(ASGIWebSocketChannel(receive, send))
+        reason = await session.serve(ASGIWebSocketChannel(receive, send, scope.get("client")))
         emit("runner.session.end", pool=self.info.pool, runner=self.info.runner_id, reason=reason)
         if session.ready:  # the parent's own session ended: so does this runner
             log.info("runner %s: session ended (%s); exiting", self.info.runner_id, reason)

@@ -28,6 +28,7 @@ from flame_asgi._runner.work import Work
 from flame_asgi._wire.channel import Channel, ChannelClosed
 from flame_asgi._wire.codec import Frame, FrameKey, FrameOpener, FrameSealer
 from flame_asgi._wire.keys import RunnerKeys
+from flame_asgi._wire.liveness import Beacon, PeerBeacon
 from flame_asgi._wire.payload import Payload, Pickled
 from flame_asgi._wire.pickling import dumps, loads, pack_exception
 from flame_asgi._wire.protocol import (
@@ -56,6 +57,8 @@ class RunnerSession:
         self.ready = False  # the parent's hello was verified: this is the parent's session
         # Only this runner's own keys: it cannot sign for another runner.
         self._shm = SharedMemory()  # large payloads through sealed memory, if the parent is on this host
+        self._peer: PeerBeacon | None = None  # the parent's beacon, and ours, if it is on this host
+        self._beacon: Beacon | None = None
         self._opener = FrameOpener(FrameKey(keys.to_runner), info.max_payload, shm=self._shm)
         self._signer_out = FrameKey(keys.to_parent)
         self._writer: FrameWriter | None = None
@@ -104,6 +107,7 @@ class RunnerSession:
             await self._flush()  # a "refused" answer must reach the parent before the close
             await channel.aclose(reason)
             self._executor.shutdown(wait=False)
+            self._close_beacons()
             return reason
         self._last_seen = self.loop.time()
         reader = self.loop.create_task(self._read_loop(channel))
@@ -133,7 +137,13 @@ class RunnerSession:
             raise ProtocolError("version skew")
         # The parent's probe: if we can read its memfds, it can read ours (same host and user).
         self._shm.enabled = check_probe(hello.meta.get("pr"))
-        await self.send("ready", pid=os.getpid(), v=mine, shm=self._shm.enabled)
+        extra: dict[str, Any] = {}
+        if self._shm.enabled and channel.loopback:  # it can read our beacon too: idle channels need no ping
+            self._peer = PeerBeacon.open(hello.meta.get("lv"))
+            if self._peer is not None:
+                self._beacon = Beacon()
+                extra["lv"] = self._beacon.ref()
+        await self.send("ready", pid=os.getpid(), v=mine, shm=self._shm.enabled, **extra)
         self.ready = True
         if self._on_ready is not None:
             self._on_ready()
@@ -184,20 +194,33 @@ class RunnerSession:
             self._spawn(self.resources.release(str(frame.meta.get("x", ""))))
         # "ping" needs nothing: every frame already refreshed _last_seen.
 
+    def _idle(self) -> bool:
+        """Nothing in flight either way: a parent on this host proves it lives by its beacon."""
+        return self._peer is not None and not self._work and self.hub.quiet and not self._shm.owes_ack
+
     async def _heartbeat(self) -> None:
-        # As the parent's: one timer, for the next ping or the timeout, whichever is sooner.
+        # As the parent's: one timer, for the next ping or the timeout, whichever is sooner,
+        # and no ping while idle with a parent on this host (_wire.liveness).
         interval, timeout = self.info.heartbeat_interval, self.info.heartbeat_timeout
         next_ping = self.loop.time() + interval
         while True:
             silent_until = self._last_seen + timeout + 0.001
             await asyncio.sleep(max(0.0, min(next_ping, silent_until) - self.loop.time()))
             now = self.loop.time()
+            idle = self._idle()
+            if self._beacon is not None:
+                self._beacon.stamp()
+                if idle:
+                    assert self._peer is not None
+                    self._last_seen = max(self._last_seen, now - self._peer.age())
             if now - self._last_seen > timeout:
                 self.end_reason = f"parent unreachable: no message for {timeout:g} s"
                 return
             if now < next_ping:
                 continue
             next_ping = now + interval
+            if idle:
+                continue
             try:
                 await self.send("ping")
             except ChannelClosed:
@@ -321,6 +344,13 @@ class RunnerSession:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
         self._shm.close()
+        self._close_beacons()
+
+    def _close_beacons(self) -> None:
+        for beacon in (self._beacon, self._peer):
+            if beacon is not None:
+                beacon.close()
+        self._beacon = self._peer = None
 
     async def _flush(self) -> None:
         if self._writer is not None:

@@ -7,7 +7,8 @@ It knows nothing of signing: that is ``_codec``'s job, on top of any channel.
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+import ipaddress
+from typing import Any, Protocol
 
 from starlette.types import Receive, Send
 from websockets.asyncio.client import ClientConnection
@@ -23,7 +24,19 @@ class ChannelClosed(Exception):
         self.reason = reason
 
 
+def _is_loopback(address: Any) -> bool:
+    """Is this (host, port, ...) socket address the loopback interface's?"""
+    try:
+        return ipaddress.ip_address(str(address[0]).split("%")[0]).is_loopback
+    except (TypeError, IndexError, ValueError):
+        return False
+
+
 class Channel(Protocol):
+    # The peer is reached over the loopback interface: no network lies between the two
+    # processes that a partition could cut (a runner in another network namespace is not).
+    loopback: bool
+
     async def send(self, data: bytes) -> None: ...
 
     def send_now(self, data: bytes) -> bool:
@@ -39,6 +52,8 @@ class Channel(Protocol):
 
 class MemoryChannel:
     """One end of an in-process pair (LocalBackend)."""
+
+    loopback = False  # in one process: nothing to watch that the channel itself does not show
 
     def __init__(self) -> None:
         self._inbox: asyncio.Queue[bytes | ChannelClosed] = asyncio.Queue()
@@ -94,6 +109,7 @@ class WebSocketClientChannel:
 
     def __init__(self, ws: ClientConnection) -> None:
         self._ws = ws
+        self.loopback = _is_loopback(ws.remote_address)
 
     async def send(self, data: bytes) -> None:
         try:
@@ -133,7 +149,8 @@ class WebSocketClientChannel:
 class ASGIWebSocketChannel:
     """The runner's end: an accepted ASGI WebSocket."""
 
-    def __init__(self, receive: Receive, send: Send) -> None:
+    def __init__(self, receive: Receive, send: Send, client: Any = None) -> None:
+        self.loopback = _is_loopback(client)  # the ASGI scope's "client": the parent's address
         self._receive = receive
         self._send = send
         self._closed = False

@@ -19,6 +19,7 @@ from flame_asgi._base.exceptions import BootError, FlameError, RunnerLost, Versi
 from flame_asgi._wire.channel import Channel, ChannelClosed, MemoryChannel
 from flame_asgi._wire.codec import TO_PARENT, TO_RUNNER, FrameOpener, FrameSealer, make_signer
 from flame_asgi._wire.exits import ExitReason, loss_label
+from flame_asgi._wire.liveness import Beacon, PeerBeacon
 from flame_asgi._wire.payload import Payload
 from flame_asgi._wire.pickling import unpack_exception
 from flame_asgi._wire.protocol import (
@@ -182,8 +183,17 @@ class RunnerConnection:
         self.closed: str | None = None
         self.hub = TransferHub(self._send, max_payload)
         self._shm = SharedMemory()
+        self._beacon: Beacon | None = None  # ours, for a runner on this host to watch while idle
+        self._peer: PeerBeacon | None = None  # the runner's, once it showed us one
 
     async def handshake(self, version: str) -> None:
+        try:
+            await self._handshake(version)
+        except BaseException:
+            self._let_go()  # no channel came of it: nothing is left to watch
+            raise
+
+    async def _handshake(self, version: str) -> None:
         session = secrets.token_hex(16)
         sealer = FrameSealer(make_signer(self._secret, self.runner_id, TO_RUNNER), session, self._max_payload,
                              shm=self._shm)
@@ -194,6 +204,9 @@ class RunnerConnection:
         if shm_available() and not isinstance(self._channel, MemoryChannel):
             # Can the runner read our memfds (same host)? Then large payloads skip the socket.
             probe_fd, extra["pr"] = shm_probe()
+            if self._channel.loopback:
+                self._beacon = Beacon()
+                extra["lv"] = self._beacon.ref()
         try:
             await self._send("hello", runner=self.runner_id, v=version, **extra)
             reply = self._opener.open(await self._channel.recv())
@@ -206,6 +219,11 @@ class RunnerConnection:
             if probe_fd is not None:
                 os.close(probe_fd)
         self._shm.enabled = bool(reply.meta.get("shm"))
+        if self._beacon is not None:
+            self._peer = PeerBeacon.open(reply.meta.get("lv")) if self._shm.enabled else None
+            if self._peer is None:  # another host, or a runner that shows none: pings only
+                self._beacon.close()
+                self._beacon = None
         self.pid: int | None = reply.meta.get("pid")  # the runner's process id, as it says
         if reply.type == "refused":
             reason = str(reply.meta.get("reason", "refused"))
@@ -292,31 +310,54 @@ class RunnerConnection:
         except FlameError as exc:
             await self._lose(f"the runner sent an invalid message ({exc})")
 
+    def _idle(self) -> bool:
+        """Nothing in flight either way: a runner on this host proves it lives by its beacon."""
+        return self._peer is not None and not self._calls and self.hub.quiet and not self._shm.owes_ack
+
     async def _heartbeat(self) -> None:
         # One timer per channel that wakes for the next ping or, if sooner, the moment the
         # runner's silence reaches the timeout: the loss is seen at the timeout, not up to an
-        # interval later, whatever the interval.
+        # interval later, whatever the interval. An idle channel to a runner on this host
+        # sends no ping: each tick stamps our beacon and reads the runner's (_wire.liveness).
         loop = asyncio.get_running_loop()
         next_ping = loop.time() + self._interval
         while True:
             silent_until = self._last_seen + self._timeout + 0.001
             await asyncio.sleep(max(0.0, min(next_ping, silent_until) - loop.time()))
             now = loop.time()
+            idle = self._idle()
+            if self._beacon is not None:
+                self._beacon.stamp()
+                if idle:
+                    assert self._peer is not None
+                    self._last_seen = max(self._last_seen, now - self._peer.age())
             if now - self._last_seen > self._timeout:
                 await self._lose(f"no heartbeat for {self._timeout:g} s (network partition or hung runner)",
                                  unreachable=True)
                 return
             if now >= next_ping:
                 next_ping = now + self._interval
-                await self._send_quietly("ping")
+                if not idle:
+                    await self._send_quietly("ping")
 
     def _closing(self, reason: str) -> bool:
         """Mark the channel gone, synchronously: from now on no call is placed on this runner."""
         if self.closed is not None:
             return False
         self.closed = reason
+        self._let_go()
         self._on_closing()
         return True
+
+    def _let_go(self) -> None:
+        """Our beacon reads as stale from now on: a runner we can no longer reach (a cut
+        between network namespaces) ends itself at its next tick instead of living on."""
+        if self._beacon is not None:
+            self._beacon.close()
+            self._beacon = None
+        if self._peer is not None:
+            self._peer.close()
+            self._peer = None
 
     def _spawn_loss(self, reason: str) -> None:
         task = asyncio.get_running_loop().create_task(self._report_loss(reason))
@@ -369,6 +410,7 @@ class RunnerConnection:
         self._fail_calls(RunnerLost(f"runner {self.runner_id} was stopped ({reason})", runner_id=self.runner_id,
                                     reason=reason), reason)
         self._shm.close()
+        self._let_go()
         try:
             await self._channel.aclose(reason)
         except Exception:

@@ -6,9 +6,13 @@ The types are ``Literal`` aliases here, so that mypy refuses a misspelt one wher
 frame is sent or a reply is told apart.
 
 Session (id 0)
-  parent -> runner  ``hello`` first (``runner`` id, code version ``v``): it fixes the session.
-  runner -> parent  ``ready`` (``pid``, ``v``), or ``refused`` (``reason``: version skew).
+  parent -> runner  ``hello`` first (``runner`` id, code version ``v``, the shared-memory
+                    probe ``pr`` and the parent's beacon ``lv`` on one host): it fixes the session.
+  runner -> parent  ``ready`` (``pid``, ``v``, ``shm``, the runner's beacon ``lv``), or
+                    ``refused`` (``reason``: version skew).
   both ways         ``ping`` every heartbeat interval; any frame shows the peer is alive.
+                    Over loopback with both beacons, an idle channel sends none: the
+                    peer's beacon shows it (``_wire.liveness``).
   parent -> runner  ``stop``: wind down (linked work is cancelled, unlinked work finishes).
   runner -> parent  ``recycle`` (``reason``): replace this runner (a cancelled thread would
                     not stop).

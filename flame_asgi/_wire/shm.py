@@ -75,6 +75,11 @@ class SharedMemory:
         for done in [s for s in self._sent if s <= seq]:
             os.close(self._sent.pop(done))
 
+    @property
+    def owes_ack(self) -> bool:
+        """A payload of the peer's came through a memfd and our frames have not said so yet."""
+        return self._received != 0
+
     def take_ack(self) -> int:
         """The acknowledgement to put in our next frame (0: none due)."""
         seq, self._received = self._received, 0

@@ -158,6 +158,11 @@ class TransferHub:
         self._reading: weakref.WeakValueDictionary[str, RemoteBytes] = weakref.WeakValueDictionary()
         self.loop: asyncio.AbstractEventLoop | None = None
 
+    @property
+    def quiet(self) -> bool:
+        """Nothing served or being read: the channel's liveness may rest on a beacon."""
+        return not self._serving and not self._reading
+
     def remote(self, token: str, size: int | None, limit: int) -> RemoteBytes:
         self.loop = self.loop or asyncio.get_running_loop()
         reader = RemoteBytes(self, token, size, limit)
