@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from flame_asgi import FlamePool, ProcessBackend
+from flame_asgi import FlamePool, ProcessBackend, Upload
 from flame_asgi._wire.liveness import Beacon, PeerBeacon
 from flame_asgi._wire.shm import probe
 from tests import remote
@@ -70,7 +70,7 @@ async def pool() -> Any:
 async def test_an_idle_runner_on_this_host_sends_and_gets_no_frame_and_stays(pool: FlamePool) -> None:
     first = await pool.call(remote.pid)
     (runner,) = booted(pool)
-    assert runner.conn._peer is not None and runner.conn._channel.loopback
+    assert runner.conn._beacons is not None and runner.conn._channel.loopback
     frames = Frames(await settled(runner.conn))
     await asyncio.sleep(4 * TIMEOUT)  # four silence limits, with no frame either way
     assert frames.sent == 0 and not frames.received
@@ -84,6 +84,18 @@ async def test_pings_flow_both_ways_while_a_call_is_in_flight(pool: FlamePool, t
     await pool.call(remote.sleep_then_touch, 6 * INTERVAL, str(tmp_path / "done"))
     assert frames.received["ping"] >= 2 and frames.received["result"] == 1
     assert frames.sent >= 3  # the call and the parent's pings
+
+
+async def test_a_side_with_something_in_flight_gets_answers_from_an_idle_side(pool: FlamePool) -> None:
+    # The runner holds an Upload it has not read after the call that brought it ended: it
+    # has a transfer in flight (it may read at any time), the parent has nothing. It pings
+    # and asks for answers; without them it would take its parent for gone.
+    assert await pool.call(remote.keep, Upload(b"kept, never read")) == "RemoteBytes"
+    (runner,) = booted(pool)
+    frames = Frames(await settled(runner.conn))
+    await asyncio.sleep(4 * TIMEOUT)
+    assert frames.received["ping"] >= 2 and frames.sent >= 2  # its pings, our answers
+    assert pool.shrinks == [] and await pool.call(remote.pid) == runner.conn.pid  # type: ignore[attr-defined]
 
 
 async def test_a_payload_through_shared_memory_is_acknowledged_while_idle(pool: FlamePool) -> None:

@@ -28,7 +28,7 @@ from flame_asgi._runner.work import Work
 from flame_asgi._wire.channel import Channel, ChannelClosed
 from flame_asgi._wire.codec import Frame, FrameKey, FrameOpener, FrameSealer
 from flame_asgi._wire.keys import RunnerKeys
-from flame_asgi._wire.liveness import Beacon, PeerBeacon
+from flame_asgi._wire.liveness import Beacon, Beacons, PeerBeacon
 from flame_asgi._wire.payload import Payload, Pickled
 from flame_asgi._wire.pickling import dumps, loads, pack_exception
 from flame_asgi._wire.protocol import (
@@ -57,8 +57,7 @@ class RunnerSession:
         self.ready = False  # the parent's hello was verified: this is the parent's session
         # Only this runner's own keys: it cannot sign for another runner.
         self._shm = SharedMemory()  # large payloads through sealed memory, if the parent is on this host
-        self._peer: PeerBeacon | None = None  # the parent's beacon, and ours, if it is on this host
-        self._beacon: Beacon | None = None
+        self._beacons: Beacons | None = None  # the parent's and ours, if it is on this host: idle means no ping
         self._opener = FrameOpener(FrameKey(keys.to_runner), info.max_payload, shm=self._shm)
         self._signer_out = FrameKey(keys.to_parent)
         self._writer: FrameWriter | None = None
@@ -139,10 +138,11 @@ class RunnerSession:
         self._shm.enabled = check_probe(hello.meta.get("pr"))
         extra: dict[str, Any] = {}
         if self._shm.enabled and channel.loopback:  # it can read our beacon too: idle channels need no ping
-            self._peer = PeerBeacon.open(hello.meta.get("lv"))
-            if self._peer is not None:
-                self._beacon = Beacon()
-                extra["lv"] = self._beacon.ref()
+            peer = PeerBeacon.open(hello.meta.get("lv"))
+            if peer is not None:
+                ours = Beacon()
+                self._beacons = Beacons(ours, peer)
+                extra["lv"] = ours.ref()
         await self.send("ready", pid=os.getpid(), v=mine, shm=self._shm.enabled, **extra)
         self.ready = True
         if self._on_ready is not None:
@@ -192,11 +192,11 @@ class RunnerSession:
                 target.deliver_message(frame.payload if isinstance(frame.payload, Pickled) else bytes(frame.payload))
         elif type_ == "release":
             self._spawn(self.resources.release(str(frame.meta.get("x", ""))))
-        # "ping" needs nothing: every frame already refreshed _last_seen.
-
-    def _idle(self) -> bool:
-        """Nothing in flight either way: a parent on this host proves it lives by its beacon."""
-        return self._peer is not None and not self._work and self.hub.quiet and not self._shm.owes_ack
+        elif type_ == "ping":  # it refreshed _last_seen, as every frame does; and it may ask more
+            if frame.meta.get("nb"):  # the parent could not read our beacon: ping as everyone does
+                self._close_beacons()
+            elif frame.meta.get("r") and self._beacons is not None:
+                self.spawn_send("ping")  # it has work in flight: show it the channel works
 
     async def _heartbeat(self) -> None:
         # As the parent's: one timer, for the next ping or the timeout, whichever is sooner,
@@ -207,22 +207,25 @@ class RunnerSession:
             silent_until = self._last_seen + timeout + 0.001
             await asyncio.sleep(max(0.0, min(next_ping, silent_until) - self.loop.time()))
             now = self.loop.time()
-            idle = self._idle()
-            if self._beacon is not None:
-                self._beacon.stamp()
-                if idle:
-                    assert self._peer is not None
-                    self._last_seen = max(self._last_seen, now - self._peer.age())
+            beacons, in_flight, began = self._beacons, bool(self._work) or not self.hub.quiet, False
+            if beacons is not None:
+                self._last_seen, began = beacons.tick(now, self._last_seen, in_flight)
             if now - self._last_seen > timeout:
                 self.end_reason = f"parent unreachable: no message for {timeout:g} s"
                 return
-            if now < next_ping:
-                continue
-            next_ping = now + interval
-            if idle:
+            due = now >= next_ping
+            if due:
+                next_ping = now + interval
+            meta: dict[str, Any] = {}
+            if beacons is not None and not in_flight:
+                if not self._shm.owes_ack:
+                    continue
+            elif began or due:
+                meta = {"r": True} if beacons is not None else {}
+            else:
                 continue
             try:
-                await self.send("ping")
+                await self.send("ping", **meta)
             except ChannelClosed:
                 self.end_reason = "parent gone"
                 return
@@ -347,10 +350,9 @@ class RunnerSession:
         self._close_beacons()
 
     def _close_beacons(self) -> None:
-        for beacon in (self._beacon, self._peer):
-            if beacon is not None:
-                beacon.close()
-        self._beacon = self._peer = None
+        if self._beacons is not None:
+            self._beacons.close()
+            self._beacons = None
 
     async def _flush(self) -> None:
         if self._writer is not None:

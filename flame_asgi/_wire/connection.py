@@ -19,7 +19,7 @@ from flame_asgi._base.exceptions import BootError, FlameError, RunnerLost, Versi
 from flame_asgi._wire.channel import Channel, ChannelClosed, MemoryChannel
 from flame_asgi._wire.codec import TO_PARENT, TO_RUNNER, FrameOpener, FrameSealer, make_signer
 from flame_asgi._wire.exits import ExitReason, loss_label
-from flame_asgi._wire.liveness import Beacon, PeerBeacon
+from flame_asgi._wire.liveness import Beacon, Beacons, PeerBeacon
 from flame_asgi._wire.payload import Payload
 from flame_asgi._wire.pickling import unpack_exception
 from flame_asgi._wire.protocol import (
@@ -183,8 +183,8 @@ class RunnerConnection:
         self.closed: str | None = None
         self.hub = TransferHub(self._send, max_payload)
         self._shm = SharedMemory()
-        self._beacon: Beacon | None = None  # ours, for a runner on this host to watch while idle
-        self._peer: PeerBeacon | None = None  # the runner's, once it showed us one
+        self._offered: Beacon | None = None  # ours, named in the hello, until the runner shows one
+        self._beacons: Beacons | None = None  # both, for a runner on this host: idle means no ping
 
     async def handshake(self, version: str) -> None:
         try:
@@ -205,8 +205,8 @@ class RunnerConnection:
             # Can the runner read our memfds (same host)? Then large payloads skip the socket.
             probe_fd, extra["pr"] = shm_probe()
             if self._channel.loopback:
-                self._beacon = Beacon()
-                extra["lv"] = self._beacon.ref()
+                self._offered = Beacon()
+                extra["lv"] = self._offered.ref()
         try:
             await self._send("hello", runner=self.runner_id, v=version, **extra)
             reply = self._opener.open(await self._channel.recv())
@@ -219,11 +219,13 @@ class RunnerConnection:
             if probe_fd is not None:
                 os.close(probe_fd)
         self._shm.enabled = bool(reply.meta.get("shm"))
-        if self._beacon is not None:
-            self._peer = PeerBeacon.open(reply.meta.get("lv")) if self._shm.enabled else None
-            if self._peer is None:  # another host, or a runner that shows none: pings only
-                self._beacon.close()
-                self._beacon = None
+        offered, self._offered = self._offered, None
+        if offered is not None:
+            peer = PeerBeacon.open(reply.meta.get("lv")) if self._shm.enabled else None
+            if peer is not None:
+                self._beacons = Beacons(offered, peer)
+            else:  # another host, or a runner that shows none: pings only
+                offered.close()
         self.pid: int | None = reply.meta.get("pid")  # the runner's process id, as it says
         if reply.type == "refused":
             reason = str(reply.meta.get("reason", "refused"))
@@ -233,6 +235,9 @@ class RunnerConnection:
         loop = asyncio.get_running_loop()
         self._last_seen = loop.time()
         self._tasks = [loop.create_task(self._reader()), loop.create_task(self._heartbeat())]
+        if self._beacons is None and "lv" in reply.meta and reply.type == "ready":
+            # The runner showed a beacon we could not read: it is to ping as everyone does.
+            await self._send_quietly("ping", nb=True)
 
     async def _send(self, type_: FrameType, id_: int = 0, payload: Payload = b"", **meta: Any) -> None:
         await self._writer.send(type_, id_, payload, **meta)
@@ -305,14 +310,12 @@ class RunnerConnection:
                         call.add_message_credit(int(frame.meta.get("c", 0)))
                     elif type_ == "recycle":
                         self._on_recycle(str(frame.meta.get("reason", "")))
+                    elif type_ == "ping" and frame.meta.get("r") and self._beacons is not None:
+                        self._spawn(self._send_quietly("ping"))  # it has work in flight: show the channel works
         except ChannelClosed as exc:
             await self._lose(exc.reason)
         except FlameError as exc:
             await self._lose(f"the runner sent an invalid message ({exc})")
-
-    def _idle(self) -> bool:
-        """Nothing in flight either way: a runner on this host proves it lives by its beacon."""
-        return self._peer is not None and not self._calls and self.hub.quiet and not self._shm.owes_ack
 
     async def _heartbeat(self) -> None:
         # One timer per channel that wakes for the next ping or, if sooner, the moment the
@@ -325,20 +328,21 @@ class RunnerConnection:
             silent_until = self._last_seen + self._timeout + 0.001
             await asyncio.sleep(max(0.0, min(next_ping, silent_until) - loop.time()))
             now = loop.time()
-            idle = self._idle()
-            if self._beacon is not None:
-                self._beacon.stamp()
-                if idle:
-                    assert self._peer is not None
-                    self._last_seen = max(self._last_seen, now - self._peer.age())
+            beacons, in_flight, began = self._beacons, bool(self._calls) or not self.hub.quiet, False
+            if beacons is not None:
+                self._last_seen, began = beacons.tick(now, self._last_seen, in_flight)
             if now - self._last_seen > self._timeout:
                 await self._lose(f"no heartbeat for {self._timeout:g} s (network partition or hung runner)",
                                  unreachable=True)
                 return
-            if now >= next_ping:
+            due = now >= next_ping
+            if due:
                 next_ping = now + self._interval
-                if not idle:
+            if beacons is not None and not in_flight:
+                if self._shm.owes_ack:  # the runner keeps a memfd until our next frame says we read it
                     await self._send_quietly("ping")
+            elif began or due:
+                await self._send_quietly("ping", **({"r": True} if beacons is not None else {}))
 
     def _closing(self, reason: str) -> bool:
         """Mark the channel gone, synchronously: from now on no call is placed on this runner."""
@@ -350,14 +354,12 @@ class RunnerConnection:
         return True
 
     def _let_go(self) -> None:
-        """Our beacon reads as stale from now on: a runner we can no longer reach (a cut
-        between network namespaces) ends itself at its next tick instead of living on."""
-        if self._beacon is not None:
-            self._beacon.close()
-            self._beacon = None
-        if self._peer is not None:
-            self._peer.close()
-            self._peer = None
+        """Our beacon reads as stale from now on: a runner we gave up on (its loop stopped,
+        then went on) ends itself at its next tick instead of living on unwatched."""
+        for beacon in (self._offered, self._beacons):
+            if beacon is not None:
+                beacon.close()
+        self._offered = self._beacons = None
 
     def _spawn_loss(self, reason: str) -> None:
         task = asyncio.get_running_loop().create_task(self._report_loss(reason))

@@ -14,6 +14,13 @@ still carries messages (a network namespace cut off with iptables leaves both be
 fresh). What that leaves unseen: a cut between two processes of one host while the
 channel is idle, which the next call finds within the heartbeat timeout.
 
+One side may have something in flight while the other has nothing (an Upload the runner
+holds but has not read yet, a reply on its way): so the pings of a side with something in
+flight ask for an answer (``r``), which the other side sends at once, whatever its own
+state, and a side whose work has just begun reads the peer's beacon one last time and
+pings at once, so that its silence is counted from then, not from the last frame of long
+ago.
+
 Who may do what: a beacon is named only in a signed handshake frame, and opened through
 ``/proc/<pid>/fd``, which only the same user (the kernel's ptrace check) may do; such a
 process can already signal either end. A beacon holds a number, never code: at worst a
@@ -100,9 +107,34 @@ class PeerBeacon:
         age = time.monotonic() - stamp
         # A stamp from the future is no proof of anything (the same clock ticks for both):
         # read it as a fresh one only within a second of now.
-        return age if math.isfinite(age) and age > -1.0 and stamp != _LET_GO else math.inf
+        return max(age, 0.0) if math.isfinite(age) and age > -1.0 and stamp != _LET_GO else math.inf
 
     def close(self) -> None:
         if self._map is not None:
             self._map.close()
             self._map = None
+
+
+class Beacons:
+    """One channel end's beacon and its peer's, and the rule that rests on them."""
+
+    def __init__(self, mine: Beacon, peer: PeerBeacon) -> None:
+        self._mine = mine
+        self._peer = peer
+        self._busy = False  # something was in flight at the last tick
+
+    def tick(self, now: float, last_seen: float, in_flight: bool) -> tuple[float, bool]:
+        """Stamp ours. Return when the peer was last seen alive, on the caller's clock (the
+        beacon counts while nothing is in flight, and once more at the tick that finds
+        something newly in flight), and whether to ping now, asking for an answer (that
+        same tick: the peer is to show the channel works from here on)."""
+        self._mine.stamp()
+        began = in_flight and not self._busy
+        self._busy = in_flight
+        if not in_flight or began:
+            last_seen = max(last_seen, now - self._peer.age())
+        return last_seen, began
+
+    def close(self) -> None:
+        self._mine.close()
+        self._peer.close()

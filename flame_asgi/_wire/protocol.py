@@ -12,7 +12,10 @@ Session (id 0)
                     ``refused`` (``reason``: version skew).
   both ways         ``ping`` every heartbeat interval; any frame shows the peer is alive.
                     Over loopback with both beacons, an idle channel sends none: the
-                    peer's beacon shows it (``_wire.liveness``).
+                    peer's beacon shows it (``_wire.liveness``); a side with something in
+                    flight pings with ``r`` (answer me), which the other answers at once.
+                    A ``ping`` with ``nb`` (parent -> runner): the parent could not read
+                    the runner's beacon, so the runner pings as without one.
   parent -> runner  ``stop``: wind down (linked work is cancelled, unlinked work finishes).
   runner -> parent  ``recycle`` (``reason``): replace this runner (a cancelled thread would
                     not stop).
