@@ -153,3 +153,18 @@ def _refs() -> Iterator[tuple[str, Any]]:
 def test_a_reference_that_names_no_beacon_is_refused_not_trusted() -> None:
     for what, ref in _refs():
         assert PeerBeacon.open(ref) is None, what
+
+
+async def test_a_runner_whose_beacon_the_parent_cannot_read_is_told_to_ping(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The runner read the parent's beacon and showed its own, which the parent (here made
+    # unable to) could not read: the parent says so, and the runner pings as without one.
+    monkeypatch.setattr(PeerBeacon, "open", classmethod(lambda cls, ref: None))
+    backend = ProcessBackend(heartbeat_interval=INTERVAL, heartbeat_timeout=TIMEOUT)
+    shrinks: list[dict[str, Any]] = []
+    async with FlamePool("told", backend=backend, max=1, idle_shutdown_after=None, on_shrink=shrinks.append) as flame:
+        first = await flame.call(remote.pid)
+        (runner,) = booted(flame)
+        assert runner.conn._beacons is None
+        frames = Frames(runner.conn)
+        await asyncio.sleep(4 * TIMEOUT)
+        assert frames.received["ping"] >= 2 and shrinks == [] and await flame.call(remote.pid) == first
