@@ -10,9 +10,12 @@ event loop (so a blocked loop stops it, as it stops the pings), and maps the pee
 beacon read-only. While nothing is in flight, a fresh peer beacon counts as a heartbeat
 and no ping is sent; as soon as a call, a transfer or an unacknowledged shared-memory
 payload is in flight, the pings resume, because only frames prove that the *channel*
-still carries messages (a network namespace cut off with iptables leaves both beacons
-fresh). What that leaves unseen: a cut between two processes of one host while the
-channel is idle, which the next call finds within the heartbeat timeout.
+still carries messages. Beacons are used only where both ends read the other's memfds
+(the shared-memory probe) and each sees the other at a loopback address: a runner in
+another network namespace (which iptables can cut off while both beacons stay fresh), a
+container or another host pings as always. What that leaves unseen: a loopback channel
+cut while idle (a firewall rule on ``lo``, a proxy in between that hangs), which the next
+call finds within the heartbeat timeout.
 
 One side may have something in flight while the other has nothing (an Upload the runner
 holds but has not read yet, a reply on its way): so the pings of a side with something in
