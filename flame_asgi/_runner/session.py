@@ -28,7 +28,7 @@ from flame_asgi._runner.work import Work
 from flame_asgi._wire.channel import Channel, ChannelClosed
 from flame_asgi._wire.codec import Frame, FrameKey, FrameOpener, FrameSealer
 from flame_asgi._wire.keys import RunnerKeys
-from flame_asgi._wire.liveness import Beacon, Beacons, PeerBeacon
+from flame_asgi._wire.liveness import Beacon, Beacons, PeerBeacon, heartbeat
 from flame_asgi._wire.payload import Payload, Pickled
 from flame_asgi._wire.pickling import dumps, loads, pack_exception
 from flame_asgi._wire.protocol import (
@@ -207,25 +207,19 @@ class RunnerSession:
             silent_until = self._last_seen + timeout + 0.001
             await asyncio.sleep(max(0.0, min(next_ping, silent_until) - self.loop.time()))
             now = self.loop.time()
-            beacons, in_flight, began = self._beacons, bool(self._work) or not self.hub.quiet, False
-            if beacons is not None:
-                self._last_seen, began = beacons.tick(now, self._last_seen, in_flight)
-            if now - self._last_seen > timeout:
-                self.end_reason = f"parent unreachable: no message for {timeout:g} s"
-                return
             due = now >= next_ping
             if due:
                 next_ping = now + interval
-            meta: dict[str, Any] = {}
-            if beacons is not None and not in_flight:
-                if not self._shm.owes_ack:
-                    continue
-            elif began or due:
-                meta = {"r": True} if beacons is not None else {}
-            else:
+            self._last_seen, ping = heartbeat(self._beacons, now, self._last_seen, due=due,
+                                              in_flight=bool(self._work) or not self.hub.quiet,
+                                              owes_ack=self._shm.owes_ack)
+            if now - self._last_seen > timeout:
+                self.end_reason = f"parent unreachable: no message for {timeout:g} s"
+                return
+            if ping is None:
                 continue
             try:
-                await self.send("ping", **meta)
+                await self.send("ping", **ping)
             except ChannelClosed:
                 self.end_reason = "parent gone"
                 return

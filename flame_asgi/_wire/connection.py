@@ -19,7 +19,7 @@ from flame_asgi._base.exceptions import BootError, FlameError, RunnerLost, Versi
 from flame_asgi._wire.channel import Channel, ChannelClosed, MemoryChannel
 from flame_asgi._wire.codec import TO_PARENT, TO_RUNNER, FrameOpener, FrameSealer, make_signer
 from flame_asgi._wire.exits import ExitReason, loss_label
-from flame_asgi._wire.liveness import Beacon, Beacons, PeerBeacon
+from flame_asgi._wire.liveness import Beacon, Beacons, PeerBeacon, heartbeat
 from flame_asgi._wire.payload import Payload
 from flame_asgi._wire.pickling import unpack_exception
 from flame_asgi._wire.protocol import (
@@ -328,21 +328,18 @@ class RunnerConnection:
             silent_until = self._last_seen + self._timeout + 0.001
             await asyncio.sleep(max(0.0, min(next_ping, silent_until) - loop.time()))
             now = loop.time()
-            beacons, in_flight, began = self._beacons, bool(self._calls) or not self.hub.quiet, False
-            if beacons is not None:
-                self._last_seen, began = beacons.tick(now, self._last_seen, in_flight)
+            due = now >= next_ping
+            if due:
+                next_ping = now + self._interval
+            self._last_seen, ping = heartbeat(self._beacons, now, self._last_seen, due=due,
+                                              in_flight=bool(self._calls) or not self.hub.quiet,
+                                              owes_ack=self._shm.owes_ack)
             if now - self._last_seen > self._timeout:
                 await self._lose(f"no heartbeat for {self._timeout:g} s (network partition or hung runner)",
                                  unreachable=True)
                 return
-            due = now >= next_ping
-            if due:
-                next_ping = now + self._interval
-            if beacons is not None and not in_flight:
-                if self._shm.owes_ack:  # the runner keeps a memfd until our next frame says we read it
-                    await self._send_quietly("ping")
-            elif began or due:
-                await self._send_quietly("ping", **({"r": True} if beacons is not None else {}))
+            if ping is not None:
+                await self._send_quietly("ping", **ping)
 
     def _closing(self, reason: str) -> bool:
         """Mark the channel gone, synchronously: from now on no call is placed on this runner."""

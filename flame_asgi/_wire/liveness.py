@@ -141,3 +141,20 @@ class Beacons:
     def close(self) -> None:
         self._mine.close()
         self._peer.close()
+
+
+def heartbeat(beacons: Beacons | None, now: float, last_seen: float, *, in_flight: bool, due: bool,
+              owes_ack: bool) -> tuple[float, dict[str, Any] | None]:
+    """One heartbeat tick of either end: when the peer was last seen alive, and the fields
+    of the ping to send now, or None for none.
+
+    Without beacons, a plain ping whenever one is due. With them: while idle, none, except
+    a plain one while the peer keeps a shared-memory payload that only our next frame
+    releases (``owes_ack``); while busy, one asking for an answer (``r``) when due, and at
+    once on the tick that finds work newly in flight."""
+    if beacons is None:
+        return last_seen, {} if due else None
+    last_seen, began = beacons.tick(now, last_seen, in_flight)
+    if not in_flight:
+        return last_seen, {} if owes_ack else None
+    return last_seen, {"r": True} if began or due else None
