@@ -22,11 +22,14 @@ from flame_asgi._base.exceptions import FlameError, PayloadTooLarge, ProtocolErr
 from flame_asgi._base.names import function_name, unwrap
 from flame_asgi._base.parent import ParentInfo, _local_parent, code_version
 from flame_asgi._observe.tracing import remote_span
+from flame_asgi._runner import dataport
+from flame_asgi._runner.dataport import DataEnd
 from flame_asgi._runner.progress import current_reporter
 from flame_asgi._runner.threads import ElasticThreadPool
 from flame_asgi._runner.work import Work
 from flame_asgi._wire.channel import Channel, ChannelClosed
-from flame_asgi._wire.codec import Frame, FrameKey, FrameOpener, FrameSealer
+from flame_asgi._wire.codec import Frame, FrameKey, FrameOpener, FrameSealer, NeedsData
+from flame_asgi._wire.dataplane import DataPlaneError
 from flame_asgi._wire.keys import RunnerKeys
 from flame_asgi._wire.liveness import Beacon, Beacons, PeerBeacon, heartbeat
 from flame_asgi._wire.payload import Payload, Pickled
@@ -58,7 +61,9 @@ class RunnerSession:
         # Only this runner's own keys: it cannot sign for another runner.
         self._shm = SharedMemory()  # large payloads through sealed memory, if the parent is on this host
         self._beacons: Beacons | None = None  # the parent's and ours, if it is on this host: idle means no ping
-        self._opener = FrameOpener(FrameKey(keys.to_runner), info.max_payload, shm=self._shm)
+        self._key_in = FrameKey(keys.to_runner)
+        self._opener = FrameOpener(self._key_in, info.max_payload, shm=self._shm)
+        self._data: DataEnd | None = None  # large payloads beside the WebSocket (_runner.dataport)
         self._signer_out = FrameKey(keys.to_parent)
         self._writer: FrameWriter | None = None
         self._work: dict[int, Work] = {}
@@ -107,6 +112,7 @@ class RunnerSession:
             await channel.aclose(reason)
             self._executor.shutdown(wait=False)
             self._close_beacons()
+            self._close_data()
             return reason
         self._last_seen = self.loop.time()
         reader = self.loop.create_task(self._read_loop(channel))
@@ -123,8 +129,8 @@ class RunnerSession:
     async def _handshake(self, channel: Channel) -> None:
         hello = self._opener.open(await asyncio.wait_for(channel.recv(), self.info.failsafe_timeout))
         assert self._opener.session is not None
-        self._writer = FrameWriter(channel, FrameSealer(self._signer_out, self._opener.session, self.info.max_payload,
-                                                        shm=self._shm))
+        sealer = FrameSealer(self._signer_out, self._opener.session, self.info.max_payload, shm=self._shm)
+        self._writer = FrameWriter(channel, sealer)
         if hello.meta.get("runner") != self.info.runner_id:
             raise ProtocolError("hello for another runner refused")
         mine = self.info.code_version if self.local else code_version(self.info.app)
@@ -143,6 +149,12 @@ class RunnerSession:
                 ours = Beacon()
                 self._beacons = Beacons(ours, peer)
                 extra["lv"] = ours.ref()
+        if dataport.serving and not self._shm.enabled and not self.local:
+            # Large payloads beside the WebSocket (_wire.dataplane), on our own port; ours
+            # wait there for the parent's pull once its probe has shown it can reach us.
+            end = self._data = DataEnd(self._opener.session, self._key_in, self.info.max_payload,
+                                       self.info.heartbeat_timeout, on_reachable=lambda: setattr(sealer, "dp", end))
+            extra["data"] = True
         await self.send("ready", pid=os.getpid(), v=mine, shm=self._shm.enabled, **extra)
         self.ready = True
         if self._on_ready is not None:
@@ -155,7 +167,16 @@ class RunnerSession:
                 self._last_seen = self.loop.time()
                 for data in split(message):
                     try:
-                        frame = self._opener.open(data)
+                        try:
+                            frame = self._opener.open(data)
+                        except NeedsData as need:  # its payload comes on the data plane
+                            if self._data is None:
+                                raise ProtocolError("a data-plane payload on a session without one") from None
+                            frame = self._opener.open(data, await self._data.take(need.key, need.layout))
+                            self._last_seen = self.loop.time()
+                    except DataPlaneError as exc:
+                        self.end_reason = f"a payload's data connection failed ({exc})"
+                        return
                     except FlameError as exc:
                         # A forged or replayed frame on an authenticated channel: stop trusting it.
                         log.warning("runner %s refused a message: %s", self.info.runner_id, exc)
@@ -207,6 +228,8 @@ class RunnerSession:
             silent_until = self._last_seen + timeout + 0.001
             await asyncio.sleep(max(0.0, min(next_ping, silent_until) - self.loop.time()))
             now = self.loop.time()
+            if self._data is not None and self._data.busy:
+                self._last_seen = now  # a payload is moving on the data plane: the parent is there
             due = now >= next_ping
             if due:
                 next_ping = now + interval
@@ -342,6 +365,12 @@ class RunnerSession:
             self._executor.shutdown(wait=False, cancel_futures=True)
         self._shm.close()
         self._close_beacons()
+        self._close_data()
+
+    def _close_data(self) -> None:
+        if self._data is not None:
+            self._data.close()
+            self._data = None
 
     def _close_beacons(self) -> None:
         if self._beacons is not None:

@@ -36,6 +36,9 @@ class Channel(Protocol):
     # The peer is reached over the loopback interface: no network lies between the two
     # processes that a partition could cut (a runner in another network namespace is not).
     loopback: bool
+    # Where the parent may open a data connection of its own to the runner (_wire.dataplane):
+    # the address its WebSocket reached, over plain TCP; None for any other channel.
+    data_address: tuple[Any, ...] | None
 
     async def send(self, data: bytes) -> None: ...
 
@@ -54,6 +57,7 @@ class MemoryChannel:
     """One end of an in-process pair (LocalBackend)."""
 
     loopback = False  # in one process: nothing to watch that the channel itself does not show
+    data_address: tuple[Any, ...] | None = None
 
     def __init__(self) -> None:
         self._inbox: asyncio.Queue[bytes | ChannelClosed] = asyncio.Queue()
@@ -110,6 +114,8 @@ class WebSocketClientChannel:
     def __init__(self, ws: ClientConnection) -> None:
         self._ws = ws
         self.loopback = _is_loopback(ws.remote_address)
+        plain = ws.transport.get_extra_info("sslcontext") is None
+        self.data_address: tuple[Any, ...] | None = tuple(ws.remote_address) if plain else None
 
     async def send(self, data: bytes) -> None:
         try:
@@ -151,6 +157,7 @@ class ASGIWebSocketChannel:
 
     def __init__(self, receive: Receive, send: Send, client: Any = None) -> None:
         self.loopback = _is_loopback(client)  # the ASGI scope's "client": the parent's address
+        self.data_address: tuple[Any, ...] | None = None  # the parent opens data connections, never the runner
         self._receive = receive
         self._send = send
         self._closed = False

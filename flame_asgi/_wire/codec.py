@@ -29,7 +29,7 @@ import json
 import struct
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.poly1305 import Poly1305
 
@@ -38,7 +38,7 @@ from flame_asgi._wire.keys import TO_PARENT as TO_PARENT  # re-exported: the dir
 from flame_asgi._wire.keys import TO_RUNNER as TO_RUNNER
 from flame_asgi._wire.keys import derive
 from flame_asgi._wire.payload import Payload, Pickled, check_layout, keep, parts_of, split
-from flame_asgi._wire.protocol import FrameType
+from flame_asgi._wire.protocol import FrameType, is_transfer
 from flame_asgi._wire.shm import OVERLAP_MIN, SharedMemory, SharedMemoryError
 
 MAX_AGE_SECONDS = 60
@@ -47,7 +47,7 @@ _SIG = 32  # HMAC-SHA256
 _MAX_HEADER = 64 * 1024
 _ZEROS = bytes(16)
 MAC_MIN = 16 * 1024  # payloads from this size are checked with Poly1305, smaller ones with SHA-256
-_RESERVED = frozenset({"s", "n", "t", "i", "d", "m", "ts", "sh", "a", "b"})  # header fields the codec owns
+_RESERVED = frozenset({"s", "n", "t", "i", "d", "m", "ts", "sh", "a", "b", "dp", "z"})  # header fields the codec owns
 _encode_header = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps(..., separators) builds one per call
 _decode_header = json.JSONDecoder().decode
 _tagger: concurrent.futures.ThreadPoolExecutor | None = None  # made on first use: never before a fork
@@ -115,6 +115,24 @@ def make_signer(secret: bytes, runner_id: str, direction: str) -> FrameKey:
     return FrameKey(derive(secret, runner_id, direction))
 
 
+class DataPlane(Protocol):
+    """Where a sealer leaves payloads that travel beside the channel (``_wire.dataplane``)."""
+
+    def wants(self, size: int) -> bool: ...
+
+    def put(self, seq: int, parts: Sequence[bytes | memoryview]) -> int: ...
+
+
+class NeedsData(Exception):
+    """A verified frame whose payload travels on the data plane: fetch it, then open the
+    frame again with it (``FrameOpener.open(frame, external=...)``)."""
+
+    def __init__(self, key: int, layout: list[int]) -> None:
+        super().__init__(key)
+        self.key = key
+        self.layout = layout
+
+
 @dataclasses.dataclass(frozen=True)
 class Frame:
     type: str  # as received: _protocol's is_* guards narrow it to a FrameType
@@ -142,6 +160,7 @@ class FrameSealer:
         self._max_payload = max_payload
         self._clock = clock
         self._shm = shm
+        self.dp: DataPlane | None = None  # set once the peer's data plane answered
 
     def seal(self, type_: FrameType, id_: int = 0, payload: Payload = b"", **meta: Any) -> bytes:
         if len(payload) > self._max_payload:
@@ -157,7 +176,16 @@ class FrameSealer:
         if isinstance(payload, Pickled):
             header["b"] = payload.layout
         to_shm = self._shm is not None and self._shm.wants(len(payload))
+        # A stream's chunks stay on the channel: they are many, in a window, and each a
+        # connection of its own would cost more than it saves.
+        to_dp = not to_shm and self.dp is not None and not is_transfer(type_) and self.dp.wants(len(payload))
         field, check = self._key.start_check(self.session, self._seq, parts, to_shm) if payload else ("", None)
+        if to_dp:
+            assert self.dp is not None
+            header["dp"] = self.dp.put(self._seq, parts)
+            if not isinstance(payload, Pickled):
+                header["z"] = len(payload)
+            parts = ()
         if self._shm is not None:
             ack = self._shm.take_ack()
             if ack:
@@ -184,7 +212,7 @@ class FrameOpener:
         self._max_payload = max_payload
         self._shm = shm
 
-    def open(self, frame: bytes) -> Frame:
+    def open(self, frame: bytes, external: Sequence[bytes] | None = None) -> Frame:
         if len(frame) < _LEN.size:
             raise ProtocolError("truncated frame")
         (hlen,) = _LEN.unpack_from(frame)
@@ -221,7 +249,20 @@ class FrameOpener:
         tag = header.pop("m", None)
         ref = header.pop("sh", None)
         layout = header.pop("b", None)
+        elsewhere, size = header.pop("dp", None), header.pop("z", None)
         session, seq = header["s"], header["n"]
+        if elsewhere is not None:  # the payload travels on the data plane
+            wanted = layout if layout is not None else [size]
+            if (payload or ref is not None or type(elsewhere) is not int or not isinstance(wanted, list)
+                    or not all(type(n) is int and n >= 0 for n in wanted)):
+                raise ProtocolError("malformed data-plane reference")
+            if sum(wanted) > self._max_payload:
+                raise PayloadTooLarge(f"message of {sum(wanted):,} bytes exceeds the "
+                                      f"{self._max_payload:,}-byte limit")
+            if external is None:
+                raise NeedsData(elsewhere, wanted)
+            if [len(part) for part in external] != wanted:
+                raise ProtocolError("the data-plane payload does not match its layout")
 
         def start_check(parts: Sequence[bytes | memoryview]) -> tuple[str, Callable[[], str]]:
             return self._key.start_check(session, seq, parts)
@@ -232,6 +273,9 @@ class FrameOpener:
                 if payload or self._shm is None:
                     raise ProtocolError("unexpected shared-memory reference")
                 parts, (field, check) = self._shm.get(seq, ref, self._max_payload, layout, start_check)
+            elif external is not None:
+                parts = external
+                field, check = start_check(parts)
             else:
                 if layout is not None:  # the parts are checked one by one, as they were tagged
                     parts = split(payload, check_layout(layout, len(payload)))
@@ -244,7 +288,7 @@ class FrameOpener:
         received: memoryview | Pickled
         if layout is None:  # one piece: in the frame, or one mapping
             received = memoryview(parts[0])
-        elif ref is not None:  # read from shared memory part by part, as ``bytes``
+        elif ref is not None or external is not None:  # read part by part, as ``bytes``
             received = Pickled(parts[0], parts[1:])
         else:  # copied while the check runs; unpickled (by the caller) only if it passes
             received = keep(parts)

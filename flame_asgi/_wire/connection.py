@@ -10,14 +10,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import logging
 import os
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from flame_asgi._base.exceptions import BootError, FlameError, RunnerLost, VersionSkew
+from flame_asgi._base.exceptions import BootError, FlameError, ProtocolError, RunnerLost, VersionSkew
 from flame_asgi._wire.channel import Channel, ChannelClosed, MemoryChannel
-from flame_asgi._wire.codec import TO_PARENT, TO_RUNNER, FrameOpener, FrameSealer, make_signer
+from flame_asgi._wire.codec import TO_PARENT, TO_RUNNER, FrameOpener, FrameSealer, NeedsData, make_signer
+from flame_asgi._wire.dataplane import DATA_MIN, DataClient, DataPlaneError
 from flame_asgi._wire.exits import ExitReason, loss_label
 from flame_asgi._wire.liveness import Beacon, Beacons, PeerBeacon, heartbeat
 from flame_asgi._wire.payload import Payload
@@ -37,6 +39,8 @@ from flame_asgi._wire.shm import available as shm_available
 from flame_asgi._wire.shm import probe as shm_probe
 from flame_asgi._wire.transfer import TransferHub, forget
 from flame_asgi._wire.writer import FrameWriter, split
+
+log = logging.getLogger("flame_asgi.pool")
 
 
 class RemoteCall:
@@ -148,6 +152,20 @@ class RemoteCall:
             self._on_finish()
 
 
+class _Pushes:
+    """The sealer's data plane on the parent: each large payload pushed, in order."""
+
+    def __init__(self, connection: RunnerConnection) -> None:
+        self._connection = connection
+
+    def wants(self, size: int) -> bool:
+        return size >= DATA_MIN and self._connection.closed is None
+
+    def put(self, seq: int, parts: Sequence[bytes | memoryview]) -> int:
+        self._connection._spawn(self._connection._push(seq, parts))
+        return seq
+
+
 class RunnerConnection:
     """One runner's channel as seen from the parent."""
 
@@ -185,6 +203,7 @@ class RunnerConnection:
         self._shm = SharedMemory()
         self._offered: Beacon | None = None  # ours, named in the hello, until the runner shows one
         self._beacons: Beacons | None = None  # both, for a runner on this host: idle means no ping
+        self._data: DataClient | None = None  # large payloads beside the WebSocket (_wire.dataplane)
 
     async def handshake(self, version: str) -> None:
         try:
@@ -195,8 +214,8 @@ class RunnerConnection:
 
     async def _handshake(self, version: str) -> None:
         session = secrets.token_hex(16)
-        sealer = FrameSealer(make_signer(self._secret, self.runner_id, TO_RUNNER), session, self._max_payload,
-                             shm=self._shm)
+        to_runner = make_signer(self._secret, self.runner_id, TO_RUNNER)
+        sealer = FrameSealer(to_runner, session, self._max_payload, shm=self._shm)
         self._writer = FrameWriter(self._channel, sealer)
         self._opener = FrameOpener(make_signer(self._secret, self.runner_id, TO_PARENT), self._max_payload, session,
                                    shm=self._shm)
@@ -238,6 +257,38 @@ class RunnerConnection:
         if self._beacons is None and "lv" in reply.meta and reply.type == "ready":
             # The runner showed a beacon we could not read: it is to ping as everyone does.
             await self._send_quietly("ping", nb=True)
+        address = self._channel.data_address
+        if reply.meta.get("data") and not self._shm.enabled and address is not None:
+            # Large payloads beside the WebSocket (_wire.dataplane), once a probe shows the
+            # path carries a connection of ours: probed in the background, the first call
+            # does not wait for it.
+            self._data = DataClient(address, to_runner, session, self._timeout)
+            self._spawn(self._probe_data(sealer))
+
+    async def _probe_data(self, sealer: FrameSealer) -> None:
+        assert self._data is not None
+        if await self._data.probe():
+            sealer.dp = _Pushes(self)
+        else:
+            log.info("runner %s: its data plane did not answer; large payloads stay on the WebSocket",
+                     self.runner_id)
+
+    async def _push(self, seq: int, parts: Sequence[bytes | memoryview]) -> None:
+        assert self._data is not None
+        try:
+            await self._data.push(seq, parts)
+        except DataPlaneError as exc:
+            await self._lose(f"a payload's data connection failed ({exc})", unreachable=True)
+
+    async def _pull(self, need: NeedsData) -> list[bytes]:
+        if self._data is None or not self._data.ready:
+            raise ProtocolError("the runner named a data-plane payload on a channel without one")
+        try:
+            parts = await self._data.pull(need.key, need.layout)
+        except DataPlaneError as exc:
+            raise ChannelClosed(f"a payload's data connection failed ({exc})") from None
+        self._last_seen = asyncio.get_running_loop().time()  # it moved every byte meanwhile
+        return parts
 
     async def _send(self, type_: FrameType, id_: int = 0, payload: Payload = b"", **meta: Any) -> None:
         await self._writer.send(type_, id_, payload, **meta)
@@ -296,7 +347,10 @@ class RunnerConnection:
                 message = await self._channel.recv()
                 self._last_seen = loop.time()
                 for raw in split(message):
-                    frame = self._opener.open(raw)
+                    try:
+                        frame = self._opener.open(raw)
+                    except NeedsData as need:  # its payload is on the data plane: fetch it first
+                        frame = self._opener.open(raw, await self._pull(need))
                     type_ = frame.type
                     if is_transfer(type_):
                         self.hub.handle(type_, frame.meta, frame.whole())
@@ -328,6 +382,8 @@ class RunnerConnection:
             silent_until = self._last_seen + self._timeout + 0.001
             await asyncio.sleep(max(0.0, min(next_ping, silent_until) - loop.time()))
             now = loop.time()
+            if self._data is not None and self._data.busy:
+                self._last_seen = now  # a payload is moving on the data plane: the runner is there
             due = now >= next_ping
             if due:
                 next_ping = now + self._interval

@@ -12,6 +12,9 @@ The server is ``QuietServer``: uvicorn's main loop wakes ten times a second to s
 it should exit, which an idle runner pays for all its life (and a parent with hundreds of
 runners pays hundreds of times); this one wakes every five seconds (the Date header a
 runner's internal replies carry is that coarse), and at once when a signal asks it to exit.
+
+Its HTTP protocol is uvicorn's own (``auto``), wrapped so that the parent's data
+connections (``_runner.dataport``) share the port.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from flame_asgi._base.settings import RUNNER_KEYS
+from flame_asgi._runner import dataport
 
 
 class QuietServer(uvicorn.Server):
@@ -61,8 +66,12 @@ def serve(app: str, fd: int, *, log_level: str, ws_max_size: int, graceful: int)
     # Inherited from the backend, so inheritable: under uvloop (uvicorn[standard]) every
     # subprocess the app starts (ffmpeg, say) would get the runner's listening socket.
     sock.set_inheritable(False)
+    # uvicorn's own HTTP protocol, behind one that also takes the parent's data connections
+    # on this port (large payloads beside the WebSocket: _runner.dataport).
+    dataport.serving = True
     config = uvicorn.Config(app, lifespan="on", log_level=log_level, access_log=False, ws_max_size=ws_max_size,
-                            ws_per_message_deflate=False, timeout_graceful_shutdown=graceful)
+                            ws_per_message_deflate=False, timeout_graceful_shutdown=graceful,
+                            http=dataport.sniffing(AutoHTTPProtocol))  # type: ignore[arg-type]
     server = QuietServer(config)
     server.run(sockets=[sock])
     return 0 if server.started else 3  # uvicorn's own code for a failed startup

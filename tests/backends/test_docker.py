@@ -62,6 +62,10 @@ async def nap(seconds: float) -> str:
     return where()[1]
 
 
+def echo(data: bytes) -> tuple[bytes, bool]:
+    return data, os.path.exists("/.dockerenv")
+
+
 def hog(mib: int) -> int:
     return len(b"\x01" * (mib << 20))  # touches every page, unlike bytearray(n)
 
@@ -200,6 +204,23 @@ async def test_call_and_stream_run_in_a_limited_container(docker: Docker, backen
         env = {e.partition("=")[0] for e in info["Config"]["Env"]}
         assert {"FLAME_PARENT", "FLAME_RUNNER_KEYS", "PYTHONPATH"} <= env and "HOME" not in env  # not the parent's env
         assert "FLAME_SECRET" not in env  # the runner's own keys, never the parent's root secret
+
+
+async def test_large_payloads_take_the_data_plane_through_the_published_port(docker: Docker,
+                                                                            backend: Factory) -> None:
+    # The container's memory is not the parent's: large payloads cross on a TCP connection
+    # of their own to the runner's published port, beside the WebSocket (_wire.dataplane).
+    async with FlamePool("dk-data", backend=backend(), boot_timeout=20, timeout=60) as pool:
+        await pool.call(where)
+        (runner,) = pool._runners
+        data_client = runner.conn._data
+        assert data_client is not None
+        await eventually(lambda: asyncio.sleep(0, data_client.ready))
+        data = os.urandom(3 << 20)
+        before = data_client._counter
+        back, in_container = await pool.call(echo, data)
+        assert back == data and in_container
+        assert data_client._counter == before + 2  # one push, one pull
 
 
 async def test_runners_share_the_parents_limits_and_get_their_whole_grace_period(
