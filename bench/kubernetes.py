@@ -13,6 +13,10 @@ Docker containers, on 127.0.0.1), started for this family and stopped after it.
   its runner Pod is created, scheduled, started, connected to and handed the call: time to
   the result. A fresh pool each round.
 - ``warm_call``: p50 of calls to a booted runner Pod.
+- ``payload_100MB``: a 100 MB ``bytes`` argument echoed back by that runner Pod: MB/s =
+  size / round trip. The Pod is another pid namespace, so the payload cannot go through
+  shared memory: it crosses on the data plane, a TCP connection of its own beside the
+  WebSocket, to the Pod's port.
 
 Needs root, Docker and the cluster's build (``bash .ci/kubernetes.sh``, cached); without
 them the family is recorded as unavailable, with the reason.
@@ -31,6 +35,7 @@ from typing import Any
 from bench import tasks
 from bench._config import Config
 from bench._measure import best_time, now, ratio, timed_calls, unavailable
+from bench.payload import echo_rates
 from flame_asgi import FlamePool
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -75,8 +80,9 @@ async def _measure(cluster: Any, cfg: Config) -> dict[str, Any]:
         template = {"spec": {"volumes": volumes, "containers": [{"volumeMounts": mounts}]}}
         floor = best_time([await _create_to_ready(api, volumes, mounts, n) for n in range(cfg.cold_rounds)])
         cold = best_time([await _cold_call(admin, template, parent) for _ in range(cfg.cold_rounds)])
-        warm = await _warm(admin, template, cfg)
+        warm, payload = await _warm(admin, template, cfg)
     return {"available": True, "pod_create_to_ready": floor, "cold_call": cold, "warm_call": warm,
+            "payload_100MB": payload,
             "ratios": {"cold_call_over_pod_ready": ratio(cold["best_ms"], floor["best_ms"])}}
 
 
@@ -127,12 +133,13 @@ async def _cold_call(admin: Any, template: dict[str, Any], parent: Any) -> float
         return now() - start
 
 
-async def _warm(admin: Any, template: dict[str, Any], cfg: Config) -> dict[str, Any]:
+async def _warm(admin: Any, template: dict[str, Any], cfg: Config) -> tuple[dict[str, Any], dict[str, Any]]:
     trivial = tasks.make_closure(1)
     async with FlamePool("bench-k8s-warm", backend=_backend(admin, template), min=1, max=1,
                          boot_timeout=120.0) as pool:
         samples = await timed_calls(lambda: pool.call(trivial), cfg.latency_calls, cfg.latency_warmup)
+        payload = await echo_rates(pool, 100, cfg.payload_rounds[-1], " through KubernetesBackend")
     ordered = sorted(samples)
     return {"p50_us": round(ordered[len(ordered) // 2] * 1e6, 1),
             "p99_us": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1e6, 1),
-            "calls": len(samples)}
+            "calls": len(samples)}, payload

@@ -245,6 +245,8 @@ def _kubernetes(k: P) -> list[Row]:
          f"ours/Pod Ready {times(get(k, 'ratios', 'cold_call_over_pod_ready'))}"),
         ("KubernetesBackend (real cluster): warm call p50", cell(k, "warm_call", "p50_us", unit="us"), "", "",
          f"p99 {cell(k, 'warm_call', 'p99_us', unit='us')}", ""),
+        ("KubernetesBackend (real cluster): payload round trip 100MB", cell(k, "payload_100MB", "mb_per_s",
+                                                                             unit="MB/s"), "", "", "", ""),
     ]
 
 

@@ -168,6 +168,8 @@ TARGETS: list[tuple[str, str, str, float, bool]] = [
     ("payload_100mb_vs_ray", "100 MB argument round trip at least 2x Ray's (ProcessBackend)", "x", 2.0, False),
     ("payload_100mb_docker", "100 MB argument round trip over DockerBackend's network at >= 300 MB/s", "MB/s",
      300.0, False),
+    ("payload_100mb_kubernetes", "100 MB argument round trip to a KubernetesBackend runner Pod (real cluster) at "
+     ">= 300 MB/s", "MB/s", 300.0, False),
     ("stream_upload", "Upload to a runner at >= 300 MB/s", "MB/s", 300.0, False),
     ("stream_download", "RemoteBytes back from a runner at >= 300 MB/s", "MB/s", 300.0, False),
     ("stream_memory", "streams keep the parent's memory bounded: peak RSS growth <= 64 MB", "MB", 64.0, True),
@@ -188,6 +190,7 @@ def targets(m: P) -> list[P]:
     w, t, p = m["warm_call"], m["throughput"], m["payload"]
     c, s, d, b = m["cold"], m["streams"]["ours"], m["docker"]["ours"], m["burst"]["ours"]
     sim = m["pool_bookkeeping"]["ours"]
+    k8s = m.get("kubernetes", {}).get("ours", NO_PEER)
     idle = m.get("idle", {}).get("ours", NO_PEER)
     at_150 = next((pt for pt in get(idle, "points") or [] if pt.get("runners") == 150), {})
     ray_lat, ray_tput, ray_pay = w["peers"]["ray"], t["peers"]["ray"], p["peers"]["ray"]
@@ -209,6 +212,8 @@ def targets(m: P) -> list[P]:
         "payload_100mb_vs_ray": (p["ratios"].get("100MB_ours_over_ray"), "ours MB/s / Ray MB/s",
                                  [p["ours"], ray_pay]),
         "payload_100mb_docker": (get(d, "payload_100MB", "mb_per_s"), "size / round trip, best round", [d]),
+        "payload_100mb_kubernetes": (get(k8s, "payload_100MB", "mb_per_s"), "size / round trip, best round, "
+                                     "one runner Pod on the single-node cluster", [k8s]),
         "stream_upload": (get(s, "upload", "mb_per_s"), f"{get(s, 'size_mb')} MB file, best round", [s]),
         "stream_download": (get(s, "download", "mb_per_s"), f"{get(s, 'size_mb')} MB, best round", [s]),
         "stream_memory": (get(s, "parent_peak_growth_mb"),

@@ -350,6 +350,7 @@ class Runners:
                 on_lost=functools.partial(self._runner_lost, rid),
                 on_recycle=functools.partial(self._recycle, rid),
                 on_closing=functools.partial(self._fence, rid),
+                describe_timeout=self.backend.describe_loss_timeout,
             )
             await conn.handshake(spec.info.code_version)
         except BaseException:

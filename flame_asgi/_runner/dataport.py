@@ -40,7 +40,10 @@ from flame_asgi._wire.dataplane import (
 
 log = logging.getLogger("flame_asgi.runner")
 REQUEST_TIMEOUT = 10.0
-MAX_PENDING = 16  # pushed payloads not yet claimed by their frame, per session
+# Pushed payloads not yet claimed by their frame, per session. Only the parent can push
+# (requests are signed), and each push waits for the one before it, so this bounds a
+# parent gone wrong, not a stranger; its frames are claimed as they arrive.
+MAX_PENDING = 256
 
 serving = False  # set by _serve before uvicorn starts: this process's port speaks the data plane
 _ends: dict[str, DataEnd] = {}

@@ -182,6 +182,7 @@ class RunnerConnection:
         on_lost: Callable[[str, str], None],
         on_recycle: Callable[[str], None],
         on_closing: Callable[[], None] = lambda: None,
+        describe_timeout: float = 1.5,
     ) -> None:
         self.runner_id = runner_id
         self._channel = channel
@@ -190,6 +191,7 @@ class RunnerConnection:
         self._interval = heartbeat_interval
         self._timeout = heartbeat_timeout
         self._describe_loss = describe_loss
+        self._describe_timeout = describe_timeout
         self._on_lost = on_lost
         self._on_recycle = on_recycle
         self._on_closing = on_closing
@@ -281,7 +283,9 @@ class RunnerConnection:
             await self._lose(f"a payload's data connection failed ({exc})", unreachable=True)
 
     async def _pull(self, need: NeedsData) -> list[bytes]:
-        if self._data is None or not self._data.ready:
+        # Not ``ready``: the runner names payloads there once our probe reached it, which
+        # may be before the probe's answer is back here.
+        if self._data is None:
             raise ProtocolError("the runner named a data-plane payload on a channel without one")
         try:
             parts = await self._data.pull(need.key, need.layout)
@@ -431,7 +435,7 @@ class RunnerConnection:
         try:
             # Long enough for a backend to ask its API how the runner ended; a process
             # backend answers in milliseconds.
-            ended = await asyncio.wait_for(self._describe_loss(), 1.5)
+            ended = await asyncio.wait_for(self._describe_loss(), self._describe_timeout)
         except (TimeoutError, Exception):
             ended = None
         why = f"{reason}; {ended}" if ended else reason

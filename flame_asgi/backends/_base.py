@@ -78,6 +78,9 @@ class Backend(abc.ABC):
     heartbeat_interval: float = 2.5
     heartbeat_timeout: float = 10.0
     stop_timeout: float = 5.0  # how long a stopping runner gets before it is killed
+    # How long a lost runner's calls wait for ``exit_reason`` to say how it ended. A node
+    # agent that reports exits on a period (the kubelet) needs longer than a process table.
+    describe_loss_timeout: float = 1.5
     boots_app: ClassVar[bool] = True  # runners boot the app by its import string (not LocalBackend)
     # Runners kept prepared ahead (created, not started: a container, a stopped machine),
     # so a boot is a start. Only backends that implement ``prepare`` take it as an option.

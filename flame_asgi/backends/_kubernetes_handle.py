@@ -129,9 +129,9 @@ class KubernetesRunnerHandle(RunnerHandle):
         if self._stopped:
             return None
         pod: dict[str, Any] | None = {}
-        # The channel often drops before the node has reported the exit: look again for a
-        # second (the pool gives us 1.5 s).
-        give_up = asyncio.get_running_loop().time() + 1.0
+        # The channel often drops before the node has reported the exit: look again for
+        # 4.5 s (the backend's describe_loss_timeout is 5 s).
+        give_up = asyncio.get_running_loop().time() + 4.5
         with contextlib.suppress(Exception):
             while True:
                 pod = await self._get()

@@ -131,6 +131,10 @@ class KubernetesBackend(Backend):
         self.stop_timeout = stop_timeout
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
+        # The kubelet relists its containers every second and then patches the Pod's
+        # status: under load an OOM kill or crash reaches the API a few seconds after the
+        # channel drops, and the call should fail with that reason, not "unreachable".
+        self.describe_loss_timeout = 5.0
         self.id = secrets.token_hex(4)  # labels this backend's Pods and Secrets
         self._config: Any = None
         self._client: AsyncClient | None = None
