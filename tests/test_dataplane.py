@@ -119,6 +119,8 @@ async def test_a_stranger_on_the_runners_port_gets_nothing_and_costs_nothing(poo
     }
     for what, request in refused.items():
         assert await asyncio.to_thread(answer, request, addr) == b"", what
+    # Bytes that begin like the magic and then are not go to uvicorn, which answers them.
+    assert await asyncio.to_thread(answer, b"FLAMINGO / HTTP/1.1\r\nHost: x\r\n\r\n", addr) == b"H"
     # The same port still serves HTTP (and the parent's WebSocket) as before.
     async with httpx.AsyncClient() as http:
         assert (await http.get(f"http://{addr[0]}:{addr[1]}/_flame/health")).status_code == 200

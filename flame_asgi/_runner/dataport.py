@@ -184,9 +184,7 @@ class _Sniffer(asyncio.Protocol):
         rest = self._buffer[len(MAGIC):]
         size = request_size(rest) if len(head) == len(MAGIC) else None
         if size is None:
-            if len(self._buffer) > len(MAGIC) + 2:
-                self._drop()
-            return
+            return  # the magic, or the request's length, is still on its way
         if size > MAX_REQUEST + 64 or len(rest) > size:
             self._drop()  # too long, or more than a request before our answer: not our parent
         elif len(rest) == size:
@@ -195,6 +193,8 @@ class _Sniffer(asyncio.Protocol):
 
     def _hand_over(self) -> None:
         assert self._transport is not None
+        if self._timer is not None:  # it began like the magic, then was not: uvicorn's timeouts now
+            self._timer.cancel()
         protocol = self._inner()
         protocol.connection_made(self._transport)
         self._transport.set_protocol(protocol)
