@@ -24,6 +24,7 @@ from flame_asgi._base.exceptions import BootError, VersionSkew
 from flame_asgi._base.parent import ParentInfo, code_version, parent_address, runner_mode
 from flame_asgi._base.secret import channel_secret
 from flame_asgi._base.settings import MAX_PAYLOAD
+from flame_asgi._base.ticks import on_grid
 from flame_asgi._observe import telemetry
 from flame_asgi._pool.config import Hook, PoolConfig
 from flame_asgi._pool.standby import Standby
@@ -408,9 +409,12 @@ class Runners:
         c = self.config
         idle_after, min_idle_after, predicate = c.idle_after, c.min_idle_shutdown_after, c.idle_predicate
         thresholds = [t for t in (idle_after, min_idle_after) if t is not None]
-        tick = max(0.02, min(1.0, min(thresholds) / 5)) if thresholds else 1.0
+        if not thresholds:
+            return  # no runner ever idles away: a sweep would wake the loop for nothing
+        tick = max(0.02, min(1.0, min(thresholds) / 5))
         while True:
-            await asyncio.sleep(tick)
+            # On the heartbeats' grid (_base.ticks): the sweep shares their wake.
+            await asyncio.sleep(max(0.0, on_grid(self.loop.time() + tick, tick, parts=1) - self.loop.time()))
             for rid in self._state.idle_runners(self.loop.time(), idle_after, min_idle_after):
                 if predicate is None:
                     self._spawn(self.stop(rid, "idle"))

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from flame_asgi._base.exceptions import BootError, FlameError, ProtocolError, RunnerLost, VersionSkew
+from flame_asgi._base.ticks import on_grid
 from flame_asgi._wire.channel import Channel, ChannelClosed, MemoryChannel
 from flame_asgi._wire.codec import TO_PARENT, TO_RUNNER, FrameOpener, FrameSealer, NeedsData, make_signer
 from flame_asgi._wire.dataplane import DATA_MIN, DataClient, DataPlaneError
@@ -380,8 +381,10 @@ class RunnerConnection:
         # runner's silence reaches the timeout: the loss is seen at the timeout, not up to an
         # interval later, whatever the interval. An idle channel to a runner on this host
         # sends no ping: each tick stamps our beacon and reads the runner's (_wire.liveness).
+        # Pings fall on a grid shared by every channel of this loop (_base.ticks): one wake
+        # of an idle parent serves all its runners' heartbeats, not one wake per runner.
         loop = asyncio.get_running_loop()
-        next_ping = loop.time() + self._interval
+        next_ping = on_grid(loop.time() + self._interval, self._interval)
         while True:
             silent_until = self._last_seen + self._timeout + 0.001
             await asyncio.sleep(max(0.0, min(next_ping, silent_until) - loop.time()))
@@ -390,7 +393,7 @@ class RunnerConnection:
                 self._last_seen = now  # a payload is moving on the data plane: the runner is there
             due = now >= next_ping
             if due:
-                next_ping = now + self._interval
+                next_ping = on_grid(now + self._interval, self._interval)
             self._last_seen, ping = heartbeat(self._beacons, now, self._last_seen, due=due,
                                               in_flight=bool(self._calls) or not self.hub.quiet,
                                               owes_ack=self._shm.owes_ack)
