@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
 import signal
 from collections.abc import Iterator
@@ -171,3 +172,35 @@ async def test_a_runner_whose_beacon_the_parent_cannot_read_is_told_to_ping(monk
         frames = Frames(runner.conn)
         await asyncio.sleep(4 * TIMEOUT)
         assert frames.received["ping"] >= 2 and shrinks == [] and await flame.call(remote.pid) == first
+
+
+async def test_the_parents_ticks_for_every_runner_fall_on_one_grid(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Eight runners booted at different moments: the parent's heartbeat ticks for all of
+    # them land on the instants of one grid (a step of 0.5 s for a 2 s interval), so one
+    # wake of its loop serves them all. Each tick runs at its grid point plus the loop's
+    # lateness; without the grid, eight channels' phases would fall anywhere in the step.
+    from flame_asgi._base.ticks import grid_step
+    from flame_asgi._wire import connection
+
+    interval = 2.0
+    step = grid_step(interval)
+    ticks: dict[int, list[float]] = collections.defaultdict(list)
+    real = connection.heartbeat
+
+    def recording(beacons: Any, now: float, last_seen: float, **kw: Any) -> Any:
+        ticks[id(beacons)].append(now)
+        return real(beacons, now, last_seen, **kw)
+
+    monkeypatch.setattr(connection, "heartbeat", recording)
+    backend = ProcessBackend(heartbeat_interval=interval, heartbeat_timeout=10.0)
+    async with contextlib.AsyncExitStack() as stack:
+        for n in range(8):  # one runner after another: eight different starting moments
+            flame = await stack.enter_async_context(FlamePool(f"grid{n}", backend=backend, max=1,
+                                                              idle_shutdown_after=None))
+            await flame.call(remote.pid)
+            await asyncio.sleep(0.13)
+        ticks.clear()
+        await asyncio.sleep(2 * interval + 0.5)
+    assert len(ticks) == 8 and all(len(t) >= 2 for t in ticks.values()), ticks
+    lateness = [now % step for t in ticks.values() for now in t]
+    assert max(lateness) < step / 2, sorted(lateness)
