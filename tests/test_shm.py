@@ -4,6 +4,7 @@ refuses, and that the memory is freed."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import json
 import os
@@ -147,3 +148,87 @@ async def test_process_runners_use_shared_memory_and_free_it(tmp_path: object) -
         assert await pool.call(remote.echo, data) == data
         assert not next(iter(pool._runners)).conn._shm.enabled  # in-process: nothing to share
     await asyncio.sleep(0)
+
+
+
+class Refusals:
+    """Whether sealing is refused now, and each errno the kernel answered."""
+
+    def __init__(self) -> None:
+        self.active = True
+        self.errnos: list[int] = []
+
+
+@pytest.fixture
+def kernel_refuses_seals(monkeypatch: pytest.MonkeyPatch) -> Refusals:
+    """While ``active``, every memfd this process seals has a writable shared mapping when
+    the seal is asked for, so the kernel itself answers EBUSY (as CI once saw it do for pages
+    it still counted as in use)."""
+    import mmap as mmap_module
+
+    from flame_asgi._wire import shm
+
+    refusals, real = Refusals(), fcntl.fcntl
+
+    def fcntl_with_a_mapping(fd: int, cmd: int, arg: int = 0) -> int:
+        if cmd != fcntl.F_ADD_SEALS or not refusals.active:
+            return real(fd, cmd, arg)
+        with mmap_module.mmap(fd, os.fstat(fd).st_size, mmap_module.MAP_SHARED, mmap_module.PROT_WRITE):
+            try:
+                return real(fd, cmd, arg)
+            except OSError as exc:
+                refusals.errnos.append(exc.errno)
+                raise
+
+    monkeypatch.setattr(shm.fcntl, "fcntl", fcntl_with_a_mapping)
+    return refusals
+
+
+def test_a_payload_the_kernel_will_not_seal_travels_in_its_frame_and_the_channel_goes_on(
+        kernel_refuses_seals: Refusals) -> None:
+    sealer, opener, sender, _ = pair()
+    payload = os.urandom(SHM_MIN * 4)
+    frame = sealer.seal("call", 1, payload)
+    assert kernel_refuses_seals.errnos == [errno.EBUSY]  # the kernel's own refusal, not a stand-in
+    assert frame.endswith(payload) and memfds(os.getpid()) == 0  # in the frame; no memfd left open
+    assert bytes(opener.open(frame).payload) == payload
+    pickled = dumps([payload, payload[:SHM_MIN]], "out of band")
+    assert loads(opener.open(sealer.seal("result", 2, pickled)).payload) == [payload, payload[:SHM_MIN]]
+    sender.close()
+
+
+def test_a_frame_that_fails_to_seal_leaves_no_gap_in_the_sequence(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The peer refuses a sequence number that skips one as a replay and ends the session: a
+    # frame that was never sent must not use one up.
+    sealer, opener, sender, _ = pair()
+    assert opener.open(sealer.seal("call", 1, b"first")).id == 1
+
+    def broken(seq: int, parts: object) -> None:
+        raise MemoryError("no room for the payload")
+
+    monkeypatch.setattr(sender, "put", broken)
+    with pytest.raises(MemoryError):
+        sealer.seal("call", 2, os.urandom(SHM_MIN))
+    monkeypatch.undo()
+    assert opener.open(sealer.seal("call", 3, b"after")).id == 3  # it has sequence number 2: accepted
+    sender.close()
+
+
+async def test_a_pool_whose_kernel_will_not_seal_memfds_still_carries_large_payloads(
+        kernel_refuses_seals: Refusals) -> None:
+    # Sealing is refused in this process (the parent) only: the runner's memfds still seal.
+    data, small = os.urandom(3 * 1024 * 1024), os.urandom(SHM_MIN)
+    async with FlamePool("no-seal", backend=ProcessBackend()) as pool:  # refused at the handshake
+        assert await pool.call(remote.echo, data) == data
+        assert not next(iter(pool._runners)).conn._shm.enabled  # no shared memory on this channel
+        assert kernel_refuses_seals.errnos == [errno.EBUSY]
+    kernel_refuses_seals.active = False
+    async with FlamePool("seal-then-not", backend=ProcessBackend(), max_concurrency=4) as pool:
+        assert await pool.call(remote.echo, data) == data
+        runner = next(iter(pool._runners))
+        assert runner.conn._shm.enabled
+        kernel_refuses_seals.active = True  # refused from now on, on a channel that has shared memory
+        for _ in range(3):
+            assert await pool.call(remote.echo, (data, small)) == (data, small)
+        assert kernel_refuses_seals.errnos == [errno.EBUSY] * 4 and list(pool._runners) == [runner]
+        await until(lambda: memfds(os.getpid()) == 0, what="the parent's memfds closed")

@@ -170,8 +170,10 @@ class FrameSealer:
             )
         if _RESERVED.intersection(meta):
             raise ValueError(f"message fields {sorted(_RESERVED.intersection(meta))} are reserved")
-        self._seq += 1
-        header = {"s": self.session, "n": self._seq, "ts": int(self._clock()), "t": type_, "i": id_, **meta}
+        # Taken for good only once the frame is made: a frame that failed to seal leaves no
+        # gap, which the peer would refuse as a replay and end the session.
+        seq = self._seq + 1
+        header = {"s": self.session, "n": seq, "ts": int(self._clock()), "t": type_, "i": id_, **meta}
         parts = parts_of(payload)
         if isinstance(payload, Pickled):
             header["b"] = payload.layout
@@ -179,10 +181,10 @@ class FrameSealer:
         # A stream's chunks stay on the channel: they are many, in a window, and each a
         # connection of its own would cost more than it saves.
         to_dp = not to_shm and self.dp is not None and not is_transfer(type_) and self.dp.wants(len(payload))
-        field, check = self._key.start_check(self.session, self._seq, parts, to_shm) if payload else ("", None)
+        field, check = self._key.start_check(self.session, seq, parts, to_shm) if payload else ("", None)
         if to_dp:
             assert self.dp is not None
-            header["dp"] = self.dp.put(self._seq, parts)
+            header["dp"] = self.dp.put(seq, parts)
             if not isinstance(payload, Pickled):
                 header["z"] = len(payload)
             parts = ()
@@ -193,11 +195,14 @@ class FrameSealer:
             if to_shm:
                 # Copied into sealed memory while a large payload's tag is computed: the two
                 # overlap instead of taking turns (100 MB: 34 ms instead of 52).
-                header["sh"] = self._shm.put(self._seq, parts)
-                parts = ()
+                ref = self._shm.put(seq, parts)
+                if ref is not None:  # else the kernel refused a memfd: the payload stays in the frame
+                    header["sh"] = ref
+                    parts = ()
         if check is not None:
             header[field] = check()
         raw = _encode_header(header).encode()
+        self._seq = seq
         return b"".join((_LEN.pack(len(raw)), raw, self._key.sign(raw), *parts))
 
 

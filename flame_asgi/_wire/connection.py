@@ -225,7 +225,9 @@ class RunnerConnection:
         probe_fd, extra = None, dict[str, Any]()
         if shm_available() and not isinstance(self._channel, MemoryChannel):
             # Can the runner read our memfds (same host)? Then large payloads skip the socket.
-            probe_fd, extra["pr"] = shm_probe()
+            probe = shm_probe()
+            if probe is not None:
+                probe_fd, extra["pr"] = probe
             if self._channel.loopback:
                 self._offered = Beacon()
                 extra["lv"] = self._offered.ref()

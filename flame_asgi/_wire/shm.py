@@ -29,6 +29,7 @@ payload travels in its frame as before.
 from __future__ import annotations
 
 import fcntl
+import logging
 import mmap
 import os
 import secrets
@@ -44,6 +45,7 @@ OVERLAP_MIN = 4 * 1024 * 1024  # payloads from this size are checked from a mapp
 StartCheck = Callable[[Sequence[bytes | memoryview]], tuple[str, Callable[[], str]]]
 _SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _AVAILABLE = hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd")
+log = logging.getLogger("flame_asgi.wire")
 
 
 class SharedMemoryError(Exception):
@@ -63,9 +65,20 @@ class SharedMemory:
     def wants(self, size: int) -> bool:
         return self.enabled and size >= SHM_MIN
 
-    def put(self, seq: int, parts: Sequence[bytes | memoryview]) -> dict[str, int]:
-        """Write ``parts`` end to end to a new sealed memfd; return the reference for the frame header."""
-        fd = _sealed(*parts)
+    def put(self, seq: int, parts: Sequence[bytes | memoryview]) -> dict[str, int] | None:
+        """Write ``parts`` end to end to a new sealed memfd; return the reference for the
+        frame header, or None if the kernel would not make one (the payload then travels in
+        its frame: slower, never lost)."""
+        try:
+            fd = _sealed(*parts)
+        except OSError as exc:
+            # Seen in CI: ``F_ADD_SEALS`` failing with EBUSY on a memfd nothing had mapped,
+            # when the kernel still counted extra references on its pages after waiting for
+            # them (it does so ~150 ms: transparent huge pages for shmem, pages still in
+            # another CPU's LRU batch). Also EMFILE, ENOMEM. None of it is the payload's fault.
+            log.info("shared memory refused a %s-byte payload (%s); it goes in its frame",
+                     f"{sum(len(p) for p in parts):,}", exc.strerror or exc)
+            return None
         self._sent[seq] = fd
         st = os.fstat(fd)
         return {"pid": os.getpid(), "fd": fd, "ino": st.st_ino, "n": st.st_size}
@@ -118,10 +131,15 @@ class SharedMemory:
         self._sent.clear()
 
 
-def probe() -> tuple[int, dict[str, Any]]:
-    """A small sealed memfd for the peer to read at the handshake: (fd to close, reference)."""
+def probe() -> tuple[int, dict[str, Any]] | None:
+    """A small sealed memfd for the peer to read at the handshake: (fd to close, reference);
+    None if the kernel would not make one (then no payload goes through shared memory)."""
     secret = secrets.token_bytes(16)
-    fd = _sealed(secret)
+    try:
+        fd = _sealed(secret)
+    except OSError as exc:
+        log.info("no shared memory for this channel: the kernel refused a sealed memfd (%s)", exc.strerror or exc)
+        return None
     return fd, {"pid": os.getpid(), "fd": fd, "ino": os.fstat(fd).st_ino, "n": len(secret), "x": secret.hex()}
 
 
