@@ -100,6 +100,7 @@ class ForkServer:
         self.alive = False
         self._send_lock = asyncio.Lock()
         self.gone = asyncio.Event()  # set once the fork server has ended: exits are no longer reported
+        self.spare: int | None = None  # the pid of the child the fork server forked ahead of the next boot
 
     async def start(self, timeout: float = 30.0) -> None:
         loop = asyncio.get_running_loop()
@@ -137,7 +138,11 @@ class ForkServer:
                 elif "error" in message:
                     if not self._ready.done():
                         self._ready.set_exception(ForkUnavailable(message["error"]))
+                elif "spare" in message:
+                    self.spare = message["spare"] or None
                 elif "pid" in message:
+                    if message["pid"] == self.spare:
+                        self.spare = None  # it is this boot's runner now
                     reply = self._pending.pop(message.get("id", 0), None)
                     if reply is None or reply.done():
                         self._abandon(message["pid"])  # its boot gave up waiting: nobody will run it

@@ -60,18 +60,29 @@ class QuietServer(uvicorn.Server):
             self._loop.call_soon_threadsafe(self._wakeup.set)
 
 
-def serve(app: str, fd: int, *, log_level: str, ws_max_size: int, graceful: int) -> int:
-    """Serve ``app`` on the listening socket ``fd``; return uvicorn's exit status."""
-    sock = socket.socket(fileno=fd)  # family and type read from the descriptor itself
-    # Inherited from the backend, so inheritable: under uvloop (uvicorn[standard]) every
-    # subprocess the app starts (ffmpeg, say) would get the runner's listening socket.
-    sock.set_inheritable(False)
+def prepare(app: str, *, log_level: str, ws_max_size: int, graceful: int) -> uvicorn.Config:
+    """uvicorn's configuration for ``app``, loaded (logging set up, the app and uvicorn's
+    classes looked up): what a fork server's spare does before it has a runner to be."""
     # uvicorn's own HTTP protocol, behind one that also takes the parent's data connections
     # on this port (large payloads beside the WebSocket: _runner.dataport).
     dataport.serving = True
     config = uvicorn.Config(app, lifespan="on", log_level=log_level, access_log=False, ws_max_size=ws_max_size,
                             ws_per_message_deflate=False, timeout_graceful_shutdown=graceful,
                             http=dataport.sniffing(AutoHTTPProtocol))  # type: ignore[arg-type]
+    config.load()
+    return config
+
+
+def serve(app: str, fd: int, *, log_level: str, ws_max_size: int, graceful: int,
+          config: uvicorn.Config | None = None) -> int:
+    """Serve ``app`` on the listening socket ``fd`` (with ``config`` if it was prepared
+    already); return uvicorn's exit status."""
+    sock = socket.socket(fileno=fd)  # family and type read from the descriptor itself
+    # Inherited from the backend, so inheritable: under uvloop (uvicorn[standard]) every
+    # subprocess the app starts (ffmpeg, say) would get the runner's listening socket.
+    sock.set_inheritable(False)
+    if config is None:
+        config = prepare(app, log_level=log_level, ws_max_size=ws_max_size, graceful=graceful)
     server = QuietServer(config)
     server.run(sockets=[sock])
     return 0 if server.started else 3  # uvicorn's own code for a failed startup

@@ -22,6 +22,11 @@ def children_of(pid: int) -> set[int]:
     return procs.child_pids(pid, zombies=True)  # unreaped children count: reaping is what is tested
 
 
+def runners_of(server: ForkServer, pid: int) -> set[int]:
+    """The fork server's children but its spare (which is nobody's runner yet)."""
+    return children_of(pid) - {server.spare}
+
+
 @pytest.fixture
 async def server() -> AsyncIterator[tuple[ForkServer, int]]:
     """A started fork server of the bare app, and its pid."""
@@ -32,7 +37,7 @@ async def server() -> AsyncIterator[tuple[ForkServer, int]]:
     try:
         yield fork_server, pid
     finally:
-        for child in children_of(pid):  # whatever a failed test left behind
+        for child in runners_of(fork_server, pid):  # whatever a failed test left behind
             os.kill(child, signal.SIGKILL)
         await fork_server.aclose()
 
@@ -63,7 +68,8 @@ async def test_a_fork_whose_boot_was_cancelled_is_killed_and_the_server_keeps_fo
     assert fork_server.alive
     # The fork server forked the first one anyway (before this one) and said so: nobody will
     # run it, so it must not live on.
-    await until(lambda: children_of(server_pid) == {forked.pid}, what="the unclaimed fork to be killed and reaped")
+    await until(lambda: runners_of(fork_server, server_pid) == {forked.pid},
+                what="the unclaimed fork to be killed and reaped")
     os.killpg(forked.pid, signal.SIGTERM)
     assert await forked.wait() == -signal.SIGTERM
 
@@ -79,7 +85,8 @@ async def test_a_fork_server_that_does_not_answer_in_time_is_a_fallback_and_its_
     finally:
         os.kill(server_pid, signal.SIGCONT)  # it forks the request it was sent, and answers late
     forked = await spawn(fork_server, listening)
-    await until(lambda: children_of(server_pid) == {forked.pid}, what="the late fork to be killed and reaped")
+    await until(lambda: runners_of(fork_server, server_pid) == {forked.pid},
+                what="the late fork to be killed and reaped")
     os.killpg(forked.pid, signal.SIGTERM)
     assert await forked.wait() == -signal.SIGTERM
 
@@ -130,7 +137,7 @@ async def test_an_idle_fork_server_sleeps_and_a_childs_exit_wakes_it(server: tup
     os.killpg(forked.pid, signal.SIGTERM)
     # The exit is reported without a tick to wait for, and the child is reaped.
     assert await asyncio.wait_for(forked.wait(), 10.0) == -signal.SIGTERM
-    await until(lambda: not children_of(server_pid), what="the fork to be reaped")
+    await until(lambda: not runners_of(fork_server, server_pid), what="the fork to be reaped")
     forked_again = await spawn(fork_server, listening)  # and it still forks
     os.killpg(forked_again.pid, signal.SIGKILL)
     assert await forked_again.wait() == -signal.SIGKILL
@@ -149,3 +156,79 @@ def test_the_template_imports_what_uvicorn_starts_with_before_it_forks() -> None
     # itself spent ~5 ms of its start-up on it.
     assert out == ["uvloop", "uvicorn.lifespan.on", "uvicorn.protocols.http.auto", "uvicorn.loops.auto",
                    "concurrent.futures.thread"]
+
+
+async def test_a_quiet_fork_server_forks_a_spare_that_the_next_boot_takes(server: tuple[ForkServer, int],
+                                                                         listening: socket.socket) -> None:
+    fork_server, server_pid = server
+    assert fork_server.spare is None  # no request yet: nothing to prepare a spare like
+    first = await spawn(fork_server, listening)
+    await until(lambda: fork_server.spare is not None, what="a spare after the first boot")
+    spare = fork_server.spare
+    assert spare is not None and children_of(server_pid) == {first.pid, spare}
+    assert os.getpgid(spare) == spare  # its own process group before it is anyone's runner
+    await asyncio.sleep(0.3)
+    before = voluntary_switches(spare)
+    await asyncio.sleep(1.0)
+    assert voluntary_switches(spare) == before  # it sleeps in recv: no CPU while it waits
+    second = await spawn(fork_server, listening)
+    assert second.pid == spare and fork_server.spare != spare  # taken by that boot
+    for forked in (first, second):
+        os.killpg(forked.pid, signal.SIGTERM)
+        assert await asyncio.wait_for(forked.wait(), 10.0) == -signal.SIGTERM
+
+
+async def test_a_spare_that_died_is_not_reported_as_a_runner_and_the_next_boot_still_forks(
+        server: tuple[ForkServer, int], listening: socket.socket) -> None:
+    fork_server, server_pid = server
+    first = await spawn(fork_server, listening)
+    await until(lambda: fork_server.spare is not None, what="a spare")
+    spare = fork_server.spare
+    assert spare is not None
+    os.kill(spare, signal.SIGKILL)
+    await until(lambda: fork_server.spare is None and spare not in children_of(server_pid),
+                what="the dead spare reaped and forgotten")
+    assert spare not in fork_server._exits  # nobody's runner: no exit of it reported
+    second = await spawn(fork_server, listening)
+    assert second.pid != spare
+    for forked in (first, second):
+        os.killpg(forked.pid, signal.SIGKILL)
+        assert await asyncio.wait_for(forked.wait(), 10.0) == -signal.SIGKILL
+
+
+async def test_a_fork_servers_spare_ends_with_it(listening: socket.socket) -> None:
+    for how in ("closed", "killed"):
+        fork_server = ForkServer(BARE_APP, dict(os.environ))
+        await fork_server.start()
+        try:
+            forked = await spawn(fork_server, listening)
+            await until(lambda: fork_server.spare is not None, what="a spare")
+            spare = fork_server.spare
+            assert spare is not None
+            os.killpg(forked.pid, signal.SIGKILL)
+            await forked.wait()
+            if how == "killed":
+                assert fork_server._proc is not None
+                fork_server._proc.kill()  # no time to reap anything: the spare sees its socket close
+        finally:
+            await fork_server.aclose()
+        await until(lambda: not procs.alive(spare), what=f"the spare of a fork server {how} to exit")
+
+
+async def test_a_boot_unlike_the_one_a_spare_was_prepared_for_gets_its_own_settings(
+        server: tuple[ForkServer, int], listening: socket.socket) -> None:
+    # The spare set up uvicorn (its log level among the rest) like the boot before; a boot
+    # that asks for other settings must get them, not the spare's.
+    fork_server, _ = server
+    first = await spawn(fork_server, listening)
+    await until(lambda: fork_server.spare is not None, what="a spare")
+    spare = fork_server.spare
+    verbose = await fork_server.spawn(env={}, listen=listening, log_level="debug", ws_max_size=1 << 20, graceful=1)
+    assert verbose.pid == spare
+    await asyncio.sleep(0.5)  # uvicorn has started (and logged it)
+    os.killpg(verbose.pid, signal.SIGTERM)
+    await asyncio.wait_for(verbose.wait(), 10.0)
+    log = (await verbose.stderr.read()).decode()
+    assert "Started server process" in log  # uvicorn's info line: the warning level of the spare would drop it
+    os.killpg(first.pid, signal.SIGKILL)
+    await first.wait()
