@@ -150,12 +150,12 @@ def test_the_template_imports_what_uvicorn_starts_with_before_it_forks() -> None
     probe = ("import sys; from flame_asgi.backends import _fork_template as t; "
              "t._import_what_uvicorn_starts_with(); "
              "print(' '.join(m for m in ('uvloop', 'uvicorn.lifespan.on', 'uvicorn.protocols.http.auto', "
-             "'uvicorn.loops.auto', 'concurrent.futures.thread') if m in sys.modules))")
+             "'uvicorn.loops.auto', 'uvicorn.loops.uvloop', 'concurrent.futures.thread') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
     # uvloop is what uvicorn's "auto" loop picks (uvicorn[standard]); a fork that imported it
     # itself spent ~5 ms of its start-up on it.
     assert out == ["uvloop", "uvicorn.lifespan.on", "uvicorn.protocols.http.auto", "uvicorn.loops.auto",
-                   "concurrent.futures.thread"]
+                   "uvicorn.loops.uvloop", "concurrent.futures.thread"]
 
 
 async def test_a_quiet_fork_server_forks_a_spare_that_the_next_boot_takes(server: tuple[ForkServer, int],
