@@ -142,7 +142,9 @@ def test_a_beacon_reads_fresh_then_stale_once_let_go() -> None:
 def _refs() -> Iterator[tuple[str, Any]]:
     beacon = Beacon()
     good = beacon.ref()
-    probe_fd, sealed = probe()  # a memfd of another size
+    made = probe()  # a memfd of another size
+    assert made is not None
+    probe_fd, sealed = made
     yield "not a mapping", [good["pid"], good["fd"], good["ino"]]
     yield "another inode", {**good, "ino": good["ino"] + 1}
     yield "another size", {k: sealed[k] for k in ("pid", "fd", "ino")}

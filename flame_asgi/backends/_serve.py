@@ -9,9 +9,11 @@ replies wait on Nagle's algorithm (tens of ms per message under some timings). H
 socket is rebuilt with its real family and handed to ``uvicorn.Server`` directly.
 
 The server is ``QuietServer``: uvicorn's main loop wakes ten times a second to see whether
-it should exit, which an idle runner pays for all its life (and a parent with hundreds of
-runners pays hundreds of times); this one wakes every five seconds (the Date header a
-runner's internal replies carry is that coarse), and at once when a signal asks it to exit.
+it should exit, which an idle runner pays for all its life (and a machine with hundreds of
+runners pays hundreds of times); this one wakes once a minute, only to refresh the Date
+header of a runner's own replies (its WebSocket upgrade, its refusals: a runner serves no
+web routes), and at once when a signal asks it to exit. Each wake costs an idle runner
+about as much as its heartbeat tick.
 
 Its HTTP protocol is uvicorn's own (``auto``), wrapped so that the parent's data
 connections (``_runner.dataport``) share the port.
@@ -34,9 +36,11 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 from flame_asgi._base.settings import RUNNER_KEYS
 from flame_asgi._runner import dataport
 
+TICK = 60.0  # seconds between the main loop's wakes: how old the Date header of a runner's replies may be
+
 
 class QuietServer(uvicorn.Server):
-    """``uvicorn.Server`` whose main loop sleeps until a signal, or five seconds."""
+    """``uvicorn.Server`` whose main loop sleeps until a signal, or ``TICK``."""
 
     _wakeup: asyncio.Event | None = None
     _loop: asyncio.AbstractEventLoop | None = None
@@ -46,9 +50,10 @@ class QuietServer(uvicorn.Server):
         counter = 0
         should_exit = await self.on_tick(counter)
         while not should_exit:
-            counter = (counter + 50) % 864000  # on_tick counts tenths of a second: each call updates the Date header
+            # on_tick counts tenths of a second, and updates the Date header on every tenth
+            counter = (counter + round(TICK * 10)) % 864000
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5.0):
+                async with asyncio.timeout(TICK):
                     await self._wakeup.wait()
             should_exit = await self.on_tick(counter)
 

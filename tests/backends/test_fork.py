@@ -196,23 +196,23 @@ async def test_a_spare_that_died_is_not_reported_as_a_runner_and_the_next_boot_s
         assert await asyncio.wait_for(forked.wait(), 10.0) == -signal.SIGKILL
 
 
-async def test_a_fork_servers_spare_ends_with_it(listening: socket.socket) -> None:
-    for how in ("closed", "killed"):
-        fork_server = ForkServer(BARE_APP, dict(os.environ))
-        await fork_server.start()
-        try:
-            forked = await spawn(fork_server, listening)
-            await until(lambda: fork_server.spare is not None, what="a spare")
-            spare = fork_server.spare
-            assert spare is not None
-            os.killpg(forked.pid, signal.SIGKILL)
-            await forked.wait()
-            if how == "killed":
-                assert fork_server._proc is not None
-                fork_server._proc.kill()  # no time to reap anything: the spare sees its socket close
-        finally:
-            await fork_server.aclose()
-        await until(lambda: not procs.alive(spare), what=f"the spare of a fork server {how} to exit")
+@pytest.mark.parametrize("how", ["closed", "killed"])
+async def test_a_fork_servers_spare_ends_with_it(listening: socket.socket, how: str) -> None:
+    fork_server = ForkServer(BARE_APP, dict(os.environ))
+    await fork_server.start()
+    try:
+        forked = await spawn(fork_server, listening)
+        await until(lambda: fork_server.spare is not None, what="a spare")
+        spare = fork_server.spare
+        assert spare is not None
+        os.killpg(forked.pid, signal.SIGKILL)
+        await forked.wait()
+        if how == "killed":
+            assert fork_server._proc is not None
+            fork_server._proc.kill()  # no time to reap anything: the spare sees its socket close
+    finally:
+        await fork_server.aclose()
+    await until(lambda: not procs.alive(spare), what=f"the spare of a fork server {how} to exit")
 
 
 async def test_a_boot_unlike_the_one_a_spare_was_prepared_for_gets_its_own_settings(

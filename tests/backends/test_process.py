@@ -86,3 +86,26 @@ def alive(pid: int) -> bool:
             return f.read().split(") ")[-1][0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def wakes(pid: int) -> int:
+    """Voluntary context switches of every thread of ``pid``: each is a sleep that ended."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/task/{task}/status") as status:
+            total += sum(int(line.split()[1]) for line in status if line.startswith("voluntary_ctxt_switches:"))
+    return total
+
+
+async def test_an_idle_runner_sleeps_between_its_heartbeats() -> None:
+    # With heartbeats far apart, an idle runner has nothing to wake for: uvicorn's main
+    # loop (ten times a second, then every 5 s) woke it for the Date header alone. Its
+    # exit on a signal is event-driven (tests/reliability: SIGTERM, lost parent).
+    backend = ProcessBackend(heartbeat_interval=30.0, heartbeat_timeout=120.0)
+    async with FlamePool("sleeper", backend=backend, idle_shutdown_after=None) as pool:
+        pid = await pool.call(remote.pid)
+        await asyncio.sleep(1.0)  # what the call set going has settled
+        before = wakes(pid)
+        await asyncio.sleep(6.0)
+        assert wakes(pid) - before == 0
+        assert await pool.call(remote.pid) == pid  # and it still answers at once
