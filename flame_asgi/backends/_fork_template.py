@@ -31,6 +31,7 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from flame_asgi._base.settings import PARENT, RUNNER_KEYS
@@ -72,9 +73,6 @@ def _spare(sock: socket.socket, grouped: int, like: dict[str, Any]) -> int:
     _own_session(grouped)
     from flame_asgi.backends._serve import prepare
 
-    def settings(request: dict[str, Any]) -> tuple[Any, ...]:
-        return request["app"], request["log_level"], request["ws_max_size"], request["graceful"]
-
     config: Any = prepare(like["app"], log_level=like["log_level"], ws_max_size=like["ws_max_size"],
                           graceful=like["graceful"])
     data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 2)
@@ -86,7 +84,7 @@ def _spare(sock: socket.socket, grouped: int, like: dict[str, Any]) -> int:
     # uvicorn's configuration read the environment (FORWARDED_ALLOW_IPS, WEB_CONCURRENCY):
     # prepared before this runner's was set, it holds only if nothing else differs.
     changed = {name for name, value in request["env"].items() if os.environ.get(name) != value}
-    if settings(request) != settings(like) or changed - {PARENT.name, RUNNER_KEYS.name}:
+    if any(request[name] != like[name] for name in SETTINGS) or changed - {PARENT.name, RUNNER_KEYS.name}:
         config = None
     return _run(request, listen_fd, stderr_fd, config)
 
@@ -130,84 +128,115 @@ def serve(app: str, ctrl: socket.socket) -> None:
     if threading.active_count() != 1:
         _send(ctrl, {"error": f"importing {app} started threads; forking it is unsafe"})
         return
-    # Sleep until a request or a child's exit, never on a timer: an idle template would
-    # otherwise wake 20 times a second for as long as the pool lives, and an exit would be
-    # reported up to one tick late. SIGCHLD's handler does nothing; the wakeup fd it writes
-    # to is what ends the select, so an exit between the reaping and the select is not lost.
-    wake_r, wake_w = os.pipe()
-    os.set_blocking(wake_r, False)
-    os.set_blocking(wake_w, False)
-    signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-    _send(ctrl, {"ready": os.getpid()})
-    children: set[int] = set()
-    spare: Spare | None = None
-    unreported: set[int] = set()  # spares that died untaken, not reaped yet
-    like: dict[str, Any] | None = None  # the last request, while no spare has been forked after it
-    try:
-        while True:
-            # A timeout only to fork a spare after a request; otherwise it sleeps until a
-            # request or an exit.
-            timeout = SPARE_AFTER if like is not None and spare is None else None
-            readable, _, _ = select.select([ctrl.fileno(), wake_r], [], [], timeout)
-            if wake_r in readable:
-                with contextlib.suppress(BlockingIOError):
-                    os.read(wake_r, 4096)
-            while children or spare is not None or unreported:  # reap, and report how each child ended
-                try:
-                    pid, status = os.waitpid(-1, os.WNOHANG)
-                except ChildProcessError:
-                    break
-                if pid == 0:
-                    break
-                if spare is not None and pid == spare.pid:  # it was nobody's runner yet: no exit to report
-                    spare.sock.close()
-                    spare = None
-                    _send(ctrl, {"spare": 0})
-                    continue
-                if pid in unreported:
-                    unreported.discard(pid)
-                    continue
-                children.discard(pid)
-                _send(ctrl, {"exit": pid, "code": os.waitstatus_to_exitcode(status)})
-            if not readable:
-                assert like is not None
-                spare, like = Spare.fork(like, (ctrl.fileno(), wake_r, wake_w)), None
-                _send(ctrl, {"spare": spare.pid})
-                continue
-            if ctrl.fileno() not in readable:
-                continue
-            data, fds, _, _ = socket.recv_fds(ctrl, MAX_MESSAGE, 2)
-            if not data:  # the parent is gone; children watch their own channels
+    Template(ctrl).run()
+
+
+# Only these of a request are kept for the spare: never its environment, which holds the
+# keys of a runner the spare will not be.
+SETTINGS = ("app", "log_level", "ws_max_size", "graceful")
+
+
+class Template:
+    """The fork server's loop: requests in, forks out, exits reported."""
+
+    def __init__(self, ctrl: socket.socket) -> None:
+        self.ctrl = ctrl
+        self.children: set[int] = set()
+        self.spare: Spare | None = None
+        self.unreported: set[int] = set()  # spares that died untaken, not reaped yet
+        self.like: dict[str, Any] | None = None  # the last request's settings, until a spare is forked like it
+        # Sleep until a request or a child's exit, never on a timer: an idle template would
+        # otherwise wake 20 times a second for as long as the pool lives, and an exit would
+        # be reported up to one tick late. SIGCHLD's handler does nothing; the wakeup fd it
+        # writes to is what ends the select, so an exit between the reaping and the select
+        # is not lost.
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+
+    def run(self) -> None:
+        _send(self.ctrl, {"ready": os.getpid()})
+        try:
+            while True:
+                # A timeout only to fork a spare after a request: otherwise no timer at all.
+                timeout = SPARE_AFTER if self.like is not None and self.spare is None else None
+                readable, _, _ = select.select([self.ctrl.fileno(), self.wake_r], [], [], timeout)
+                if self.wake_r in readable:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self.wake_r, 4096)
+                self._reap()
+                if not readable:
+                    self._fork_spare()
+                elif self.ctrl.fileno() in readable and not self._answer():
+                    return  # the parent is gone; children watch their own channels
+        finally:
+            if self.spare is not None:
+                self.spare.close()
+
+    def _reap(self) -> None:
+        """Reap, and report how each child ended."""
+        while self.children or self.spare is not None or self.unreported:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
                 return
-            request = json.loads(data)
-            listen_fd, stderr_fd = fds
-            taken = spare.take(data, fds) if spare is not None else None
-            if taken is None and spare is not None:
-                unreported.add(spare.pid)  # it died before it was taken: reaped, never reported
-                _send(ctrl, {"spare": 0})
-            spare = None
-            pid = taken if taken is not None else _fork(request, listen_fd, stderr_fd, ctrl, (wake_r, wake_w))
-            like = request
-            os.close(listen_fd)
-            os.close(stderr_fd)
-            children.add(pid)
-            _send(ctrl, {"pid": pid, "id": request["id"]})  # replies name their request
-    finally:
-        if spare is not None:
-            spare.close()
+            if pid == 0:
+                return
+            if self.spare is not None and pid == self.spare.pid:  # nobody's runner yet: no exit to report
+                self.spare.sock.close()
+                self.spare = None
+                _send(self.ctrl, {"spare": 0})
+            elif pid in self.unreported:
+                self.unreported.discard(pid)
+            else:
+                self.children.discard(pid)
+                _send(self.ctrl, {"exit": pid, "code": os.waitstatus_to_exitcode(status)})
+
+    def _answer(self) -> bool:
+        """Give the parent's next request its runner: the spare, or a fork. False: the parent is gone."""
+        data, fds, _, _ = socket.recv_fds(self.ctrl, MAX_MESSAGE, 2)
+        if not data:
+            return False
+        request = json.loads(data)
+        listen_fd, stderr_fd = fds
+        pid = self.spare.take(data, fds) if self.spare is not None else None
+        if pid is None and self.spare is not None:
+            self.unreported.add(self.spare.pid)  # it died before it was taken: reaped, never reported
+            _send(self.ctrl, {"spare": 0})
+        self.spare = None
+        if pid is None:
+            pid = _fork(lambda grouped: _child(request, listen_fd, stderr_fd, self.ctrl, grouped),
+                        close=(self.wake_r, self.wake_w))
+        os.close(listen_fd)
+        os.close(stderr_fd)
+        self.children.add(pid)
+        _send(self.ctrl, {"pid": pid, "id": request["id"]})  # replies name their request
+        self.like = {name: request[name] for name in SETTINGS}
+        return True
+
+    def _fork_spare(self) -> None:
+        assert self.like is not None
+        self.spare, self.like = Spare.fork(self.like, self.ctrl, close=(self.wake_r, self.wake_w)), None
+        _send(self.ctrl, {"spare": self.spare.pid})
 
 
-def _fork(request: dict[str, Any], listen_fd: int, stderr_fd: int, ctrl: socket.socket,
-          close: tuple[int, ...]) -> int:
-    """Fork the runner for ``request``; its pid, once it has its own process group."""
+def _fork(body: Callable[[int], int], close: tuple[int, ...]) -> int:
+    """Fork a child that drops the template's signal set-up and the descriptors in
+    ``close``, runs ``body(grouped)`` (which closes ``grouped`` once the child has its own
+    process group) and exits with its status. Returns the child's pid once it has that
+    group, or has died."""
     grouped_r, grouped_w = os.pipe()
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
-            _forked((grouped_r, *close))
-            code = _child(request, listen_fd, stderr_fd, ctrl, grouped_w)
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            for fd in (grouped_r, *close):
+                os.close(fd)
+            code = body(grouped_w)
         except SystemExit as exc:  # uvicorn's own exit: its log already says why
             code = exc.code if isinstance(exc.code, int) else 1
         except BaseException:
@@ -222,14 +251,6 @@ def _fork(request: dict[str, Any], listen_fd: int, stderr_fd: int, ctrl: socket.
     return pid
 
 
-def _forked(close: tuple[int, ...]) -> None:
-    """In a child: drop the template's signal set-up and descriptors."""
-    signal.set_wakeup_fd(-1)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    for fd in close:
-        os.close(fd)
-
-
 class Spare:
     """The template's end of its spare child."""
 
@@ -238,29 +259,18 @@ class Spare:
         self.sock = sock
 
     @classmethod
-    def fork(cls, like: dict[str, Any], close: tuple[int, ...]) -> Spare:
+    def fork(cls, like: dict[str, Any], ctrl: socket.socket, close: tuple[int, ...]) -> Spare:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        grouped_r, grouped_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                ours.close()
-                _forked((grouped_r, *close))
-                code = _spare(theirs, grouped_w, like)
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
-            except BaseException:
-                import traceback
 
-                traceback.print_exc()
-            finally:
-                os._exit(code)
-        theirs.close()
-        os.close(grouped_w)
-        os.read(grouped_r, 1)  # its own process group before it can be anyone's runner
-        os.close(grouped_r)
-        return cls(pid, ours)
+        def spare(grouped: int) -> int:
+            ours.close()
+            ctrl.close()
+            return _spare(theirs, grouped, like)
+
+        try:
+            return cls(_fork(spare, close), ours)
+        finally:
+            theirs.close()
 
     def take(self, data: bytes, fds: list[int]) -> int | None:
         """Hand the spare a request: its pid, or None if it is gone (then fork as before)."""
