@@ -56,6 +56,14 @@ def spawn(server: ForkServer, sock: socket.socket) -> asyncio.Task[ForkedProcess
                                               graceful=1))
 
 
+async def with_a_spare(server: ForkServer, sock: socket.socket) -> tuple[ForkedProcess, int]:
+    """A first boot, and the spare the fork server forks once quiet after it."""
+    first = await spawn(server, sock)
+    await until(lambda: server.spare is not None, what="a spare after the first boot")
+    assert server.spare is not None
+    return first, server.spare
+
+
 async def test_a_fork_whose_boot_was_cancelled_is_killed_and_the_server_keeps_forking(
         server: tuple[ForkServer, int], listening: socket.socket) -> None:
     fork_server, server_pid = server
@@ -162,10 +170,8 @@ async def test_a_quiet_fork_server_forks_a_spare_that_the_next_boot_takes(server
                                                                          listening: socket.socket) -> None:
     fork_server, server_pid = server
     assert fork_server.spare is None  # no request yet: nothing to prepare a spare like
-    first = await spawn(fork_server, listening)
-    await until(lambda: fork_server.spare is not None, what="a spare after the first boot")
-    spare = fork_server.spare
-    assert spare is not None and children_of(server_pid) == {first.pid, spare}
+    first, spare = await with_a_spare(fork_server, listening)
+    assert children_of(server_pid) == {first.pid, spare}
     assert os.getpgid(spare) == spare  # its own process group before it is anyone's runner
     await asyncio.sleep(0.3)
     before = voluntary_switches(spare)
@@ -181,10 +187,7 @@ async def test_a_quiet_fork_server_forks_a_spare_that_the_next_boot_takes(server
 async def test_a_spare_that_died_is_not_reported_as_a_runner_and_the_next_boot_still_forks(
         server: tuple[ForkServer, int], listening: socket.socket) -> None:
     fork_server, server_pid = server
-    first = await spawn(fork_server, listening)
-    await until(lambda: fork_server.spare is not None, what="a spare")
-    spare = fork_server.spare
-    assert spare is not None
+    first, spare = await with_a_spare(fork_server, listening)
     os.kill(spare, signal.SIGKILL)
     await until(lambda: fork_server.spare is None and spare not in children_of(server_pid),
                 what="the dead spare reaped and forgotten")
@@ -201,10 +204,7 @@ async def test_a_fork_servers_spare_ends_with_it(listening: socket.socket, how: 
     fork_server = ForkServer(BARE_APP, dict(os.environ))
     await fork_server.start()
     try:
-        forked = await spawn(fork_server, listening)
-        await until(lambda: fork_server.spare is not None, what="a spare")
-        spare = fork_server.spare
-        assert spare is not None
+        forked, spare = await with_a_spare(fork_server, listening)
         os.killpg(forked.pid, signal.SIGKILL)
         await forked.wait()
         if how == "killed":
@@ -220,9 +220,7 @@ async def test_a_boot_unlike_the_one_a_spare_was_prepared_for_gets_its_own_setti
     # The spare set up uvicorn (its log level among the rest) like the boot before; a boot
     # that asks for other settings must get them, not the spare's.
     fork_server, _ = server
-    first = await spawn(fork_server, listening)
-    await until(lambda: fork_server.spare is not None, what="a spare")
-    spare = fork_server.spare
+    first, spare = await with_a_spare(fork_server, listening)
     verbose = await fork_server.spawn(env={}, listen=listening, log_level="debug", ws_max_size=1 << 20, graceful=1)
     assert verbose.pid == spare
     await asyncio.sleep(0.5)  # uvicorn has started (and logged it)
