@@ -57,7 +57,8 @@ def test_thumbnails_appear_live_then_are_listed_from_the_database(
     page_errors: list[str] = []
     page.on("pageerror", lambda error: page_errors.append(str(error)))
     page.goto(server.url)
-    assert page.locator("#no-jobs").is_visible()
+    # The page shows "No jobs yet." once its fetch of /api/jobs answers, which may be after "load".
+    page.locator("#no-jobs").wait_for(timeout=15_000)
 
     page.set_input_files("#file", str(video))
     page.fill("#count", "5")
