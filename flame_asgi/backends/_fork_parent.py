@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from flame_asgi._base.exceptions import FlameError
+from flame_asgi._base.settings import RUNNER_KEYS
 
 MAX_MESSAGE = 1 << 20
 SPAWN_TIMEOUT = 10.0  # a fork takes milliseconds: past this the fork server is stuck
@@ -189,20 +190,28 @@ class ForkServer:
         if not self.alive or self._sock is None:
             raise ForkUnavailable("the fork server is not running")
         loop = asyncio.get_running_loop()
+        env = dict(env)
+        # The keys go in a pipe the child reads after the fork, never through the fork server:
+        # what it read would stay in its memory, inherited by every runner it forks later.
+        keys = env.pop(RUNNER_KEYS.name, "").encode()
+        keys_read, keys_write = os.pipe()
+        os.write(keys_write, keys)  # ~130 bytes: far below a pipe's buffer
+        os.close(keys_write)
         read_fd, write_fd = os.pipe()
         request_id = next(self._request_ids)
-        request = {"id": request_id, "app": self.app, "env": dict(env), "log_level": log_level,
+        request = {"id": request_id, "app": self.app, "env": env, "log_level": log_level,
                    "ws_max_size": ws_max_size, "graceful": graceful}
         reply: asyncio.Future[int] = loop.create_future()
         self._pending[request_id] = reply
         try:
-            await self._send(json.dumps(request).encode(), [listen.fileno(), write_fd])
+            await self._send(json.dumps(request).encode(), [listen.fileno(), write_fd, keys_read])
         except (OSError, TimeoutError) as exc:
             self._pending.pop(request_id, None)
             os.close(read_fd)
             raise ForkUnavailable(f"could not reach the fork server: {exc!r}") from None
         finally:
             os.close(write_fd)
+            os.close(keys_read)
         try:
             pid = await asyncio.wait_for(reply, SPAWN_TIMEOUT)
         except BaseException as exc:

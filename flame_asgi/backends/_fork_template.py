@@ -4,10 +4,12 @@ A fresh interpreter spends ~350 ms importing FastAPI, uvicorn and the app before
 serve; a fork of a process that already imported them is serving in tens of ms. The
 template imports the app module (without starting it: no lifespan, no threads), then
 waits for requests on a SOCK_SEQPACKET socket. Each request carries the runner's
-environment plus two descriptors (its listening socket and a stderr pipe); the template
-forks a child that sets them up and runs uvicorn on that socket, and reports the child's
+environment (but its keys) plus three descriptors: its listening socket, a stderr pipe and
+a pipe holding its keys. The template forks a child that sets them up, reads its keys and
+runs uvicorn on that socket, and reports the child's
 pid, then its exit status when it reaps it. It never forks while holding a thread:
-a fork of a threaded process can deadlock.
+a fork of a threaded process can deadlock. It never reads a runner's keys either: what it
+read would stay in the memory every later fork inherits, readable to the runner it makes.
 
 A spare: once a request has been answered and the template has been quiet for
 ``SPARE_AFTER``, it forks one child ahead of the next request. The spare does what every
@@ -34,7 +36,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from flame_asgi._base.settings import PARENT, RUNNER_KEYS
+from flame_asgi._base.settings import PARENT
 
 MAX_MESSAGE = 1 << 20
 SPARE_AFTER = 0.05  # quiet time after a request before a spare is forked: never amid a burst
@@ -51,20 +53,26 @@ def _own_session(grouped: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def _run(request: dict[str, Any], listen_fd: int, stderr_fd: int, config: Any = None) -> int:
+FDS = 3  # what comes with a request: the runner's listening socket, its stderr, its keys
+
+
+def _run(request: dict[str, Any], fds: list[int], config: Any = None) -> int:
+    listen_fd, stderr_fd, keys_fd = fds
     os.dup2(stderr_fd, 2)
     os.close(stderr_fd)
     os.environ.update(request["env"])
-    from flame_asgi.backends._serve import serve
+    from flame_asgi.backends._serve import serve, take_keys
+
+    take_keys(keys_fd)
 
     return serve(request["app"], listen_fd, log_level=request["log_level"], ws_max_size=request["ws_max_size"],
                  graceful=request["graceful"], config=config)
 
 
-def _child(request: dict[str, Any], listen_fd: int, stderr_fd: int, ctrl: socket.socket, grouped: int) -> int:
+def _child(request: dict[str, Any], fds: list[int], ctrl: socket.socket, grouped: int) -> int:
     ctrl.close()
     _own_session(grouped)
-    return _run(request, listen_fd, stderr_fd)
+    return _run(request, fds)
 
 
 def _spare(sock: socket.socket, grouped: int, like: dict[str, Any]) -> int:
@@ -75,18 +83,17 @@ def _spare(sock: socket.socket, grouped: int, like: dict[str, Any]) -> int:
 
     config: Any = prepare(like["app"], log_level=like["log_level"], ws_max_size=like["ws_max_size"],
                           graceful=like["graceful"])
-    data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 2)
+    data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, FDS)
     sock.close()
     if not data:  # the template is gone: no runner will come of this spare
         return 0
     request = json.loads(data)
-    listen_fd, stderr_fd = fds
     # uvicorn's configuration read the environment (FORWARDED_ALLOW_IPS, WEB_CONCURRENCY):
     # prepared before this runner's was set, it holds only if nothing else differs.
     changed = {name for name, value in request["env"].items() if os.environ.get(name) != value}
-    if any(request[name] != like[name] for name in SETTINGS) or changed - {PARENT.name, RUNNER_KEYS.name}:
+    if any(request[name] != like[name] for name in SETTINGS) or changed - {PARENT.name}:
         config = None
-    return _run(request, listen_fd, stderr_fd, config)
+    return _run(request, fds, config)
 
 
 def _import_what_uvicorn_starts_with() -> None:
@@ -131,8 +138,7 @@ def serve(app: str, ctrl: socket.socket) -> None:
     Template(ctrl).run()
 
 
-# Only these of a request are kept for the spare: never its environment, which holds the
-# keys of a runner the spare will not be.
+# Only these of a request are kept for the spare: not its environment, which is another runner's.
 SETTINGS = ("app", "log_level", "ws_max_size", "graceful")
 
 
@@ -196,21 +202,19 @@ class Template:
 
     def _answer(self) -> bool:
         """Give the parent's next request its runner: the spare, or a fork. False: the parent is gone."""
-        data, fds, _, _ = socket.recv_fds(self.ctrl, MAX_MESSAGE, 2)
+        data, fds, _, _ = socket.recv_fds(self.ctrl, MAX_MESSAGE, FDS)
         if not data:
             return False
         request = json.loads(data)
-        listen_fd, stderr_fd = fds
         pid = self.spare.take(data, fds) if self.spare is not None else None
         if pid is None and self.spare is not None:
             self.unreported.add(self.spare.pid)  # it died before it was taken: reaped, never reported
             _send(self.ctrl, {"spare": 0})
         self.spare = None
         if pid is None:
-            pid = _fork(lambda grouped: _child(request, listen_fd, stderr_fd, self.ctrl, grouped),
-                        close=(self.wake_r, self.wake_w))
-        os.close(listen_fd)
-        os.close(stderr_fd)
+            pid = _fork(lambda grouped: _child(request, fds, self.ctrl, grouped), close=(self.wake_r, self.wake_w))
+        for fd in fds:
+            os.close(fd)
         self.children.add(pid)
         _send(self.ctrl, {"pid": pid, "id": request["id"]})  # replies name their request
         self.like = {name: request[name] for name in SETTINGS}

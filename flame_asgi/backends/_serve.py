@@ -65,6 +65,16 @@ class QuietServer(uvicorn.Server):
             self._loop.call_soon_threadsafe(self._wakeup.set)
 
 
+def take_keys(fd: int) -> None:
+    """Set the runner's keys from the pipe ``fd`` (closed once read). Read after exec, they
+    are never in /proc/<pid>/environ; read after a fork, never in the fork server's memory
+    (which every later runner inherits). The runner pops them from os.environ as it reads them."""
+    with os.fdopen(fd, "rb") as pipe:
+        keys = pipe.read()
+    if keys:
+        os.environ[RUNNER_KEYS.name] = keys.decode()
+
+
 def prepare(app: str, *, log_level: str, ws_max_size: int, graceful: int) -> uvicorn.Config:
     """uvicorn's configuration for ``app``, loaded (logging set up, the app and uvicorn's
     classes looked up): what a fork server's spare does before it has a runner to be."""
@@ -105,9 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keys-fd", type=int, default=None)
     args: Any = parser.parse_args(argv)
     if args.keys_fd is not None:
-        # Set after exec, so never in /proc/<pid>/environ; the runner pops it as it reads it.
-        with os.fdopen(args.keys_fd, "rb") as keys:
-            os.environ[RUNNER_KEYS.name] = keys.read().decode()
+        take_keys(args.keys_fd)
     if (args.fd is None) == (args.port is None):
         parser.error("give either FD or --port")
     fd = args.fd if args.fd is not None else bound(args.host, args.port).detach()

@@ -572,6 +572,53 @@ async def test_a_same_uid_process_does_not_find_the_keys_in_proc_environ(fork: b
         assert readable and not found
 
 
+def memory_of(pid: int) -> list[bytes]:
+    """Every readable mapping of process ``pid``, as another process of its user reads it."""
+    regions = []
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for line in maps:
+            span, perms, *rest = line.split()
+            if not perms.startswith("r") or (rest and rest[-1].startswith(("[vvar", "[vsyscall"))):
+                continue
+            start, end = (int(address, 16) for address in span.split("-"))
+            try:
+                mem.seek(start)
+                regions.append(mem.read(end - start))
+            except OSError:  # a mapping that went away, or one the kernel will not read out
+                continue
+    return regions
+
+
+def holds(regions: list[bytes], keys: RunnerKeys) -> bool:
+    """Whether any of ``keys`` lies in ``regions``: as sent (base64) or decoded."""
+    secrets = [keys.encode().encode(), keys.to_runner, keys.to_parent, keys.upgrade]
+    return any(secret in region for region in regions for secret in secrets)
+
+
+async def test_a_forked_runner_and_its_fork_server_hold_no_other_runners_keys(tmp_path: pathlib.Path) -> None:
+    # Runner A is forked; B is forked after it (from the spare the fork server made once A was
+    # answered). A process that reads B's memory (B's own code, or anyone who can read B)
+    # must not find A's keys there, nor anyone's in the fork server every runner is forked from.
+    async with FlamePool("heap", backend=ProcessBackend(fork=True), max=2, max_concurrency=1,
+                         boot_timeout=20) as pool:
+        (held,) = await in_flight(pool, tmp_path, 1)  # A's only slot
+        try:
+            await pool.call(work.pid)  # needs B
+            first, second = booted(pool)
+            forkserver = pool.backend._forkserver  # type: ignore[attr-defined]
+            assert forkserver is not None and forkserver.alive  # both were forked
+            template = memory_of(forkserver._proc.pid)
+            on_b = memory_of(second.handle.proc.pid)
+            assert holds(on_b, second.handle.spec.keys)  # the scan finds keys where they are
+            found = {"A's keys on B": holds(on_b, first.handle.spec.keys),
+                     "A's keys on the fork server": holds(template, first.handle.spec.keys),
+                     "B's keys on the fork server": holds(template, second.handle.spec.keys)}
+            assert not any(found.values()), found
+        finally:
+            held.cancel()
+            await asyncio.gather(held, return_exceptions=True)
+
+
 # == 5. one runner's keys on another runner ======================================================================
 async def _door(url: str, token: str, frames: list[bytes]) -> str:
     """Knock with ``token``, send ``frames``; how the runner answered."""
