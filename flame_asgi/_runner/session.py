@@ -311,7 +311,7 @@ class RunnerSession:
     async def _in_thread(self, work: Work, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         ctx = contextvars.copy_context()
         assert self._executor is not None
-        return await self.loop.run_in_executor(self._executor, work.thread_call, ctx, fn, args, kwargs)
+        return await self._executor.run(work.thread_call, ctx, fn, args, kwargs)
 
     async def _run_stream(self, work: Work, fn: Callable[..., Any], args: tuple[Any, ...],
                           kwargs: dict[str, Any]) -> None:
