@@ -5,14 +5,18 @@ cloudpickle 3.1.3 renames such code ``<dynamic-code>``; flame_asgi._wire.picklin
 
 from __future__ import annotations
 
+import io
 import pathlib
+import pickle
 import types
 from collections.abc import Callable
 from typing import Any
 
+import cloudpickle  # type: ignore[import-untyped]
 import pytest
 
 from flame_asgi import FlamePool
+from flame_asgi._wire import pickling
 from flame_asgi._wire.pickling import dumps, loads
 from tests.conftest import BackendFactory
 
@@ -106,3 +110,24 @@ def test_code_that_marshal_refuses_still_pickles() -> None:
     loaded = loads(dumps(answer, "a function"))
     assert loaded() == 42
     assert loaded.__code__.co_consts[-1] == frozenset({range(3)})
+
+
+def test_cloudpickles_own_helpers_are_pickled_by_reference_as_cloudpickle_would() -> None:
+    # _Pickler decides once that cloudpickle's module-level helpers (named in every by-value
+    # function's pickle) go by reference; cloudpickle decides so per object. Same bytes.
+    class EveryTime(pickling._Pickler):  # type: ignore[misc]
+        reducer_override = cloudpickle.Pickler.reducer_override
+
+    counter = [0]
+
+    def closure(step: int = 1) -> int:
+        counter[0] += step
+        return counter[0]
+
+    for obj in (closure, lambda: closure, (closure, (2,), {"step": 3}), cloudpickle.cloudpickle._make_cell):
+        ours, theirs = io.BytesIO(), io.BytesIO()
+        pickling._Pickler(ours, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+        EveryTime(theirs, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+        assert ours.getvalue() == theirs.getvalue()
+    assert id(cloudpickle.cloudpickle._make_function) in pickling._BY_REFERENCE
+    assert loads(dumps(closure, "a closure"))(5) == 5  # its own copy of the counter

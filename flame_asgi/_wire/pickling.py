@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import marshal
 import pickle
+import sys
 import traceback
 import types
 from collections import ChainMap
@@ -47,6 +48,29 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle ships 
     """
 
     dispatch_table = ChainMap({types.CodeType: _reduce_code}, cloudpickle.Pickler.dispatch_table)
+
+    def reducer_override(self, obj: Any) -> Any:
+        if id(obj) in _BY_REFERENCE:
+            return NotImplemented  # pickled by reference, as cloudpickle decides after a lookup
+        return super().reducer_override(obj)
+
+
+def _by_reference() -> frozenset[int]:
+    """The ids of cloudpickle's own module-level functions (``_make_function``,
+    ``_make_cell``, ``_function_setstate``...), which the pickle of every by-value function
+    names: cloudpickle pickles them by reference, after looking up each one's module and
+    name (a third of the time of a closure's ``dumps``); decided here once. Module-level
+    functions live as long as their module, so no other live object has one of these ids."""
+    ids = set()
+    for module in {sys.modules[cloudpickle.Pickler.__module__], sys.modules[cloudpickle.__name__]}:
+        for value in vars(module).values():
+            if (isinstance(value, types.FunctionType) and value.__module__ == module.__name__
+                    and getattr(module, value.__qualname__, None) is value):
+                ids.add(id(value))
+    return frozenset(ids)
+
+
+_BY_REFERENCE = _by_reference()
 
 
 class _TrackingPickler(_Pickler):
