@@ -31,11 +31,19 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 
 def _children_cpu() -> float:
-    """CPU seconds used so far by this process's direct children (the runners)."""
+    """CPU seconds used so far by this process's live descendants: the runners, which are
+    the fork server's children (so this process's grandchildren), and the fork server."""
+    parents, used = {}, {}
+    for pid, fields in _proc.stats():
+        parents[pid] = int(fields[1])  # fields[1] is the parent pid
+        used[pid] = (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
     me, total = os.getpid(), 0.0
-    for _, fields in _proc.stats():
-        if int(fields[1]) == me:  # fields[1] is the parent pid
-            total += (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+    for pid in parents:
+        ancestor = parents[pid]
+        while ancestor not in (me, 0, 1) and ancestor in parents:
+            ancestor = parents[ancestor]
+        if ancestor == me:
+            total += used[pid]
     return total
 
 
