@@ -86,7 +86,6 @@ async def test_shutdown_cancels_queued_calls_and_lets_the_running_one_finish(
     running = asyncio.ensure_future(call(blocked))
     await loop.run_in_executor(None, started.wait, 30)
     queued = [asyncio.ensure_future(call(ran.append, i)) for i in range(3)]
-    await asyncio.sleep(0)  # run_in_executor's futures are submitted as their tasks start
     if from_thread:  # an asyncio future is set on its loop's thread, whoever shuts the pool down
         await loop.run_in_executor(None, lambda: pool.shutdown(wait=False, cancel_futures=True))
     else:
