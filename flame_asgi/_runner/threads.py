@@ -84,14 +84,12 @@ class _LoopCall(_Call):
         if _running_loop() is self.loop:
             self.future.cancel()
         else:  # an asyncio future is the loop's to change
-            with contextlib.suppress(RuntimeError):  # closed: nobody is waiting any more
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
                 self.loop.call_soon_threadsafe(self.future.cancel)
 
     def _report(self, future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
             self.loop.call_soon_threadsafe(_settle, future, result, exc)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            pass
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
